@@ -1,0 +1,747 @@
+"""The ``mxspool`` command: a thin shell over :mod:`mxspool.operations`.
+
+Each management command loads the configuration, opens the store, calls one operation, renders
+its result (rich tables for people, ``--json`` for scripts) and closes the store; it works
+whether or not a server runs, because the server re-reads the store within a second.
+
+Exit status: 0 success, 1 the operation failed (not found, conflict, store error), 2 usage or
+configuration error. Errors go to stderr and say what to do next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from typing import IO, Any, NoReturn, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from mxspool import operations as ops
+from mxspool.config import Config, ConfigError, load_config
+from mxspool.store import create_store
+from mxspool.store.base import QUEUE_STATES, Conflict, Domain, Store, StoreError
+from mxspool.units import format_duration
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+_CONFIG_KEY = "mxspool.config"
+WAIT_INTERVAL = 1.0
+"""Seconds between polls of ``domain release --wait``."""
+
+
+# -- plumbing ------------------------------------------------------------------------------
+
+
+def _remember_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    # ctx.meta is shared by the whole context chain, so a --config given after the
+    # subcommand (parsed later) overrides one given before it.
+    if value is not None:
+        ctx.meta[_CONFIG_KEY] = value
+
+
+def config_option(func: F) -> F:
+    """Accept ``--config FILE`` on this command too (not only before the subcommand)."""
+    option = click.option(
+        "--config",
+        metavar="FILE",
+        expose_value=False,
+        callback=_remember_config,
+        help="Configuration file (default: $MXSPOOL_CONFIG, else ./mxspool.toml, else defaults).",
+    )
+    return option(func)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"mxspool: {message}", err=True)
+    raise click.exceptions.Exit(code)
+
+
+def _load_config(ctx: click.Context) -> Config:
+    try:
+        return load_config(ctx.meta.get(_CONFIG_KEY))
+    except ConfigError as exc:
+        _fail(f"{exc}\nfix the configuration file, or point --config at another one", 2)
+
+
+def _run(ctx: click.Context, action: Callable[[Store], Awaitable[T]]) -> T:
+    """Open the configured store, run ``action`` on it, close it; map errors to exit codes."""
+    config = _load_config(ctx)
+    try:
+        store = create_store(config.store.url)
+    except StoreError as exc:
+        _fail(str(exc), 2)
+
+    async def go() -> T:
+        await store.open()
+        try:
+            return await action(store)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(go())
+    except ops.OperationError as exc:
+        _fail(str(exc), exc.exit_code)
+    except StoreError as exc:
+        _fail(str(exc), 1)
+
+
+def _console() -> Console:
+    # Created per call: the stream is looked up when printing, so tests' captured stdout works.
+    # Piped output gets room to spare: rich would otherwise cut every cell to fit 80 columns.
+    width = None if sys.stdout.isatty() else 250
+    return Console(highlight=False, width=width)
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _dash(value: object) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+def _rate_text(rate: float | None) -> str:
+    if rate is None:
+        return "default"
+    if rate == 0:
+        return "unpaced"
+    return f"{rate * 60:g}/min"
+
+
+def _routing_text(domain: Domain) -> str:
+    routes = ", ".join(str(route) for route in domain.routes)
+    if domain.use_mx:
+        return f"MX of {routes}" if routes else f"MX of {domain.name}"
+    return routes
+
+
+# -- the command group ---------------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@config_option
+@click.version_option(package_name="mxspool")
+def cli() -> None:
+    """mxspool: hold a domain's mail during a migration, then release it, paced."""
+
+
+@cli.command()
+@config_option
+@click.pass_context
+def serve(ctx: click.Context) -> None:
+    """Run the SMTP intake, the delivery engine and the admin API until SIGTERM/SIGINT."""
+    config = _load_config(ctx)
+    # Imported here so management commands never pay for the server's imports.
+    from mxspool.service import serve as run_server
+
+    ctx.exit(run_server(config))
+
+
+# -- domain --------------------------------------------------------------------------------
+
+
+@cli.group()
+@config_option
+def domain() -> None:
+    """Configure the domains mxspool accepts mail for."""
+
+
+def _print_domain_line(verb: str, item: Domain) -> None:
+    click.echo(
+        f"{verb} {item.name}: mode {item.mode.value}, route {_routing_text(item)}, "
+        f"tls {item.tls.value}, rate {_rate_text(item.rate)}"
+        + (f", profile {item.profile}" if item.profile else "")
+    )
+
+
+@domain.command("add")
+@config_option
+@click.argument("name", metavar="DOMAIN")
+@click.option("--route", "routes", multiple=True, metavar="HOST[:PORT]", help="Destination.")
+@click.option("--mx", "use_mx", is_flag=True, help="Route by MX records.")
+@click.option("--tls", default="verify", show_default=True, metavar="MODE")
+@click.option("--hold", is_flag=True, help="Keep mail instead of relaying it.")
+@click.option("--profile", default=None, metavar="NAME", help="e.g. exchange-online.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def domain_add(
+    ctx: click.Context,
+    *,
+    name: str,
+    routes: tuple[str, ...],
+    use_mx: bool,
+    tls: str,
+    hold: bool,
+    profile: str | None,
+    as_json: bool,
+) -> None:
+    """Accept mail for DOMAIN and deliver it to the given routes (or keep it, with --hold)."""
+    added = _run(
+        ctx,
+        lambda store: ops.add_domain(
+            store, name, list(routes), use_mx=use_mx, tls=tls, hold=hold, profile=profile
+        ),
+    )
+    if as_json:
+        _print_json(ops.domain_to_dict(added))
+    else:
+        _print_domain_line("added", added)
+
+
+@domain.command("list")
+@config_option
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def domain_list(ctx: click.Context, as_json: bool) -> None:
+    """The configured domains."""
+    domains = _run(ctx, ops.list_domains)
+    if as_json:
+        _print_json([ops.domain_to_dict(item) for item in domains])
+        return
+    if not domains:
+        click.echo("no domains yet; add one with 'mxspool domain add DOMAIN --route HOST'")
+        return
+    table = Table("Domain", "Mode", "Route", "TLS", "Rate", "Profile", "Released")
+    for item in domains:
+        table.add_row(
+            item.name,
+            item.mode.value,
+            _routing_text(item),
+            item.tls.value,
+            _rate_text(item.rate),
+            _dash(item.profile),
+            _dash(ops.iso_time(item.released_at)),
+        )
+    _console().print(table)
+
+
+@domain.command("show")
+@config_option
+@click.argument("name", metavar="DOMAIN")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def domain_show(ctx: click.Context, name: str, as_json: bool) -> None:
+    """One domain's configuration and its mail counts."""
+    detail = _run(ctx, lambda store: ops.show_domain(store, name))
+    if as_json:
+        _print_json(ops.domain_detail_to_dict(detail))
+        return
+    item, status = detail.domain, detail.status
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("domain", item.name),
+        ("mode", item.mode.value),
+        ("route", _routing_text(item)),
+        ("tls", item.tls.value),
+        ("rate", _rate_text(item.rate)),
+        ("profile", _dash(item.profile)),
+        ("created", _dash(ops.iso_time(item.created_at))),
+        ("released", _dash(ops.iso_time(item.released_at))),
+    ]
+    rows += [(key, str(getattr(status, key))) for key in ops.STATUS_COUNTS]
+    oldest = status.oldest_pending_age_s
+    rows.append(("oldest pending", "-" if oldest is None else format_duration(oldest)))
+    rows.append(("delivered/min", str(status.delivered_last_minute)))
+    for key, value in rows:
+        table.add_row(key, value)
+    _console().print(table)
+
+
+@domain.command("route")
+@config_option
+@click.argument("name", metavar="DOMAIN")
+@click.option("--route", "routes", multiple=True, metavar="HOST[:PORT]", help="Destination.")
+@click.option("--mx/--no-mx", "use_mx", default=None, help="Route by MX records (or not).")
+@click.option("--tls", default=None, metavar="MODE")
+@click.option("--profile", default=None, metavar="NAME", help="exchange-online, or none.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def domain_route(
+    ctx: click.Context,
+    *,
+    name: str,
+    routes: tuple[str, ...],
+    use_mx: bool | None,
+    tls: str | None,
+    profile: str | None,
+    as_json: bool,
+) -> None:
+    """Change where DOMAIN's mail goes (the routes given replace the current ones)."""
+    updated = _run(
+        ctx,
+        lambda store: ops.route_domain(
+            store, name, list(routes) or None, use_mx=use_mx, tls=tls, profile=profile
+        ),
+    )
+    if as_json:
+        _print_json(ops.domain_to_dict(updated))
+    else:
+        _print_domain_line("changed", updated)
+
+
+@domain.command("hold")
+@config_option
+@click.argument("name", metavar="DOMAIN")
+@click.pass_context
+def domain_hold(ctx: click.Context, name: str) -> None:
+    """Keep DOMAIN's mail (accept and store it, deliver nothing) until released."""
+    held = _run(ctx, lambda store: ops.hold_domain(store, name))
+    click.echo(
+        f"{held.name} is in hold: mail is accepted and kept; "
+        f"'mxspool domain release {held.name}' lets it go"
+    )
+
+
+@domain.command("release")
+@config_option
+@click.argument("name", metavar="DOMAIN")
+@click.option("--rate", default=None, metavar="RATE", help="Pace, e.g. 600/min.")
+@click.option("--only", default=None, metavar="ADDRESS", help="Release one recipient (canary).")
+@click.option("--wait", is_flag=True, help="Show progress until the backlog is delivered.")
+@click.pass_context
+def domain_release(
+    ctx: click.Context, name: str, rate: str | None, only: str | None, wait: bool
+) -> None:
+    """Deliver DOMAIN's held mail, oldest first (or only one recipient's, with --only)."""
+
+    async def action(store: Store) -> ops.ReleaseResult:
+        result = await ops.release_domain(store, name, rate=rate, only=only)
+        _print_release(result)
+        if wait:
+            await _wait_for_drain(store, result)
+        return result
+
+    try:
+        _run(ctx, action)
+    except KeyboardInterrupt:
+        # Only the waiting stops: the release was committed before the wait began.
+        _fail(
+            f"stopped waiting; the release of {name} stays in effect ('mxspool status' follows it)",
+            1,
+        )
+
+
+def _print_release(result: ops.ReleaseResult) -> None:
+    item = result.domain
+    if result.canary is not None:
+        click.echo(
+            f"released {_count(result.released_recipients, 'recipient')} for {result.canary}; "
+            f"{item.name} stays in {item.mode.value}"
+        )
+        if result.released_recipients == 0:
+            click.echo(
+                f"nothing was waiting for {result.canary}; 'mxspool queue list --domain "
+                f"{item.name}' shows what is queued",
+                err=True,
+            )
+        return
+    click.echo(f"{item.name} released: mode {item.mode.value}, rate {_rate_text(item.rate)}")
+
+
+async def _drain_counts(store: Store, result: ops.ReleaseResult) -> dict[str, float]:
+    """Counts the --wait display needs: delivered, parked, remaining, per-minute rate."""
+    name = result.domain.name
+    if result.canary is None:
+        status = (await ops.show_domain(store, name)).status
+        return {
+            "delivered": status.delivered,
+            "parked": status.parked,
+            "remaining": status.held + status.pending + status.delivering,
+            "rate": status.delivered_last_minute,
+        }
+    # A canary is a handful of rows: count that address's rows straight from the queue.
+    counts = {"delivered": 0.0, "parked": 0.0, "remaining": 0.0, "rate": 0.0}
+    after: int | None = None
+    while True:
+        page = await ops.queue_list(
+            store, domain=name, limit=1000, after=after, search=result.canary
+        )
+        for entry in page:
+            if entry.rcpt.lower() != result.canary.lower():
+                continue
+            if entry.state in ("pending", "delivering"):
+                counts["remaining"] += 1
+            elif entry.state in ("delivered", "parked"):
+                counts[entry.state] += 1
+        if len(page) < 1000:
+            return counts
+        after = page[-1].recipient_id
+
+
+async def _wait_for_drain(store: Store, result: ops.ReleaseResult) -> None:
+    err = Console(stderr=True, highlight=False)
+    err.print(
+        "waiting for delivery (done by a running 'mxspool serve'); Ctrl-C stops waiting, "
+        "the release stays in effect"
+    )
+    first = await _drain_counts(store, result)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=err) as progress:
+        task = progress.add_task(result.canary or result.domain.name, total=None, info="")
+        counts = first
+        while True:
+            done = (counts["delivered"] - first["delivered"]) + (counts["parked"] - first["parked"])
+            remaining = counts["remaining"]
+            rate = counts["rate"]
+            eta = format_duration(remaining / (rate / 60.0)) if rate and remaining else "-"
+            info = (
+                f"delivered {counts['delivered']:.0f}  parked {counts['parked']:.0f}  "
+                f"remaining {remaining:.0f}  {rate:.0f}/min  ETA {eta}"
+            )
+            progress.update(task, total=max(done + remaining, 1), completed=done, info=info)
+            if remaining == 0:
+                break
+            await asyncio.sleep(WAIT_INTERVAL)
+            counts = await _drain_counts(store, result)
+    click.echo(
+        f"done: {counts['delivered']:.0f} delivered, {counts['parked']:.0f} parked, "
+        "nothing left to send"
+    )
+    if counts["parked"]:
+        click.echo(
+            f"parked mail needs a decision: 'mxspool queue list --domain {result.domain.name} "
+            "--state parked', then 'mxspool queue retry --parked' or discard",
+            err=True,
+        )
+
+
+@domain.command("remove")
+@config_option
+@click.argument("name", metavar="DOMAIN")
+@click.option("--force", is_flag=True, help="Remove even while mail is not delivered.")
+@click.pass_context
+def domain_remove(ctx: click.Context, name: str, force: bool) -> None:
+    """Stop accepting mail for DOMAIN (refused while mail is pending, unless --force)."""
+
+    async def action(store: Store) -> None:
+        try:
+            await ops.remove_domain(store, name, force=force)
+        except Conflict as exc:
+            text = str(exc)
+            if "--force" not in text:
+                text += "; use --force to remove it anyway"
+            raise Conflict(text) from None
+
+    _run(ctx, action)
+    click.echo(f"removed {ops.normalize_domain(name)}; its mail is no longer accepted")
+
+
+# -- queue ---------------------------------------------------------------------------------
+
+
+@cli.group()
+@config_option
+def queue() -> None:
+    """Look at and act on stored messages."""
+
+
+@queue.command("list")
+@config_option
+@click.option("--domain", default=None, metavar="D")
+@click.option("--state", default=None, metavar="S", help=", ".join(QUEUE_STATES))
+@click.option("--limit", default=100, show_default=True, type=int)
+@click.option("--after", default=None, type=int, metavar="RID", help="Continue after this row.")
+@click.option("--search", default=None, metavar="TEXT", help="Match rcpt, sender, Message-ID.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def queue_list(
+    ctx: click.Context,
+    *,
+    domain: str | None,
+    state: str | None,
+    limit: int,
+    after: int | None,
+    search: str | None,
+    as_json: bool,
+) -> None:
+    """Recipients in the queue, oldest first."""
+    entries = _run(
+        ctx,
+        lambda store: ops.queue_list(
+            store, domain=domain, state=state, limit=limit, after=after, search=search
+        ),
+    )
+    if as_json:
+        _print_json([ops.queue_entry_to_dict(entry) for entry in entries])
+        return
+    if not entries:
+        click.echo("nothing queued matches")
+        return
+    table = Table("ID", "Recipient", "State", "Tries", "Size", "Received", "Last reply")
+    for entry in entries:
+        table.add_row(
+            entry.message_id,
+            entry.rcpt,
+            entry.state,
+            str(entry.attempts),
+            str(entry.size),
+            _dash(ops.iso_time(entry.received_at)),
+            _dash(entry.last_reply),
+        )
+    _console().print(table)
+    if len(entries) == limit:
+        click.echo(
+            f"showing the first {limit}; more with --after {entries[-1].recipient_id}", err=True
+        )
+
+
+@queue.command("show")
+@config_option
+@click.argument("message_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def queue_show(ctx: click.Context, message_id: str, as_json: bool) -> None:
+    """One message: envelope, client, recipients and delivery attempts."""
+    detail = _run(ctx, lambda store: ops.queue_show(store, message_id))
+    data = ops.message_detail_to_dict(detail)
+    if as_json:
+        _print_json(data)
+        return
+    console = _console()
+    info = Table(show_header=False, box=None)
+    info.add_column(style="bold")
+    info.add_column()
+    client = data["client"]
+    params = {key: value for key, value in data["mail_params"].items() if value}
+    for key, value in (
+        ("id", data["id"]),
+        ("message-id", data["message_id"]),
+        ("received", data["received_at"]),
+        ("from", f"<{data['mail_from']}>"),
+        ("parameters", " ".join(f"{k}={v}" for k, v in params.items())),
+        ("size", data["size"]),
+        ("sha256", data["sha256"]),
+        ("client", f"{client['helo']} [{client['address']}] {client['tls_version'] or ''}"),
+        ("tags", ", ".join(data["tags"])),
+    ):
+        info.add_row(key, _dash(value))
+    console.print(info)
+    recipients = Table("Recipient", "State", "Tries", "Delivered", "Last reply")
+    for rcpt in data["recipients"]:
+        recipients.add_row(
+            rcpt["rcpt"],
+            rcpt["state"],
+            str(rcpt["attempts"]),
+            _dash(rcpt["delivered_at"]),
+            _dash(rcpt["last_reply"]),
+        )
+    console.print(recipients)
+    if data["attempts"]:
+        attempts = Table("At", "Recipient", "Destination", "Outcome", "Reply")
+        for attempt in data["attempts"]:
+            attempts.add_row(
+                attempt["at"],
+                attempt["rcpt"],
+                attempt["destination"],
+                attempt["outcome"],
+                attempt["reply"],
+            )
+        console.print(attempts)
+
+
+@queue.command("export")
+@config_option
+@click.argument("message_id", metavar="ID")
+@click.pass_context
+def queue_export(ctx: click.Context, message_id: str) -> None:
+    """Write the message, exactly as stored, to stdout."""
+    # Raw bytes: a text stream would translate newlines or fail on 8-bit content.
+    out = sys.stdout.buffer
+
+    async def action(store: Store) -> None:
+        async for piece in ops.queue_export(store, message_id):
+            out.write(piece)
+        out.flush()
+
+    _run(ctx, action)
+
+
+@queue.command("retry")
+@config_option
+@click.argument("message_id", metavar="ID", required=False)
+@click.option("--parked", is_flag=True, help="Every parked recipient (of --domain).")
+@click.option("--domain", default=None, metavar="D")
+@click.pass_context
+def queue_retry(
+    ctx: click.Context, message_id: str | None, parked: bool, domain: str | None
+) -> None:
+    """Put parked recipients back in the queue for another attempt."""
+    count = _run(
+        ctx,
+        lambda store: ops.queue_retry(store, message_id, parked=parked, domain=domain),
+    )
+    click.echo(f"{_count(count, 'recipient')} back in the queue")
+
+
+@queue.command("discard")
+@config_option
+@click.argument("message_id", metavar="ID")
+@click.pass_context
+def queue_discard(ctx: click.Context, message_id: str) -> None:
+    """Give up on a message: its undelivered recipients become discarded (kept, not sent)."""
+    count = _run(ctx, lambda store: ops.queue_discard(store, message_id))
+    click.echo(f"discarded {_count(count, 'recipient')} of {message_id}")
+
+
+@queue.command("bounce")
+@config_option
+@click.argument("message_id", metavar="ID")
+def queue_bounce(message_id: str) -> None:
+    """Send an RFC 3464 DSN to the message's reverse-path (never to <>)."""
+    _fail(
+        f"not available yet: the release engine (delivery) ships bounces; {message_id} is "
+        "unchanged (use 'mxspool queue discard' to give up on it without a bounce)",
+        1,
+    )
+
+
+# -- status, report, audit -----------------------------------------------------------------
+
+
+@cli.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Mail counts per domain: held, pending, delivered, parked..."""
+    data = _run(ctx, ops.status)
+    if as_json:
+        _print_json(data)
+        return
+    if not data["domains"]:
+        click.echo("no domains and no mail yet")
+        return
+    table = Table("Domain", "Mode", *(key.capitalize() for key in ops.STATUS_COUNTS))
+    table.add_column("Oldest")
+    table.add_column("/min")
+
+    def cells(row: dict[str, Any]) -> list[str]:
+        age = row["oldest_pending_age_s"]
+        return [
+            *(str(row[key]) for key in ops.STATUS_COUNTS),
+            "-" if age is None else format_duration(age),
+            str(row["delivery_rate_per_min"]),
+        ]
+
+    for row in data["domains"]:
+        table.add_row(row["domain"], row["mode"], *cells(row))
+    if len(data["domains"]) > 1:
+        table.add_row("total", "", *cells(data["totals"]), style="bold")
+    _console().print(table)
+
+
+@cli.command()
+@config_option
+@click.option("--domain", default=None, metavar="D")
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv")
+@click.option("--check", is_flag=True, help="Only unfinished rows; exit 1 if there are any.")
+@click.pass_context
+def report(ctx: click.Context, domain: str | None, fmt: str, check: bool) -> None:
+    """Reconciliation report: one row per recipient of each message."""
+    out = sys.stdout
+
+    async def action(store: Store) -> tuple[int, int]:
+        total = open_rows = 0
+        writer: _CsvRows | _JsonRows = _CsvRows(out) if fmt == "csv" else _JsonRows(out)
+        async for row in ops.report(store, domain):
+            total += 1
+            if ops.is_final(row):
+                if check:
+                    continue
+            else:
+                open_rows += 1
+            writer.write(row)
+        writer.close()
+        return total, open_rows
+
+    total, open_rows = _run(ctx, action)
+    if not check:
+        return
+    if open_rows:
+        _fail(
+            f"{open_rows} of {_count(total, 'recipient')} not final (held, pending, "
+            "delivering or parked); release, retry or discard them, then check again",
+            1,
+        )
+    click.echo(
+        f"all {_count(total, 'recipient')} final (delivered, bounced or discarded)", err=True
+    )
+
+
+class _CsvRows:
+    def __init__(self, out: IO[str]) -> None:
+        self._writer = csv.writer(out)
+        self._writer.writerow(ops.REPORT_COLUMNS)
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._writer.writerow(["" if row[key] is None else row[key] for key in ops.REPORT_COLUMNS])
+
+    def close(self) -> None:
+        pass
+
+
+class _JsonRows:
+    """A JSON array written row by row, so a report of millions never sits in memory."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self._out = out
+        self._first = True
+        out.write("[")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._out.write("\n  " if self._first else ",\n  ")
+        self._out.write(json.dumps(row, ensure_ascii=False))
+        self._first = False
+
+    def close(self) -> None:
+        self._out.write("]\n" if self._first else "\n]\n")
+
+
+@cli.command()
+@config_option
+@click.option("--limit", default=100, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def audit(ctx: click.Context, limit: int, as_json: bool) -> None:
+    """Operator actions, newest first."""
+    entries = _run(ctx, lambda store: ops.audit_list(store, limit))
+    if as_json:
+        _print_json([ops.audit_to_dict(entry) for entry in entries])
+        return
+    if not entries:
+        click.echo("no operator actions recorded yet")
+        return
+    table = Table("At", "Actor", "Action", "Target", "Detail")
+    for entry in entries:
+        table.add_row(
+            _dash(ops.iso_time(entry.at)), entry.actor, entry.action, entry.target, entry.detail
+        )
+    _console().print(table)
+
+
+def main() -> None:
+    """The ``mxspool`` console script."""
+    cli.main(prog_name="mxspool")
+
+
+if __name__ == "__main__":
+    main()

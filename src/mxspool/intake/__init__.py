@@ -1,0 +1,1 @@
+"""The SMTP intake: asyncio listener, connection limits, relay policy, streaming to the store."""

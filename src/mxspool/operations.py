@@ -1,0 +1,675 @@
+"""Operator actions on the store, shared by the CLI and the admin HTTP API.
+
+Every front end calls these functions, so input validation, the rules of each action (what
+``release`` means for a domain in hold, what ``--only`` does) and the audit trail live in one
+place. Front ends only parse their own syntax and render the results; the ``*_to_dict``
+helpers give both of them the same JSON shapes.
+
+Bad input raises :class:`OperationError` before anything is written, so a rejected command
+never changes the store. Store failures surface as :class:`~mxspool.store.base.StoreError`
+(``NotFound``, ``Conflict``), whose messages already say what to do.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from mxspool.config import split_host_port
+from mxspool.store.base import (
+    FINAL_STATES,
+    QUEUE_STATES,
+    AttemptRecord,
+    AuditEntry,
+    Domain,
+    DomainChanges,
+    DomainMode,
+    DomainStatus,
+    NotFound,
+    QueueEntry,
+    ReportRow,
+    Route,
+    Store,
+    StoredMessage,
+    TlsMode,
+)
+from mxspool.units import parse_rate
+
+PROFILES = ("exchange-online",)
+"""Per-domain tuning profiles that ``domain add/route --profile`` accept."""
+
+TLS_MODES = tuple(mode.value for mode in TlsMode)
+
+REPORT_COLUMNS = (
+    "id",
+    "message_id",
+    "mail_from",
+    "rcpt",
+    "size",
+    "sha256",
+    "received_at",
+    "state",
+    "attempts",
+    "delivered_at",
+    "remote_reply",
+)
+"""The reconciliation report's columns, in INTERFACE.md's order."""
+
+STATUS_COUNTS = (
+    "held",
+    "pending",
+    "delivering",
+    "delivered",
+    "parked",
+    "bounced",
+    "discarded",
+)
+
+_FINAL_STATE_NAMES = frozenset(state.value for state in FINAL_STATES)
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_MAX_NAME = 253
+
+
+class OperationError(Exception):
+    """The request is not valid; nothing was changed. The message says what to do instead.
+
+    ``exit_code`` is what a command line should exit with: 2 (usage) unless said otherwise.
+    """
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# -- validation ----------------------------------------------------------------------------
+
+
+def _host_labels(name: str, what: str) -> str:
+    """``name`` lowercased and in punycode, or OperationError naming ``what``."""
+    text = name.strip().rstrip(".").lower()
+    if not text:
+        raise OperationError(f"{what} is empty; give a name such as example.com")
+    try:
+        # IDNA 2003 (the codec in the standard library) is enough to turn an operator's
+        # "bücher.example" into the A-label form the DNS and the SMTP envelope use.
+        ascii_name = text.encode("idna").decode("ascii") if not text.isascii() else text
+    except UnicodeError:
+        raise OperationError(
+            f"{what} {name!r} is not a valid international domain name; check its spelling"
+        ) from None
+    if len(ascii_name) > _MAX_NAME:
+        raise OperationError(f"{what} {name!r} is longer than {_MAX_NAME} characters")
+    for label in ascii_name.split("."):
+        if not _LABEL.match(label):
+            raise OperationError(
+                f"{what} {name!r} is not a valid DNS name: each dot-separated part must be "
+                "1-63 letters, digits or hyphens, not starting or ending with a hyphen"
+            )
+    return ascii_name
+
+
+def normalize_domain(name: str) -> str:
+    """The canonical form of a mail domain name, or OperationError saying what is wrong."""
+    text = name.strip()
+    if text.startswith("[") or _is_ip(text.strip("[]")):
+        raise OperationError(
+            f"{name!r} is an IP address; mxspool holds mail for domain names such as example.com"
+        )
+    if "@" in text:
+        raise OperationError(
+            f"{name!r} looks like an address; give only the domain part (after the @)"
+        )
+    ascii_name = _host_labels(text, "domain")
+    labels = ascii_name.split(".")
+    if len(labels) < 2:
+        raise OperationError(
+            f"domain {name!r} has no dot; give the full mail domain, e.g. {ascii_name}.com"
+        )
+    if labels[-1].isdigit():
+        raise OperationError(f"domain {name!r} ends in a numeric label; that is not a domain")
+    return ascii_name
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_route(value: str) -> Route:
+    """A route from "host", "host:port", "1.2.3.4:25" or "[2001:db8::1]:25" (port 25 default)."""
+    text = value.strip()
+    try:
+        host, port = split_host_port(text, default_port=25)
+    except ValueError as exc:
+        raise OperationError(
+            f"bad route {value!r}: {exc}; use HOST[:PORT], e.g. mx.example.net:25 or "
+            "[2001:db8::1]:25"
+        ) from None
+    if _is_ip(host):
+        return Route(str(ipaddress.ip_address(host)), port)
+    if text.startswith("["):
+        raise OperationError(
+            f"bad route {value!r}: only IP addresses go in brackets; write a host name as "
+            "mx.example.net:25"
+        )
+    # Route hosts may be single-label (a lab's "relay" or "localhost"), unlike mail domains.
+    return Route(_host_labels(host, "route host"), port)
+
+
+def parse_routes(values: Iterable[str]) -> tuple[Route, ...]:
+    routes: list[Route] = []
+    for value in values:
+        route = parse_route(value)
+        if route not in routes:
+            routes.append(route)
+    return tuple(routes)
+
+
+def parse_tls(value: str) -> TlsMode:
+    try:
+        return TlsMode(value.strip().lower())
+    except ValueError:
+        raise OperationError(
+            f"unknown TLS mode {value!r}; use one of {', '.join(TLS_MODES)}"
+        ) from None
+
+
+def parse_profile(value: str) -> str | None:
+    """A known profile name, or None for "" / "none" (no profile)."""
+    text = value.strip().lower()
+    if text in ("", "none"):
+        return None
+    if text not in PROFILES:
+        raise OperationError(
+            f"unknown profile {value!r}; use one of {', '.join(PROFILES)} (or none)"
+        )
+    return text
+
+
+def parse_state(value: str) -> str:
+    text = value.strip().lower()
+    if text not in QUEUE_STATES:
+        raise OperationError(f"unknown state {value!r}; use one of {', '.join(QUEUE_STATES)}")
+    return text
+
+
+def _parse_rate_text(value: str) -> float:
+    try:
+        return parse_rate(value)
+    except ValueError as exc:
+        raise OperationError(str(exc)) from None
+
+
+def _parse_address(address: str, domain: str) -> str:
+    local, at, addr_domain = address.strip().rpartition("@")
+    if not at or not local:
+        raise OperationError(f"{address!r} is not an address; give it as user@{domain}")
+    if normalize_domain(addr_domain) != domain:
+        raise OperationError(
+            f"{address!r} is not in domain {domain}; --only takes an address of that domain"
+        )
+    return f"{local}@{domain}"
+
+
+def _describe_routing(routes: tuple[Route, ...], use_mx: bool) -> str:
+    shown = ",".join(str(route) for route in routes) or "-"
+    return f"routes={shown} mx={'yes' if use_mx else 'no'}"
+
+
+async def _require_domain(store: Store, name: str) -> Domain:
+    domain = await store.get_domain(name)
+    if domain is None:
+        raise NotFound(f"no domain {name}; 'mxspool domain list' shows the domains")
+    return domain
+
+
+# -- domains -------------------------------------------------------------------------------
+
+
+async def add_domain(
+    store: Store,
+    name: str,
+    routes: list[str],
+    *,
+    use_mx: bool = False,
+    tls: str = "verify",
+    hold: bool = False,
+    profile: str | None = None,
+    actor: str = "cli",
+) -> Domain:
+    """Configure a domain: mxspool accepts its mail from now on, relaying unless ``hold``."""
+    domain_name = normalize_domain(name)
+    parsed_routes = parse_routes(routes)
+    if not parsed_routes and not use_mx:
+        raise OperationError(
+            f"domain {domain_name} needs a destination: give --route HOST[:PORT] (repeatable), "
+            "or --mx to deliver by the domain's MX records"
+        )
+    domain = Domain(
+        name=domain_name,
+        mode=DomainMode.HOLD if hold else DomainMode.RELAY,
+        routes=parsed_routes,
+        use_mx=use_mx,
+        tls=parse_tls(tls),
+        profile=parse_profile(profile) if profile is not None else None,
+        created_at=time.time(),
+    )
+    await store.add_domain(domain)
+    await store.record_audit(
+        actor,
+        "domain.add",
+        domain_name,
+        f"mode={domain.mode.value} {_describe_routing(parsed_routes, use_mx)} "
+        f"tls={domain.tls.value} profile={domain.profile or '-'}",
+    )
+    return await _require_domain(store, domain_name)
+
+
+async def list_domains(store: Store) -> list[Domain]:
+    return await store.list_domains()
+
+
+@dataclass(frozen=True, slots=True)
+class DomainDetail:
+    domain: Domain
+    status: DomainStatus
+
+
+async def show_domain(store: Store, name: str, now: float | None = None) -> DomainDetail:
+    """The domain's configuration and its recipient counts."""
+    domain = await _require_domain(store, normalize_domain(name))
+    status = await _domain_status(store, domain, time.time() if now is None else now)
+    return DomainDetail(domain, status)
+
+
+async def _domain_status(store: Store, domain: Domain, now: float) -> DomainStatus:
+    for entry in await store.status(now):
+        if entry.domain == domain.name:
+            return entry
+    return DomainStatus(domain=domain.name, mode=domain.mode)
+
+
+async def route_domain(
+    store: Store,
+    name: str,
+    routes: list[str] | None = None,
+    *,
+    use_mx: bool | None = None,
+    tls: str | None = None,
+    profile: str | None = None,
+    actor: str = "cli",
+) -> Domain:
+    """Change where a domain's mail goes.
+
+    ``routes`` replaces the routes as a whole; when routes are given and ``use_mx`` is not,
+    MX routing is switched off, because a new static route list is a complete statement of
+    where mail should go. ``profile=""`` removes the profile.
+    """
+    domain_name = normalize_domain(name)
+    if routes is None and use_mx is None and tls is None and profile is None:
+        raise OperationError(
+            "nothing to change; give --route HOST[:PORT], --mx, --tls MODE or --profile NAME"
+        )
+    new_routes = parse_routes(routes) if routes is not None else None
+    new_tls = parse_tls(tls) if tls is not None else None
+    new_profile = parse_profile(profile) if profile is not None else None
+    current = await _require_domain(store, domain_name)
+    effective_mx = use_mx if use_mx is not None else (False if routes else current.use_mx)
+    effective_routes = new_routes if new_routes is not None else current.routes
+    if not effective_routes and not effective_mx:
+        raise OperationError(
+            f"domain {domain_name} would have no destination; give --route HOST[:PORT] or --mx"
+        )
+    changes = DomainChanges(
+        routes=new_routes,
+        use_mx=effective_mx,
+        tls=new_tls,
+        # The store treats "" as "clear the profile" and None as "leave it".
+        profile=(new_profile or "") if profile is not None else None,
+    )
+    updated = await store.update_domain(domain_name, changes)
+    await store.record_audit(
+        actor,
+        "domain.route",
+        domain_name,
+        f"{_describe_routing(updated.routes, updated.use_mx)} tls={updated.tls.value} "
+        f"profile={updated.profile or '-'}",
+    )
+    return updated
+
+
+async def hold_domain(store: Store, name: str, *, actor: str = "cli") -> Domain:
+    """Keep the domain's mail: accepted, stored, not delivered until released."""
+    domain_name = normalize_domain(name)
+    current = await _require_domain(store, domain_name)
+    updated = await store.update_domain(domain_name, DomainChanges(mode=DomainMode.HOLD))
+    await store.record_audit(actor, "domain.hold", domain_name, f"was={current.mode.value}")
+    return updated
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseResult:
+    domain: Domain
+    canary: str | None = None
+    """The address released alone (``only``); the domain then stays in hold."""
+    released_recipients: int = 0
+    """How many recipient rows the canary release let go."""
+
+
+async def release_domain(
+    store: Store,
+    name: str,
+    rate: str | None = None,
+    only: str | None = None,
+    *,
+    actor: str = "cli",
+    now: float | None = None,
+) -> ReleaseResult:
+    """Let the domain's mail go (``relay`` mode), or with ``only`` just one recipient's.
+
+    Releasing a domain that already relays is harmless; ``released_at`` records the moment
+    the hold ended, so it is set only when the domain was in hold. ``rate`` (e.g. "600/min")
+    paces deliveries to this domain from now on.
+    """
+    domain_name = normalize_domain(name)
+    rate_value = _parse_rate_text(rate) if rate is not None else None
+    address = _parse_address(only, domain_name) if only is not None else None
+    current = await _require_domain(store, domain_name)
+    rate_detail = f" rate={rate}" if rate is not None else ""
+    if address is not None:
+        domain = current
+        if rate_value is not None:
+            domain = await store.update_domain(domain_name, DomainChanges(rate=rate_value))
+        count = await store.release_recipient(domain_name, address)
+        await store.record_audit(
+            actor, "domain.release", domain_name, f"only={address} recipients={count}{rate_detail}"
+        )
+        return ReleaseResult(domain, canary=address, released_recipients=count)
+    at = time.time() if now is None else now
+    was_held = current.mode is DomainMode.HOLD
+    changes = DomainChanges(
+        mode=DomainMode.RELAY,
+        rate=rate_value,
+        released_at=at if was_held else None,
+    )
+    updated = await store.update_domain(domain_name, changes)
+    await store.record_audit(
+        actor, "domain.release", domain_name, f"was={current.mode.value}{rate_detail}"
+    )
+    return ReleaseResult(updated)
+
+
+async def remove_domain(
+    store: Store, name: str, force: bool = False, *, actor: str = "cli"
+) -> None:
+    """Stop accepting mail for the domain; refused (Conflict) while mail is open, unless force."""
+    domain_name = normalize_domain(name)
+    await store.remove_domain(domain_name, force=force)
+    await store.record_audit(actor, "domain.remove", domain_name, "force" if force else "")
+
+
+# -- queue ---------------------------------------------------------------------------------
+
+
+async def queue_list(
+    store: Store,
+    *,
+    domain: str | None = None,
+    state: str | None = None,
+    limit: int = 100,
+    after: int | None = None,
+    search: str | None = None,
+) -> list[QueueEntry]:
+    """Recipient rows, oldest first; ``after`` is the last ``recipient_id`` already seen."""
+    if limit < 1:
+        raise OperationError(f"limit must be at least 1, not {limit}")
+    if after is not None and after < 0:
+        raise OperationError(f"after must be a recipient id (0 or more), not {after}")
+    return await store.list_queue(
+        domain=normalize_domain(domain) if domain else None,
+        state=parse_state(state) if state else None,
+        limit=limit,
+        after=after,
+        search=search or None,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class MessageDetail:
+    message: StoredMessage
+    attempts: list[AttemptRecord]
+
+
+def _check_message_id(message_id: str) -> str:
+    text = message_id.strip()
+    if not text:
+        raise OperationError("give a queue id; 'mxspool queue list' shows them")
+    return text
+
+
+async def queue_show(store: Store, message_id: str) -> MessageDetail:
+    queue_id = _check_message_id(message_id)
+    message = await store.get_message(queue_id)
+    if message is None:
+        raise NotFound(f"no message {queue_id}; 'mxspool queue list' shows the queue")
+    return MessageDetail(message, await store.attempts(queue_id))
+
+
+async def queue_export(store: Store, message_id: str) -> AsyncIterator[bytes]:
+    """The message exactly as stored, in pieces; NotFound before the first piece if unknown."""
+    queue_id = _check_message_id(message_id)
+    async for piece in store.read_body(queue_id):
+        yield piece
+
+
+async def queue_discard(store: Store, message_id: str, *, actor: str = "cli") -> int:
+    """Give up on every recipient of the message not yet final; the number changed."""
+    queue_id = _check_message_id(message_id)
+    count = await store.discard(queue_id)
+    await store.record_audit(actor, "queue.discard", queue_id, f"recipients={count}")
+    return count
+
+
+async def queue_retry(
+    store: Store,
+    message_id: str | None = None,
+    *,
+    parked: bool = False,
+    domain: str | None = None,
+    actor: str = "cli",
+) -> int:
+    """Put parked recipients back to pending: of one message, or (``parked``) all of them."""
+    if (message_id is None) == (not parked):
+        raise OperationError(
+            "give exactly one of: a queue ID, or --parked (all parked mail, optionally --domain)"
+        )
+    domain_name = normalize_domain(domain) if domain else None
+    queue_id = _check_message_id(message_id) if message_id is not None else None
+    count = await store.retry(message_id=queue_id, domain=domain_name)
+    target = queue_id or f"parked{'@' + domain_name if domain_name else ''}"
+    await store.record_audit(actor, "queue.retry", target, f"recipients={count}")
+    return count
+
+
+# -- status, report, audit -----------------------------------------------------------------
+
+
+def _age(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def status_entry_to_dict(entry: DomainStatus) -> dict[str, Any]:
+    data: dict[str, Any] = {"domain": entry.domain, "mode": entry.mode.value}
+    for key in STATUS_COUNTS:
+        data[key] = getattr(entry, key)
+    data["oldest_pending_age_s"] = _age(entry.oldest_pending_age_s)
+    data["delivery_rate_per_min"] = entry.delivered_last_minute
+    return data
+
+
+async def status(store: Store, now: float | None = None) -> dict[str, Any]:
+    """Counts per domain and in total, in INTERFACE.md's ``status --json`` shape."""
+    entries = await store.status(time.time() if now is None else now)
+    domains = [status_entry_to_dict(entry) for entry in entries]
+    totals: dict[str, Any] = {key: sum(row[key] for row in domains) for key in STATUS_COUNTS}
+    ages = [row["oldest_pending_age_s"] for row in domains if row["oldest_pending_age_s"]]
+    totals["oldest_pending_age_s"] = max(ages) if ages else None
+    totals["delivery_rate_per_min"] = sum(row["delivery_rate_per_min"] for row in domains)
+    return {"domains": domains, "totals": totals}
+
+
+def iso_time(value: float | None) -> str | None:
+    """ISO 8601 in UTC with a Z, as reports and JSON show times."""
+    if value is None:
+        return None
+    return datetime.fromtimestamp(value, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def report_row_to_dict(row: ReportRow) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "message_id": row.message_id,
+        "mail_from": row.mail_from,
+        "rcpt": row.rcpt,
+        "size": row.size,
+        "sha256": row.sha256,
+        "received_at": iso_time(row.received_at),
+        "state": row.state,
+        "attempts": row.attempts,
+        "delivered_at": iso_time(row.delivered_at),
+        "remote_reply": row.remote_reply,
+    }
+
+
+async def report(store: Store, domain: str | None = None) -> AsyncIterator[dict[str, Any]]:
+    """One row per recipient of each message, with REPORT_COLUMNS as keys."""
+    domain_name = normalize_domain(domain) if domain else None
+    async for row in store.report(domain_name):
+        yield report_row_to_dict(row)
+
+
+def is_final(row: dict[str, Any]) -> bool:
+    return row["state"] in _FINAL_STATE_NAMES
+
+
+async def report_check(store: Store, domain: str | None = None) -> AsyncIterator[dict[str, Any]]:
+    """The report rows whose recipient is not final (not delivered, discarded or bounced)."""
+    async for row in report(store, domain):
+        if not is_final(row):
+            yield row
+
+
+async def audit_list(store: Store, limit: int = 100) -> list[AuditEntry]:
+    if limit < 1:
+        raise OperationError(f"limit must be at least 1, not {limit}")
+    return await store.list_audit(limit)
+
+
+# -- JSON shapes shared by the CLI and the admin API -------------------------------------
+
+
+def domain_to_dict(domain: Domain) -> dict[str, Any]:
+    return {
+        "domain": domain.name,
+        "mode": domain.mode.value,
+        "routes": [str(route) for route in domain.routes],
+        "mx": domain.use_mx,
+        "tls": domain.tls.value,
+        "rate_per_s": domain.rate,
+        "profile": domain.profile,
+        "created_at": iso_time(domain.created_at),
+        "released_at": iso_time(domain.released_at),
+    }
+
+
+def domain_detail_to_dict(detail: DomainDetail) -> dict[str, Any]:
+    counts = status_entry_to_dict(detail.status)
+    del counts["domain"], counts["mode"]
+    return {**domain_to_dict(detail.domain), "status": counts}
+
+
+def queue_entry_to_dict(entry: QueueEntry) -> dict[str, Any]:
+    return {
+        "id": entry.message_id,
+        "recipient_id": entry.recipient_id,
+        "rcpt": entry.rcpt,
+        "domain": entry.domain,
+        "mail_from": entry.mail_from,
+        "size": entry.size,
+        "received_at": iso_time(entry.received_at),
+        "state": entry.state,
+        "attempts": entry.attempts,
+        "last_reply": entry.last_reply,
+    }
+
+
+def message_detail_to_dict(detail: MessageDetail) -> dict[str, Any]:
+    message = detail.message
+    params = message.mail_params
+    client = message.client
+    return {
+        "id": message.id,
+        "message_id": message.message_id,
+        "received_at": iso_time(message.received_at),
+        "mail_from": message.mail_from,
+        "mail_params": {
+            "size": params.size,
+            "body": params.body,
+            "smtputf8": params.smtputf8,
+            "ret": params.ret,
+            "envid": params.envid,
+        },
+        "size": message.size,
+        "sha256": message.sha256,
+        "client": {
+            "address": client.address,
+            "helo": client.helo,
+            "hostname": client.hostname,
+            "tls_version": client.tls_version,
+            "tls_cipher": client.tls_cipher,
+        },
+        "tags": list(message.tags),
+        "recipients": [
+            {
+                "recipient_id": rcpt.id,
+                "rcpt": rcpt.address,
+                "domain": rcpt.domain,
+                "notify": list(rcpt.params.notify) if rcpt.params.notify is not None else None,
+                "orcpt": rcpt.params.orcpt,
+                "state": "held" if rcpt.held else rcpt.state.value,
+                "attempts": rcpt.attempts,
+                "next_attempt_at": iso_time(rcpt.next_attempt_at or None),
+                "last_reply": rcpt.last_reply,
+                "delivered_at": iso_time(rcpt.delivered_at),
+            }
+            for rcpt in message.recipients
+        ],
+        "attempts": [
+            {
+                "rcpt": attempt.recipient,
+                "at": iso_time(attempt.at),
+                "destination": attempt.destination,
+                "outcome": attempt.outcome,
+                "reply": attempt.reply,
+            }
+            for attempt in detail.attempts
+        ],
+    }
+
+
+def audit_to_dict(entry: AuditEntry) -> dict[str, Any]:
+    return {
+        "at": iso_time(entry.at),
+        "actor": entry.actor,
+        "action": entry.action,
+        "target": entry.target,
+        "detail": entry.detail,
+    }

@@ -1,0 +1,138 @@
+"""SMTP replies: one value type and the standard replies the server sends.
+
+Enhanced status codes (RFC 3463, RFC 2034) are sent on every reply except the greeting and the
+EHLO/HELO answer, whether or not the client said EHLO: Postfix does the same, clients ignore what
+they did not ask for, and it keeps every reply a constant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An SMTP reply; ``text`` is one line or a tuple of lines (a multi-line reply)."""
+
+    code: int
+    enhanced: str | None
+    text: str | tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        # Reply text may come from configuration or policy code; a CR or LF in it would let that
+        # text inject extra reply lines, so it is refused at construction.
+        lines = self.lines
+        if not 200 <= self.code <= 599 or not lines:
+            raise ValueError(f"invalid SMTP reply: {self.code} {self.text!r}")
+        for line in lines:
+            if "\r" in line or "\n" in line:
+                raise ValueError(f"CR or LF in SMTP reply text: {line!r}")
+
+    @property
+    def lines(self) -> tuple[str, ...]:
+        return (self.text,) if isinstance(self.text, str) else self.text
+
+    @property
+    def positive(self) -> bool:
+        """2xx or 3xx: the command was accepted."""
+        return self.code < 400
+
+    def to_bytes(self) -> bytes:
+        lines = self.lines
+        last = len(lines) - 1
+        head = f"{self.enhanced} " if self.enhanced else ""
+        out = [
+            f"{self.code}{' ' if i == last else '-'}{head}{line}\r\n"
+            for i, line in enumerate(lines)
+        ]
+        return "".join(out).encode("utf-8")
+
+    def __str__(self) -> str:
+        return self.to_bytes().decode("utf-8").rstrip("\r\n")
+
+
+def queued(queue_id: str) -> Reply:
+    """The final answer to DATA, sent only after the message is durably committed."""
+    return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+
+def greeting(hostname: str) -> Reply:
+    return Reply(220, None, f"{hostname} ESMTP mxspool")
+
+
+def timeout(hostname: str) -> Reply:
+    return Reply(421, "4.4.2", f"{hostname} Error: timeout exceeded, closing connection")
+
+
+# -- replies named by the interface contract (exact texts) ----------------------------------
+RELAY_DENIED = Reply(550, "5.7.1", "Relaying denied")
+RECIPIENT_UNKNOWN = Reply(550, "5.1.1", "Recipient unknown")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message too big")
+STORAGE_ERROR = Reply(451, "4.3.0", "Temporary storage error")
+INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient storage")
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections")
+MAIL_LOOP = Reply(554, "5.4.6", "Mail loop detected")
+BARE_NEWLINE = Reply(500, "5.5.2", "Bare CR or LF not allowed")
+
+# -- positive replies ----------------------------------------------------------------------
+OK = Reply(250, "2.0.0", "Ok")
+MAIL_OK = Reply(250, "2.1.0", "Ok")
+RCPT_OK = Reply(250, "2.1.5", "Ok")
+QUEUED = Reply(250, "2.0.0", "Ok: queued")
+START_DATA = Reply(354, None, "End data with <CR><LF>.<CR><LF>")
+READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+BYE = Reply(221, "2.0.0", "Bye")
+CANNOT_VRFY = Reply(252, "2.1.5", "Cannot VRFY user, but will accept message and attempt delivery")
+HELP = Reply(214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS")
+
+# -- protocol errors -------------------------------------------------------------------------
+LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
+# RFC 5321 4.5.3.1.6 limits a text line to 1000 octets; RFC 5321 suggests "500 Line too long"
+# for that too, so the same reply serves command lines and message lines.
+DATA_LINE_TOO_LONG = LINE_TOO_LONG
+NUL_NOT_ALLOWED = Reply(500, "5.5.2", "NUL character not allowed")
+EMPTY_COMMAND = Reply(500, "5.5.2", "Syntax error: empty command")
+UNRECOGNIZED = Reply(500, "5.5.1", "Command unrecognized")
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
+EXPN_DISABLED = Reply(502, "5.5.1", "EXPN not available")
+AUTH_NOT_OFFERED = Reply(502, "5.5.1", "AUTH not available")
+STARTTLS_NOT_OFFERED = Reply(502, "5.5.1", "STARTTLS not available")
+TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "TLS already active")
+NEED_HELO = Reply(503, "5.5.1", "Send HELO/EHLO first")
+NESTED_MAIL = Reply(503, "5.5.1", "Nested MAIL command")
+NEED_MAIL = Reply(503, "5.5.1", "Need MAIL command")
+NEED_RCPT = Reply(503, "5.5.1", "Need RCPT command")
+NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
+TRANSACTION_IN_PROGRESS = Reply(503, "5.5.1", "MAIL transaction in progress")
+BAD_SENDER_SYNTAX = Reply(501, "5.1.7", "Bad sender address syntax")
+BAD_RECIPIENT_SYNTAX = Reply(501, "5.1.3", "Bad recipient address syntax")
+NULL_RECIPIENT = Reply(501, "5.1.3", "Null recipient not allowed")
+# RFC 6531 3.7.4.1: a non-ASCII address without SMTPUTF8 on MAIL gets 553 5.6.7.
+NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
+BAD_UTF8 = Reply(501, "5.5.4", "Invalid UTF-8 in command")
+ESMTP_PARAMS_AFTER_HELO = Reply(555, "5.5.4", "ESMTP parameters not allowed after HELO")
+
+
+def syntax(usage: str) -> Reply:
+    return Reply(501, "5.5.4", f"Syntax: {usage}")
+
+
+def bad_parameter(what: str) -> Reply:
+    return Reply(501, "5.5.4", f"Bad parameter: {what}")
+
+
+def duplicate_parameter(keyword: str) -> Reply:
+    return Reply(501, "5.5.4", f"Duplicate parameter: {keyword}")
+
+
+def unsupported_parameter(keyword: str) -> Reply:
+    return Reply(555, "5.5.4", f"Unsupported parameter: {keyword}")
+
+
+class CommandError(Exception):
+    """Raised by the command parsers; carries the reply the server sends for it."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply

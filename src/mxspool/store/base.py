@@ -1,0 +1,350 @@
+"""The Store protocol: everything mxspool keeps, behind one interface.
+
+The embedded default is SQLite (``store.sqlite``); a PostgreSQL implementation shares this
+protocol and its contract tests. Every part of the program (intake, delivery, CLI, admin API)
+talks to the store only through these methods, so each can be restarted on its own and several
+nodes can share one database.
+
+Hold is a property of the domain, not of each recipient row: a recipient row is ``pending``
+until delivered, and it counts as *held* while its domain is in ``hold`` mode (unless the
+operator released that recipient alone as a canary).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from mxspool.body import BodyBuffer
+from mxspool.envelope import Envelope, MailParams, RcptParams
+
+
+class StoreError(Exception):
+    """The store could not do what was asked; the message says what and what to do."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+class Conflict(StoreError):
+    """The request contradicts the current state (domain exists, mail still pending...)."""
+
+
+class DomainMode(enum.StrEnum):
+    HOLD = "hold"
+    RELAY = "relay"
+
+
+class TlsMode(enum.StrEnum):
+    VERIFY = "verify"
+    REQUIRE = "require"
+    OPPORTUNISTIC = "opportunistic"
+    OFF = "off"
+
+
+class RecipientState(enum.StrEnum):
+    PENDING = "pending"
+    DELIVERING = "delivering"
+    DELIVERED = "delivered"
+    PARKED = "parked"
+    BOUNCED = "bounced"
+    DISCARDED = "discarded"
+
+
+QUEUE_STATES = ("pending", "held", "delivering", "delivered", "parked", "bounced", "discarded")
+"""States ``queue list --state`` accepts: the row states plus the derived ``held``."""
+
+FINAL_STATES = frozenset(
+    {RecipientState.DELIVERED, RecipientState.BOUNCED, RecipientState.DISCARDED}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    host: str
+    port: int = 25
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Domain:
+    name: str
+    mode: DomainMode
+    routes: tuple[Route, ...]
+    use_mx: bool = False
+    tls: TlsMode = TlsMode.VERIFY
+    rate: float | None = None
+    """Messages per second to this domain's destination; None means the configured default."""
+    profile: str | None = None
+    created_at: float = 0.0
+    released_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    address: str
+    helo: str
+    hostname: str | None = None
+    tls_version: str | None = None
+    tls_cipher: str | None = None
+
+
+@dataclass(slots=True)
+class IncomingMessage:
+    """A message whose DATA is complete, ready for the durable commit."""
+
+    id: str
+    envelope: Envelope
+    client: ClientInfo
+    received_at: float
+    message_id: str | None
+    body: BodyBuffer
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientRecord:
+    id: int
+    address: str
+    domain: str
+    params: RcptParams
+    state: RecipientState
+    held: bool
+    attempts: int
+    next_attempt_at: float
+    last_reply: str | None
+    delivered_at: float | None
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    id: str
+    received_at: float
+    mail_from: str
+    mail_params: MailParams
+    size: int
+    sha256: str
+    message_id: str | None
+    client: ClientInfo
+    tags: tuple[str, ...]
+    recipients: tuple[RecipientRecord, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    recipient: str
+    at: float
+    destination: str
+    outcome: str
+    reply: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueueEntry:
+    """One recipient of one message, as ``queue list`` shows it."""
+
+    message_id: str
+    recipient_id: int
+    rcpt: str
+    domain: str
+    mail_from: str
+    size: int
+    received_at: float
+    state: str
+    attempts: int
+    last_reply: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DomainStatus:
+    domain: str
+    mode: DomainMode
+    held: int = 0
+    pending: int = 0
+    delivering: int = 0
+    delivered: int = 0
+    parked: int = 0
+    bounced: int = 0
+    discarded: int = 0
+    oldest_pending_age_s: float | None = None
+    delivered_last_minute: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ReportRow:
+    id: str
+    message_id: str | None
+    mail_from: str
+    rcpt: str
+    size: int
+    sha256: str
+    received_at: float
+    state: str
+    attempts: int
+    delivered_at: float | None
+    remote_reply: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    at: float
+    actor: str
+    action: str
+    target: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedRecipient:
+    id: int
+    address: str
+    params: RcptParams
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryJob:
+    """The claimed recipients of one message in one domain, leased to one worker."""
+
+    message_id: str
+    domain: str
+    mail_from: str
+    mail_params: MailParams
+    size: int
+    received_at: float
+    recipients: tuple[ClaimedRecipient, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientOutcome:
+    """What one delivery attempt did to one recipient."""
+
+    recipient_id: int
+    state: RecipientState  # delivered, pending (deferred) or parked
+    reply: str
+    destination: str
+    next_attempt_at: float = 0.0
+    count_attempt: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class DomainChanges:
+    """Fields of a domain to change; None leaves a field as it is."""
+
+    mode: DomainMode | None = None
+    routes: tuple[Route, ...] | None = None
+    use_mx: bool | None = None
+    tls: TlsMode | None = None
+    rate: float | None = None
+    clear_rate: bool = False
+    profile: str | None = None
+    released_at: float | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class Store(Protocol):
+    """What every store implementation provides. All methods are safe to call concurrently."""
+
+    async def open(self) -> None:
+        """Connect and apply pending schema migrations."""
+
+    async def close(self) -> None: ...
+
+    def free_bytes(self) -> int | None:
+        """Free space where message bytes are written, or None when not measurable here."""
+
+    # -- intake -------------------------------------------------------------------------
+    async def accept_message(self, message: IncomingMessage) -> None:
+        """Durably store the message and one pending row per recipient.
+
+        Returns only after the commit is on stable storage; raises StoreError otherwise, in
+        which case nothing of the message is visible.
+        """
+
+    # -- domains ------------------------------------------------------------------------
+    async def domains_generation(self) -> int:
+        """A number that changes whenever any domain changes (cheap to poll)."""
+
+    async def list_domains(self) -> list[Domain]: ...
+
+    async def get_domain(self, name: str) -> Domain | None: ...
+
+    async def add_domain(self, domain: Domain) -> None:
+        """Raises Conflict when the domain exists."""
+
+    async def update_domain(self, name: str, changes: DomainChanges) -> Domain:
+        """Raises NotFound when the domain does not exist."""
+
+    async def remove_domain(self, name: str, force: bool = False) -> None:
+        """Raises Conflict while mail for it is not final, unless ``force``."""
+
+    async def release_recipient(self, domain: str, address: str) -> int:
+        """Canary: let this recipient's held mail go while the domain stays held."""
+
+    # -- queue --------------------------------------------------------------------------
+    async def list_queue(
+        self,
+        *,
+        domain: str | None = None,
+        state: str | None = None,
+        limit: int = 100,
+        after: int | None = None,
+        search: str | None = None,
+    ) -> list[QueueEntry]:
+        """Recipient rows, oldest first, after the recipient id ``after`` (a cursor)."""
+
+    async def get_message(self, message_id: str) -> StoredMessage | None: ...
+
+    def read_body(self, message_id: str) -> AsyncIterator[bytes]:
+        """The stored bytes in pieces; raises NotFound."""
+
+    async def attempts(self, message_id: str) -> list[AttemptRecord]: ...
+
+    async def discard(self, message_id: str) -> int:
+        """Mark every not-yet-final recipient discarded; the number changed."""
+
+    async def retry(self, message_id: str | None = None, domain: str | None = None) -> int:
+        """Put parked recipients (of one message, or all parked, optionally in a domain) back."""
+
+    async def mark_bounced(self, message_id: str, reply: str) -> int: ...
+
+    async def status(self, now: float) -> list[DomainStatus]: ...
+
+    def report(self, domain: str | None = None) -> AsyncIterator[ReportRow]: ...
+
+    # -- audit --------------------------------------------------------------------------
+    async def record_audit(
+        self, actor: str, action: str, target: str, detail: str = ""
+    ) -> None: ...
+
+    async def list_audit(self, limit: int = 100) -> list[AuditEntry]: ...
+
+    # -- delivery -----------------------------------------------------------------------
+    async def claim_due(
+        self, owner: str, now: float, lease_seconds: float, limit: int, domain: str
+    ) -> list[DeliveryJob]:
+        """Lease up to ``limit`` due recipients of ``domain``, oldest first, grouped by message.
+
+        Due means: pending with next_attempt_at <= now and the domain in relay mode (or the
+        recipient released as a canary), or delivering with an expired lease (its worker died).
+        """
+
+    async def due_domains(self, now: float) -> list[str]:
+        """Domains that have at least one recipient claim_due would return now."""
+
+    async def renew_leases(
+        self, owner: str, recipient_ids: Sequence[int], until: float
+    ) -> None: ...
+
+    async def record_outcomes(self, owner: str, outcomes: Sequence[RecipientOutcome]) -> None:
+        """Apply delivery results (only to rows still leased by ``owner``) and log attempts."""
+
+    async def next_due_at(self, domain: str) -> float | None:
+        """When the earliest pending recipient of ``domain`` becomes due, if any."""

@@ -1,0 +1,58 @@
+"""JSON forms of envelope parameters and routes, shared by the SQL stores."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from mxspool.envelope import MailParams, RcptParams
+from mxspool.store.base import Route
+
+
+def dump_mail_params(params: MailParams) -> str:
+    data: dict[str, Any] = {
+        key: value
+        for key, value in (
+            ("size", params.size),
+            ("body", params.body),
+            ("smtputf8", params.smtputf8 or None),
+            ("ret", params.ret),
+            ("envid", params.envid),
+        )
+        if value is not None
+    }
+    return json.dumps(data, separators=(",", ":"))
+
+
+def load_mail_params(text: str) -> MailParams:
+    data = json.loads(text)
+    return MailParams(
+        size=data.get("size"),
+        body=data.get("body"),
+        smtputf8=bool(data.get("smtputf8", False)),
+        ret=data.get("ret"),
+        envid=data.get("envid"),
+    )
+
+
+def dump_rcpt_params(params: RcptParams) -> str:
+    data: dict[str, Any] = {}
+    if params.notify is not None:
+        data["notify"] = list(params.notify)
+    if params.orcpt is not None:
+        data["orcpt"] = params.orcpt
+    return json.dumps(data, separators=(",", ":"))
+
+
+def load_rcpt_params(text: str) -> RcptParams:
+    data = json.loads(text)
+    notify = data.get("notify")
+    return RcptParams(notify=tuple(notify) if notify is not None else None, orcpt=data.get("orcpt"))
+
+
+def dump_routes(routes: tuple[Route, ...]) -> str:
+    return json.dumps([[route.host, route.port] for route in routes])
+
+
+def load_routes(text: str) -> tuple[Route, ...]:
+    return tuple(Route(host, int(port)) for host, port in json.loads(text))

@@ -1,0 +1,899 @@
+"""The embedded store: one SQLite file in WAL mode with synchronous=FULL.
+
+Theory of operation
+-------------------
+Every write goes through one writer thread that owns the only writing connection. It takes
+the first job waiting in its queue, then every other job already waiting, and runs them all in
+one transaction, each inside its own SAVEPOINT so one failing job does not sink the others.
+The COMMIT (with synchronous=FULL, an fsync of the WAL) is shared by the whole batch: this is
+group commit. Callers awaiting a job are woken only after that COMMIT returns, so an SMTP
+``250`` never goes out before its message is on stable storage. If the COMMIT fails, every job
+of the batch fails and nothing of it is visible.
+
+Reads run in the default thread pool on per-thread read-only connections; WAL lets them
+proceed while the writer commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mxspool.store import codec
+from mxspool.store.base import (
+    AttemptRecord,
+    AuditEntry,
+    ClaimedRecipient,
+    ClientInfo,
+    Conflict,
+    DeliveryJob,
+    Domain,
+    DomainChanges,
+    DomainMode,
+    DomainStatus,
+    IncomingMessage,
+    NotFound,
+    QueueEntry,
+    RecipientOutcome,
+    RecipientRecord,
+    RecipientState,
+    ReportRow,
+    StoredMessage,
+    StoreError,
+    TlsMode,
+)
+
+T = TypeVar("T")
+
+BLOB_CHUNK = 1 << 20
+MAX_BATCH = 512
+
+_OPEN_STATES = ("pending", "delivering")
+
+
+@dataclass(slots=True)
+class _Job:
+    work: Callable[[sqlite3.Connection], Any]
+    future: Future[Any]
+
+
+def sqlite_path(url: str) -> Path:
+    """The file named by a sqlite:/// URL (relative paths are relative to the cwd)."""
+    if not url.startswith("sqlite:///"):
+        raise StoreError(f"not a SQLite store URL: {url!r}")
+    return Path(url.removeprefix("sqlite:///"))
+
+
+def _migrations() -> list[tuple[int, str]]:
+    folder = resources.files("mxspool.store") / "migrations" / "sqlite"
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            found.append((int(entry.name.split("_", 1)[0]), entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+        )
+    else:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout = 10000")
+    conn.execute("PRAGMA foreign_keys = ON")
+    if not readonly:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        # Fewer, larger checkpoints: each one is an fsync of the main file.
+        conn.execute("PRAGMA wal_autocheckpoint = 4000")
+    return conn
+
+
+def _domain_from_row(row: sqlite3.Row | tuple[Any, ...]) -> Domain:
+    name, mode, routes, use_mx, tls, rate, profile, created_at, released_at = row
+    return Domain(
+        name=name,
+        mode=DomainMode(mode),
+        routes=codec.load_routes(routes),
+        use_mx=bool(use_mx),
+        tls=TlsMode(tls),
+        rate=rate,
+        profile=profile,
+        created_at=created_at,
+        released_at=released_at,
+    )
+
+
+_DOMAIN_COLUMNS = "name, mode, routes, use_mx, tls, rate, profile, created_at, released_at"
+
+
+class SqliteStore:
+    """The Store protocol on one SQLite file (see the module docstring)."""
+
+    def __init__(self, url: str) -> None:
+        self.path = sqlite_path(url)
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def open(self) -> None:
+        await asyncio.to_thread(self._prepare)
+        self._writer = threading.Thread(target=self._write_loop, name="sqlite-writer", daemon=True)
+        self._writer.start()
+
+    def _prepare(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = _connect(self.path)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(
+                f"cannot open the SQLite store at {self.path}: {exc}; check that the directory "
+                "exists and is writable"
+            ) from exc
+        try:
+            current = conn.execute("PRAGMA user_version").fetchone()[0]
+            for version, script in _migrations():
+                if version <= current:
+                    continue
+                # executescript commits on its own; the version bump is inside the script's
+                # transaction so a crash never leaves a half-applied migration recorded.
+                conn.executescript(
+                    f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {version};\nCOMMIT;"
+                )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot migrate the SQLite store at {self.path}: {exc}") from exc
+        finally:
+            conn.close()
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._jobs.put(None)
+            await asyncio.to_thread(self._writer.join)
+            self._writer = None
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+
+    def free_bytes(self) -> int | None:
+        try:
+            stats = os.statvfs(self.path.parent)
+        except OSError:
+            return None
+        return stats.f_bavail * stats.f_frsize
+
+    # -- the writer ---------------------------------------------------------------------
+    def _write_loop(self) -> None:
+        conn: sqlite3.Connection | None = None
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                break
+            batch = [job]
+            while len(batch) < MAX_BATCH:
+                try:
+                    more = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._jobs.put(None)
+                    break
+                batch.append(more)
+            if conn is None:
+                try:
+                    conn = _connect(self.path)
+                except sqlite3.Error as exc:
+                    for item in batch:
+                        item.future.set_exception(StoreError(f"cannot open the store: {exc}"))
+                    continue
+            if not self._run_batch(conn, batch):
+                # A failed COMMIT can leave the connection unusable (I/O error); start afresh.
+                conn.close()
+                conn = None
+        if conn is not None:
+            conn.close()
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> bool:
+        results: list[tuple[_Job, Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in batch:
+                conn.execute("SAVEPOINT job")
+                try:
+                    value = job.work(conn)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    results.append((job, None, exc))
+                else:
+                    conn.execute("RELEASE job")
+                    results.append((job, value, None))
+            conn.execute("COMMIT")
+        except Exception as exc:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            error = StoreError(f"commit failed: {exc}")
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(error)
+            return False
+        for job, value, failure in results:
+            if failure is not None:
+                job.future.set_exception(failure)
+            else:
+                job.future.set_result(value)
+        return True
+
+    async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        if self._writer is None:
+            raise StoreError("the store is not open")
+        future: Future[T] = Future()
+        self._jobs.put(_Job(work, future))
+        return await asyncio.wrap_future(future)
+
+    # -- readers ------------------------------------------------------------------------
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path, readonly=True)
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    async def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        def run() -> T:
+            conn = self._reader()
+            conn.execute("BEGIN")
+            try:
+                return work(conn)
+            finally:
+                conn.execute("COMMIT")
+
+        try:
+            return await asyncio.to_thread(run)
+        except sqlite3.Error as exc:
+            raise StoreError(f"store read failed: {exc}") from exc
+
+    # -- intake -------------------------------------------------------------------------
+    async def accept_message(self, message: IncomingMessage) -> None:
+        await self._write(lambda conn: _insert_message(conn, message))
+
+    # -- domains ------------------------------------------------------------------------
+    async def domains_generation(self) -> int:
+        def work(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'domains_generation'")
+            return int(row.fetchone()[0])
+
+        return await self._read(work)
+
+    async def list_domains(self) -> list[Domain]:
+        def work(conn: sqlite3.Connection) -> list[Domain]:
+            rows = conn.execute(f"SELECT {_DOMAIN_COLUMNS} FROM domains ORDER BY name")
+            return [_domain_from_row(row) for row in rows]
+
+        return await self._read(work)
+
+    async def get_domain(self, name: str) -> Domain | None:
+        def work(conn: sqlite3.Connection) -> Domain | None:
+            row = conn.execute(
+                f"SELECT {_DOMAIN_COLUMNS} FROM domains WHERE name = ?", (name.lower(),)
+            ).fetchone()
+            return _domain_from_row(row) if row else None
+
+        return await self._read(work)
+
+    async def add_domain(self, domain: Domain) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            try:
+                conn.execute(
+                    f"INSERT INTO domains ({_DOMAIN_COLUMNS}, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        domain.name.lower(),
+                        domain.mode.value,
+                        codec.dump_routes(domain.routes),
+                        int(domain.use_mx),
+                        domain.tls.value,
+                        domain.rate,
+                        domain.profile,
+                        domain.created_at or now,
+                        domain.released_at,
+                        now,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise Conflict(
+                    f"domain {domain.name} already exists; use 'mxspool domain route' to change it"
+                ) from None
+            _bump_generation(conn)
+
+        await self._write(work)
+
+    async def update_domain(self, name: str, changes: DomainChanges) -> Domain:
+        def work(conn: sqlite3.Connection) -> Domain:
+            sets: list[str] = []
+            values: list[Any] = []
+            if changes.mode is not None:
+                sets.append("mode = ?")
+                values.append(changes.mode.value)
+            if changes.routes is not None:
+                sets.append("routes = ?")
+                values.append(codec.dump_routes(changes.routes))
+            if changes.use_mx is not None:
+                sets.append("use_mx = ?")
+                values.append(int(changes.use_mx))
+            if changes.tls is not None:
+                sets.append("tls = ?")
+                values.append(changes.tls.value)
+            if changes.rate is not None or changes.clear_rate:
+                sets.append("rate = ?")
+                values.append(changes.rate)
+            if changes.profile is not None:
+                sets.append("profile = ?")
+                values.append(changes.profile or None)
+            if changes.released_at is not None:
+                sets.append("released_at = ?")
+                values.append(changes.released_at)
+            sets.append("updated_at = ?")
+            values.append(time.time())
+            cursor = conn.execute(
+                f"UPDATE domains SET {', '.join(sets)} WHERE name = ?", (*values, name.lower())
+            )
+            if cursor.rowcount == 0:
+                raise NotFound(f"no domain {name}; 'mxspool domain list' shows the domains")
+            _bump_generation(conn)
+            row = conn.execute(
+                f"SELECT {_DOMAIN_COLUMNS} FROM domains WHERE name = ?", (name.lower(),)
+            ).fetchone()
+            return _domain_from_row(row)
+
+        return await self._write(work)
+
+    async def remove_domain(self, name: str, force: bool = False) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            name_l = name.lower()
+            if conn.execute("SELECT 1 FROM domains WHERE name = ?", (name_l,)).fetchone() is None:
+                raise NotFound(f"no domain {name}; 'mxspool domain list' shows the domains")
+            open_count = conn.execute(
+                "SELECT count(*) FROM recipients WHERE domain = ? AND state IN "
+                "('pending', 'delivering', 'parked')",
+                (name_l,),
+            ).fetchone()[0]
+            if open_count and not force:
+                raise Conflict(
+                    f"domain {name} still has {open_count} recipients not delivered; release "
+                    "and drain them first, or use --force (the mail stays in the store but "
+                    "is no longer delivered)"
+                )
+            conn.execute("DELETE FROM domains WHERE name = ?", (name_l,))
+            _bump_generation(conn)
+
+        await self._write(work)
+
+    async def release_recipient(self, domain: str, address: str) -> int:
+        def work(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(
+                "UPDATE recipients SET released = 1, next_attempt_at = 0, updated_at = ? "
+                "WHERE domain = ? AND lower(rcpt) = lower(?) AND state = 'pending'",
+                (time.time(), domain.lower(), address),
+            )
+            return cursor.rowcount
+
+        return await self._write(work)
+
+    # -- queue --------------------------------------------------------------------------
+    async def list_queue(
+        self,
+        *,
+        domain: str | None = None,
+        state: str | None = None,
+        limit: int = 100,
+        after: int | None = None,
+        search: str | None = None,
+    ) -> list[QueueEntry]:
+        where = ["r.id > ?"]
+        values: list[Any] = [after or 0]
+        if domain:
+            where.append("r.domain = ?")
+            values.append(domain.lower())
+        if state == "held":
+            where.append("r.state = 'pending' AND r.released = 0 AND d.mode = 'hold'")
+        elif state == "pending":
+            where.append(
+                "r.state = 'pending' "
+                "AND NOT (r.released = 0 AND coalesce(d.mode, 'relay') = 'hold')"
+            )
+        elif state:
+            where.append("r.state = ?")
+            values.append(state)
+        if search:
+            where.append("(r.rcpt LIKE ? OR m.mail_from LIKE ? OR m.message_id LIKE ?)")
+            pattern = f"%{search}%"
+            values += [pattern, pattern, pattern]
+        sql = (
+            "SELECT m.id, r.id, r.rcpt, r.domain, m.mail_from, m.size, m.received_at, r.state, "
+            "r.released, d.mode, r.attempts, r.last_reply FROM recipients r "
+            "JOIN messages m ON m.seq = r.message_seq LEFT JOIN domains d ON d.name = r.domain "
+            f"WHERE {' AND '.join(where)} ORDER BY r.id LIMIT ?"
+        )
+
+        def work(conn: sqlite3.Connection) -> list[QueueEntry]:
+            return [
+                QueueEntry(
+                    message_id=row[0],
+                    recipient_id=row[1],
+                    rcpt=row[2],
+                    domain=row[3],
+                    mail_from=row[4],
+                    size=row[5],
+                    received_at=row[6],
+                    state=_shown_state(row[7], row[8], row[9]),
+                    attempts=row[10],
+                    last_reply=row[11],
+                )
+                for row in conn.execute(sql, (*values, limit))
+            ]
+
+        return await self._read(work)
+
+    async def get_message(self, message_id: str) -> StoredMessage | None:
+        def work(conn: sqlite3.Connection) -> StoredMessage | None:
+            row = conn.execute(
+                "SELECT seq, id, received_at, mail_from, mail_params, size, sha256, message_id, "
+                "client_address, client_name, helo, tls_version, tls_cipher, tags "
+                "FROM messages WHERE id = ?",
+                (message_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            recipients = tuple(
+                RecipientRecord(
+                    id=r[0],
+                    address=r[1],
+                    domain=r[2],
+                    params=codec.load_rcpt_params(r[3]),
+                    state=RecipientState(r[4]),
+                    held=r[4] == "pending" and not r[5] and r[11] == "hold",
+                    attempts=r[6],
+                    next_attempt_at=r[7],
+                    last_reply=r[8],
+                    delivered_at=r[9],
+                    updated_at=r[10],
+                )
+                for r in conn.execute(
+                    "SELECT r.id, r.rcpt, r.domain, r.params, r.state, r.released, r.attempts, "
+                    "r.next_attempt_at, r.last_reply, r.delivered_at, r.updated_at, d.mode "
+                    "FROM recipients r LEFT JOIN domains d ON d.name = r.domain "
+                    "WHERE r.message_seq = ? ORDER BY r.id",
+                    (row[0],),
+                )
+            )
+            return StoredMessage(
+                id=row[1],
+                received_at=row[2],
+                mail_from=row[3],
+                mail_params=codec.load_mail_params(row[4]),
+                size=row[5],
+                sha256=row[6],
+                message_id=row[7],
+                client=ClientInfo(
+                    address=row[8],
+                    hostname=row[9],
+                    helo=row[10],
+                    tls_version=row[11],
+                    tls_cipher=row[12],
+                ),
+                tags=tuple(tag for tag in row[13].split(",") if tag),
+                recipients=recipients,
+            )
+
+        return await self._read(work)
+
+    async def read_body(self, message_id: str) -> AsyncIterator[bytes]:
+        def locate(conn: sqlite3.Connection) -> int | None:
+            row = conn.execute("SELECT seq FROM messages WHERE id = ?", (message_id,)).fetchone()
+            return None if row is None else int(row[0])
+
+        seq = await self._read(locate)
+        if seq is None:
+            raise NotFound(f"no message {message_id}; 'mxspool queue list' shows the queue")
+        offset = 0
+        while True:
+
+            def piece(conn: sqlite3.Connection, start: int = offset) -> bytes:
+                with conn.blobopen("bodies", "data", seq, readonly=True) as blob:
+                    blob.seek(start)
+                    return blob.read(BLOB_CHUNK)
+
+            data = await self._read(piece)
+            if not data:
+                return
+            offset += len(data)
+            yield data
+
+    async def attempts(self, message_id: str) -> list[AttemptRecord]:
+        def work(conn: sqlite3.Connection) -> list[AttemptRecord]:
+            return [
+                AttemptRecord(
+                    recipient=row[0], at=row[1], destination=row[2], outcome=row[3], reply=row[4]
+                )
+                for row in conn.execute(
+                    "SELECT r.rcpt, a.at, a.destination, a.outcome, a.reply FROM attempts a "
+                    "JOIN recipients r ON r.id = a.recipient_id "
+                    "JOIN messages m ON m.seq = r.message_seq WHERE m.id = ? ORDER BY a.id",
+                    (message_id,),
+                )
+            ]
+
+        return await self._read(work)
+
+    async def _set_final(self, message_id: str, state: str, reply: str | None) -> int:
+        def work(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT seq FROM messages WHERE id = ?", (message_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no message {message_id}; 'mxspool queue list' shows the queue")
+            cursor = conn.execute(
+                "UPDATE recipients SET state = ?, last_reply = coalesce(?, last_reply), "
+                "lease_owner = NULL, lease_until = NULL, updated_at = ? "
+                "WHERE message_seq = ? AND state IN ('pending', 'delivering', 'parked')",
+                (state, reply, time.time(), row[0]),
+            )
+            return cursor.rowcount
+
+        return await self._write(work)
+
+    async def discard(self, message_id: str) -> int:
+        return await self._set_final(message_id, "discarded", None)
+
+    async def mark_bounced(self, message_id: str, reply: str) -> int:
+        return await self._set_final(message_id, "bounced", reply)
+
+    async def retry(self, message_id: str | None = None, domain: str | None = None) -> int:
+        def work(conn: sqlite3.Connection) -> int:
+            where = ["state = 'parked'"]
+            values: list[Any] = [time.time()]
+            if message_id is not None:
+                row = conn.execute(
+                    "SELECT seq FROM messages WHERE id = ?", (message_id,)
+                ).fetchone()
+                if row is None:
+                    raise NotFound(f"no message {message_id}; 'mxspool queue list' shows the queue")
+                where.append("message_seq = ?")
+                values.append(row[0])
+            if domain is not None:
+                where.append("domain = ?")
+                values.append(domain.lower())
+            cursor = conn.execute(
+                "UPDATE recipients SET state = 'pending', next_attempt_at = 0, updated_at = ? "
+                f"WHERE {' AND '.join(where)}",
+                values,
+            )
+            return cursor.rowcount
+
+        return await self._write(work)
+
+    async def status(self, now: float) -> list[DomainStatus]:
+        def work(conn: sqlite3.Connection) -> list[DomainStatus]:
+            domains = {
+                name: DomainMode(mode)
+                for name, mode in conn.execute("SELECT name, mode FROM domains")
+            }
+            counts: dict[str, dict[str, int]] = {name: {} for name in domains}
+            for name, state, released, count in conn.execute(
+                "SELECT domain, state, released, count(*) FROM recipients "
+                "GROUP BY domain, state, released"
+            ):
+                bucket = counts.setdefault(name, {})
+                shown = _shown_state(state, released, domains.get(name, DomainMode.RELAY).value)
+                bucket[shown] = bucket.get(shown, 0) + count
+            oldest = dict(
+                conn.execute(
+                    "SELECT r.domain, min(m.received_at) FROM recipients r "
+                    "JOIN messages m ON m.seq = r.message_seq "
+                    "WHERE r.state IN ('pending', 'delivering') GROUP BY r.domain"
+                ).fetchall()
+            )
+            recent = dict(
+                conn.execute(
+                    "SELECT domain, count(*) FROM recipients WHERE state = 'delivered' "
+                    "AND delivered_at >= ? GROUP BY domain",
+                    (now - 60.0,),
+                ).fetchall()
+            )
+            result = []
+            for name in sorted(counts):
+                bucket = counts[name]
+                first = oldest.get(name)
+                result.append(
+                    DomainStatus(
+                        domain=name,
+                        mode=domains.get(name, DomainMode.RELAY),
+                        held=bucket.get("held", 0),
+                        pending=bucket.get("pending", 0),
+                        delivering=bucket.get("delivering", 0),
+                        delivered=bucket.get("delivered", 0),
+                        parked=bucket.get("parked", 0),
+                        bounced=bucket.get("bounced", 0),
+                        discarded=bucket.get("discarded", 0),
+                        oldest_pending_age_s=None if first is None else max(0.0, now - first),
+                        delivered_last_minute=recent.get(name, 0),
+                    )
+                )
+            return result
+
+        return await self._read(work)
+
+    async def report(self, domain: str | None = None) -> AsyncIterator[ReportRow]:
+        after = 0
+        while True:
+
+            def page(conn: sqlite3.Connection, start: int = after) -> list[tuple[Any, ...]]:
+                sql = (
+                    "SELECT r.id, m.id, m.message_id, m.mail_from, r.rcpt, m.size, m.sha256, "
+                    "m.received_at, r.state, r.attempts, r.delivered_at, r.last_reply, "
+                    "r.released, d.mode FROM recipients r "
+                    "JOIN messages m ON m.seq = r.message_seq "
+                    "LEFT JOIN domains d ON d.name = r.domain WHERE r.id > ?"
+                )
+                values: list[Any] = [start]
+                if domain:
+                    sql += " AND r.domain = ?"
+                    values.append(domain.lower())
+                sql += " ORDER BY r.id LIMIT 1000"
+                return conn.execute(sql, values).fetchall()
+
+            rows = await self._read(page)
+            if not rows:
+                return
+            for row in rows:
+                yield ReportRow(
+                    id=row[1],
+                    message_id=row[2],
+                    mail_from=row[3],
+                    rcpt=row[4],
+                    size=row[5],
+                    sha256=row[6],
+                    received_at=row[7],
+                    state=_shown_state(row[8], row[12], row[13]),
+                    attempts=row[9],
+                    delivered_at=row[10],
+                    remote_reply=row[11],
+                )
+            after = rows[-1][0]
+
+    # -- audit --------------------------------------------------------------------------
+    async def record_audit(self, actor: str, action: str, target: str, detail: str = "") -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO audit (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
+                (time.time(), actor, action, target, detail),
+            )
+
+        await self._write(work)
+
+    async def list_audit(self, limit: int = 100) -> list[AuditEntry]:
+        def work(conn: sqlite3.Connection) -> list[AuditEntry]:
+            return [
+                AuditEntry(*row)
+                for row in conn.execute(
+                    "SELECT at, actor, action, target, detail FROM audit ORDER BY id DESC LIMIT ?",
+                    (limit,),
+                )
+            ]
+
+        return await self._read(work)
+
+    # -- delivery -----------------------------------------------------------------------
+    async def due_domains(self, now: float) -> list[str]:
+        def work(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT d.name FROM domains d WHERE EXISTS ("
+                " SELECT 1 FROM recipients r WHERE r.domain = d.name AND ("
+                "  (r.state = 'pending' AND r.next_attempt_at <= ?"
+                "   AND (d.mode = 'relay' OR r.released = 1))"
+                "  OR (r.state = 'delivering' AND r.lease_until < ?)))",
+                (now, now),
+            )
+            return [row[0] for row in rows]
+
+        return await self._read(work)
+
+    async def next_due_at(self, domain: str) -> float | None:
+        def work(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute(
+                "SELECT min(CASE WHEN r.state = 'pending' THEN r.next_attempt_at "
+                "ELSE r.lease_until END) FROM recipients r JOIN domains d ON d.name = r.domain "
+                "WHERE r.domain = ? AND r.state IN ('pending', 'delivering') "
+                "AND (d.mode = 'relay' OR r.released = 1 OR r.state = 'delivering')",
+                (domain.lower(),),
+            ).fetchone()
+            return None if row is None or row[0] is None else float(row[0])
+
+        return await self._read(work)
+
+    async def claim_due(
+        self, owner: str, now: float, lease_seconds: float, limit: int, domain: str
+    ) -> list[DeliveryJob]:
+        def work(conn: sqlite3.Connection) -> list[DeliveryJob]:
+            mode_row = conn.execute(
+                "SELECT mode FROM domains WHERE name = ?", (domain.lower(),)
+            ).fetchone()
+            if mode_row is None:
+                return []
+            canary_only = "" if mode_row[0] == "relay" else "AND r.released = 1"
+            ids = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT r.id FROM recipients r WHERE r.domain = ? AND r.state IN "
+                    "('pending', 'delivering') AND ((r.state = 'pending' AND "
+                    f"r.next_attempt_at <= ? {canary_only}) OR "
+                    "(r.state = 'delivering' AND r.lease_until < ?)) ORDER BY r.id LIMIT ?",
+                    (domain.lower(), now, now, limit),
+                )
+            ]
+            if not ids:
+                return []
+            marks = ",".join("?" * len(ids))
+            conn.execute(
+                "UPDATE recipients SET state = 'delivering', lease_owner = ?, lease_until = ?, "
+                f"updated_at = ? WHERE id IN ({marks})",
+                (owner, now + lease_seconds, now, *ids),
+            )
+            jobs: dict[int, DeliveryJob] = {}
+            rows = conn.execute(
+                "SELECT r.message_seq, m.id, m.mail_from, m.mail_params, m.size, m.received_at, "
+                "r.id, r.rcpt, r.params, r.attempts FROM recipients r "
+                f"JOIN messages m ON m.seq = r.message_seq WHERE r.id IN ({marks}) ORDER BY r.id",
+                ids,
+            )
+            for seq, mid, mail_from, params, size, received_at, rid, rcpt, rparams, tries in rows:
+                recipient = ClaimedRecipient(rid, rcpt, codec.load_rcpt_params(rparams), tries)
+                existing = jobs.get(seq)
+                if existing is None:
+                    jobs[seq] = DeliveryJob(
+                        message_id=mid,
+                        domain=domain.lower(),
+                        mail_from=mail_from,
+                        mail_params=codec.load_mail_params(params),
+                        size=size,
+                        received_at=received_at,
+                        recipients=(recipient,),
+                    )
+                else:
+                    jobs[seq] = DeliveryJob(
+                        message_id=existing.message_id,
+                        domain=existing.domain,
+                        mail_from=existing.mail_from,
+                        mail_params=existing.mail_params,
+                        size=existing.size,
+                        received_at=existing.received_at,
+                        recipients=(*existing.recipients, recipient),
+                    )
+            return list(jobs.values())
+
+        return await self._write(work)
+
+    async def renew_leases(self, owner: str, recipient_ids: Sequence[int], until: float) -> None:
+        ids = list(recipient_ids)
+        if not ids:
+            return
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                f"UPDATE recipients SET lease_until = ? WHERE lease_owner = ? AND state = "
+                f"'delivering' AND id IN ({','.join('?' * len(ids))})",
+                (until, owner, *ids),
+            )
+
+        await self._write(work)
+
+    async def record_outcomes(self, owner: str, outcomes: Sequence[RecipientOutcome]) -> None:
+        items = list(outcomes)
+        if not items:
+            return
+
+        def work(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            for item in items:
+                cursor = conn.execute(
+                    "UPDATE recipients SET state = ?, last_reply = ?, attempts = attempts + ?, "
+                    "next_attempt_at = ?, delivered_at = ?, lease_owner = NULL, "
+                    "lease_until = NULL, updated_at = ? "
+                    "WHERE id = ? AND state = 'delivering' AND lease_owner = ?",
+                    (
+                        item.state.value,
+                        item.reply,
+                        int(item.count_attempt),
+                        item.next_attempt_at,
+                        now if item.state is RecipientState.DELIVERED else None,
+                        now,
+                        item.recipient_id,
+                        owner,
+                    ),
+                )
+                if cursor.rowcount and item.count_attempt:
+                    conn.execute(
+                        "INSERT INTO attempts (recipient_id, at, destination, outcome, reply) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (item.recipient_id, now, item.destination, item.state.value, item.reply),
+                    )
+
+        await self._write(work)
+
+
+def _shown_state(state: str, released: int, mode: str | None) -> str:
+    if state == "pending" and not released and mode == "hold":
+        return "held"
+    return state
+
+
+def _bump_generation(conn: sqlite3.Connection) -> None:
+    conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'domains_generation'")
+
+
+def _insert_message(conn: sqlite3.Connection, message: IncomingMessage) -> None:
+    envelope = message.envelope
+    body = message.body
+    cursor = conn.execute(
+        "INSERT INTO messages (id, received_at, mail_from, mail_params, size, sha256, message_id, "
+        "client_address, client_name, helo, tls_version, tls_cipher, tags) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            message.id,
+            message.received_at,
+            envelope.mail_from,
+            codec.dump_mail_params(envelope.mail_params),
+            body.size,
+            body.sha256,
+            message.message_id,
+            message.client.address,
+            message.client.hostname,
+            message.client.helo,
+            message.client.tls_version,
+            message.client.tls_cipher,
+            ",".join(message.tags),
+        ),
+    )
+    seq = cursor.lastrowid
+    assert seq is not None
+    in_memory = body.getvalue()
+    if in_memory is not None:
+        conn.execute("INSERT INTO bodies (seq, data) VALUES (?, ?)", (seq, in_memory))
+    else:
+        # Large bodies are copied piece by piece so the writer never holds one whole.
+        conn.execute("INSERT INTO bodies (seq, data) VALUES (?, zeroblob(?))", (seq, body.size))
+        with conn.blobopen("bodies", "data", seq) as blob:
+            for piece in body.chunks(BLOB_CHUNK):
+                blob.write(piece)
+    conn.executemany(
+        "INSERT INTO recipients (message_seq, rcpt, domain, params, updated_at) "
+        "VALUES (?, ?, ?, ?, ?)",
+        [
+            (
+                seq,
+                recipient.address,
+                recipient.address.rpartition("@")[2].lower(),
+                codec.dump_rcpt_params(recipient.params),
+                message.received_at,
+            )
+            for recipient in envelope.recipients
+        ],
+    )

@@ -1,0 +1,146 @@
+"""Fixtures that run the real thing: `mxspool serve` in a subprocess on loopback ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BIN = Path(sys.executable).parent
+MXSPOOL = str(BIN / "mxspool") if (BIN / "mxspool").exists() else shutil.which("mxspool") or ""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(
+    port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited early with status {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                sock.recv(100)
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+class Spooler:
+    """An `mxspool serve` process with its own config, data directory and ports."""
+
+    def __init__(self, root: Path, **sections: dict[str, Any]) -> None:
+        self.root = root
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.db = root / "data" / "spool.db"
+        self.log = root / "serve.log"
+        config: dict[str, dict[str, Any]] = {
+            "smtp": {"listen": [f"127.0.0.1:{self.port}"], "hostname": "mx.test.local"},
+            "store": {"url": f"sqlite:///{self.db}", "min_free_space": "10MiB"},
+            "admin": {"listen": f"127.0.0.1:{self.admin_port}"},
+        }
+        for name, values in sections.items():
+            config.setdefault(name, {}).update(values)
+        self.config = root / "mxspool.toml"
+        self.config.write_text(_toml(config))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, extra_env: dict[str, str] | None = None, preexec: Any = None) -> None:
+        env = {**os.environ, **(extra_env or {})}
+        self.proc = subprocess.Popen(
+            [MXSPOOL, "--config", str(self.config), "serve"],
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("ab"),
+            env=env,
+            preexec_fn=preexec,  # noqa: PLW1509 (the test process starts it before threads)
+        )
+        wait_for_port(self.port, proc=self.proc)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def cli(
+        self, *args: str, check: bool = True, binary: bool = False
+    ) -> subprocess.CompletedProcess[Any]:
+        result = subprocess.run(
+            [MXSPOOL, "--config", str(self.config), *args],
+            capture_output=True,
+            text=not binary,
+            timeout=60,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"mxspool {' '.join(args)} failed: {result.stderr!r}")
+        return result
+
+    def status(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.cli("status", "--json").stdout)
+        return data
+
+    def domain_status(self, domain: str) -> dict[str, Any]:
+        for row in self.status()["domains"]:
+            if row["domain"] == domain:
+                return dict(row)
+        raise KeyError(domain)
+
+
+def _toml(config: dict[str, dict[str, Any]]) -> str:
+    lines = []
+    for section, values in config.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def spooler_factory(tmp_path: Path) -> Iterator[Any]:
+    started: list[Spooler] = []
+
+    def make(**sections: dict[str, Any]) -> Spooler:
+        root = tmp_path / f"node{len(started)}"
+        root.mkdir()
+        spooler = Spooler(root, **sections)
+        started.append(spooler)
+        return spooler
+
+    yield make
+    for spooler in started:
+        spooler.stop()
+
+
+@pytest.fixture
+def spooler(spooler_factory: Any) -> Spooler:
+    """A running spooler with example.test and example.org held."""
+    node: Spooler = spooler_factory()
+    node.cli("domain", "add", "example.test", "--route", "127.0.0.1:2526", "--tls", "off", "--hold")
+    node.cli("domain", "add", "example.org", "--route", "127.0.0.1:2526", "--tls", "off", "--hold")
+    node.start()
+    return node
