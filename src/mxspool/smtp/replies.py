@@ -7,7 +7,7 @@ they did not ask for, and it keeps every reply a constant.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +17,7 @@ class Reply:
     code: int
     enhanced: str | None
     text: str | tuple[str, ...]
+    _wire: bytes = field(init=False, repr=False, compare=False, default=b"")
 
     def __post_init__(self) -> None:
         # Reply text may come from configuration or policy code; a CR or LF in it would let that
@@ -27,6 +28,8 @@ class Reply:
         for line in lines:
             if "\r" in line or "\n" in line:
                 raise ValueError(f"CR or LF in SMTP reply text: {line!r}")
+        # Most replies are module constants sent millions of times: encode them once.
+        object.__setattr__(self, "_wire", self._encode())
 
     @property
     def lines(self) -> tuple[str, ...]:
@@ -38,6 +41,9 @@ class Reply:
         return self.code < 400
 
     def to_bytes(self) -> bytes:
+        return self._wire
+
+    def _encode(self) -> bytes:
         lines = self.lines
         last = len(lines) - 1
         head = f"{self.enhanced} " if self.enhanced else ""

@@ -11,8 +11,13 @@ def create_store(url: str) -> Store:
         from mxspool.store.sqlite import SqliteStore
 
         return SqliteStore(url)
+    if url.startswith(("postgresql://", "postgres://")):
+        from mxspool.store.postgres import PostgresStore
+
+        return PostgresStore(url)
     raise StoreError(
-        f"store URL {url!r} is not supported by this version; use sqlite:///path/to/spool.db"
+        f"store URL {url!r} is not supported; use sqlite:///path/to/spool.db "
+        "or postgresql://user@host/db"
     )
 
 

