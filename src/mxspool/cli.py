@@ -605,12 +605,14 @@ def queue_discard(ctx: click.Context, message_id: str) -> None:
 @queue.command("bounce")
 @config_option
 @click.argument("message_id", metavar="ID")
-def queue_bounce(message_id: str) -> None:
+@click.pass_context
+def queue_bounce(ctx: click.Context, message_id: str) -> None:
     """Send an RFC 3464 DSN to the message's reverse-path (never to <>)."""
-    _fail(
-        f"not available yet: the release engine (delivery) ships bounces; {message_id} is "
-        "unchanged (use 'mxspool queue discard' to give up on it without a bounce)",
-        1,
+    config = _load_config(ctx)
+    result = _run(ctx, lambda store: ops.queue_bounce(store, config, message_id))
+    click.echo(
+        f"DSN for {message_id} sent to <{result.recipient}> ({result.reply}); "
+        f"{_count(result.reported, 'recipient')} reported, the message is now bounced"
     )
 
 
@@ -736,6 +738,17 @@ def audit(ctx: click.Context, limit: int, as_json: bool) -> None:
             _dash(ops.iso_time(entry.at)), entry.actor, entry.action, entry.target, entry.detail
         )
     _console().print(table)
+
+
+def _add_migration_commands() -> None:
+    # The migration toolkit's commands live with the toolkit and use the plumbing above, so
+    # they are imported once everything they need here is defined.
+    from mxspool.migrate.commands import register
+
+    register(cli)
+
+
+_add_migration_commands()
 
 
 def main() -> None:

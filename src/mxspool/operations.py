@@ -18,9 +18,9 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mxspool.config import split_host_port
+from mxspool.config import Config, split_host_port
 from mxspool.store.base import (
     FINAL_STATES,
     QUEUE_STATES,
@@ -39,6 +39,9 @@ from mxspool.store.base import (
     TlsMode,
 )
 from mxspool.units import parse_rate
+
+if TYPE_CHECKING:
+    from mxspool.delivery.bounce import BounceResult
 
 PROFILES = ("exchange-online",)
 """Per-domain tuning profiles that ``domain add/route --profile`` accept."""
@@ -476,6 +479,23 @@ async def queue_discard(store: Store, message_id: str, *, actor: str = "cli") ->
     count = await store.discard(queue_id)
     await store.record_audit(actor, "queue.discard", queue_id, f"recipients={count}")
     return count
+
+
+async def queue_bounce(
+    store: Store, config: Config, message_id: str, *, actor: str = "cli"
+) -> BounceResult:
+    """Send an RFC 3464 DSN to the reverse-path (never to <>), then mark the message bounced."""
+    from mxspool.delivery.bounce import BounceError, bounce_message
+
+    queue_id = _check_message_id(message_id)
+    try:
+        result = await bounce_message(config, store, queue_id)
+    except BounceError as exc:
+        raise OperationError(str(exc), exit_code=1) from None
+    await store.record_audit(
+        actor, "queue.bounce", queue_id, f"dsn_to=<{result.recipient}> reply={result.reply}"
+    )
+    return result
 
 
 async def queue_retry(

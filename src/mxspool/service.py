@@ -22,7 +22,15 @@ log = logging.getLogger("mxspool")
 Component = Callable[[Config, Store, DomainTable], Awaitable[None]]
 """Something else that runs beside the intake until cancelled (delivery, admin plane)."""
 
-extra_components: list[Component] = []
+
+def _default_components() -> list[Component]:
+    from mxspool.admin import admin_component
+    from mxspool.delivery.scheduler import delivery_component
+
+    return [delivery_component, admin_component]
+
+
+extra_components: list[Component] = _default_components()
 
 
 def _spill_dir(config: Config) -> str | None:
@@ -132,6 +140,13 @@ def serve(config: Config) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from mxspool.admin import AdminConfigError, check_config
+
+    try:
+        check_config(config)
+    except AdminConfigError as exc:
+        log.error("%s", exc)
+        return 2
     flavour = _install_uvloop()
     log.info("event loop: %s; configuration: %s", flavour, config.source)
     try:

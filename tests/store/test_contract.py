@@ -727,3 +727,61 @@ async def test_slots_limit_concurrency(store: Store) -> None:
     assert not await pacing.acquire_slot("exp.test", "alive", 1, 30.0)
     await asyncio.sleep(0.3)
     assert await pacing.acquire_slot("exp.test", "alive", 1, 30.0)
+
+
+# -- migration toolkit: recipient lists and tags ---------------------------------------------
+
+
+async def test_recipient_lists_add_replace_clear_and_bump_generation(store: Store) -> None:
+    await store.add_domain(Domain(RELAY, DomainMode.RELAY, (Route("127.0.0.1", 2526),)))
+    await store.add_domain(Domain(HELD, DomainMode.HOLD, (Route("127.0.0.1", 2526),)))
+    assert await store.recipient_list(RELAY) == []
+    assert await store.recipient_lists() == {}
+    before = await store.domains_generation()
+    count = await store.add_recipients(RELAY, [f"Alice@{RELAY}", f"bob@{RELAY}"])
+    assert count == 2
+    assert await store.domains_generation() != before
+    assert await store.recipient_list(RELAY) == [f"alice@{RELAY}", f"bob@{RELAY}"]
+    # Adding merges (duplicates, in any case, count once); replace starts over.
+    assert await store.add_recipients(RELAY, [f"ALICE@{RELAY}", f"carol@{RELAY}"]) == 3
+    await store.add_recipients(HELD, [f"dave@{HELD}"])
+    assert await store.recipient_lists() == {
+        RELAY: frozenset({f"alice@{RELAY}", f"bob@{RELAY}", f"carol@{RELAY}"}),
+        HELD: frozenset({f"dave@{HELD}"}),
+    }
+    assert await store.add_recipients(RELAY, [f"erin@{RELAY}"], replace=True) == 1
+    assert await store.recipient_list(RELAY) == [f"erin@{RELAY}"]
+    generation = await store.domains_generation()
+    assert await store.clear_recipients(RELAY) == 1
+    assert await store.domains_generation() != generation
+    assert await store.recipient_list(RELAY) == []
+    assert set(await store.recipient_lists()) == {HELD}
+
+
+async def test_recipient_list_of_unknown_domain_and_removed_domain(store: Store) -> None:
+    with pytest.raises(NotFound):
+        await store.add_recipients("nowhere.test", ["a@nowhere.test"])
+    await store.add_domain(Domain(RELAY, DomainMode.RELAY, (Route("127.0.0.1", 2526),)))
+    await store.add_recipients(RELAY, [f"a@{RELAY}"])
+    await store.remove_domain(RELAY)
+    # The list goes with its domain: re-adding the domain does not resurrect it.
+    await store.add_domain(Domain(RELAY, DomainMode.RELAY, (Route("127.0.0.1", 2526),)))
+    assert await store.recipient_list(RELAY) == []
+
+
+async def test_add_tag_and_list_queue_by_tag(store: Store) -> None:
+    await store.add_domain(Domain(RELAY, DomainMode.RELAY, (Route("127.0.0.1", 2526),)))
+    plain = await put(store, [f"a@{RELAY}"])
+    probe = await put(store, [f"b@{RELAY}"])
+    await store.add_tag(probe, "probe")
+    await store.add_tag(probe, "probe")  # idempotent
+    await store.add_tag(probe, "probed-again")
+    message = await store.get_message(probe)
+    assert message is not None and message.tags == ("probe", "probed-again")
+    tagged = await store.list_queue(tag="probe")
+    assert [entry.message_id for entry in tagged] == [probe]
+    assert {entry.message_id for entry in await store.list_queue()} == {plain, probe}
+    # A tag is matched whole: "probe" does not match "probed-again" alone, nor "rob".
+    assert await store.list_queue(tag="rob") == []
+    with pytest.raises(NotFound):
+        await store.add_tag("no-such-id", "probe")

@@ -2,7 +2,9 @@
 
 RCPT decisions must not wait on the database, so the listener reads an in-memory table that
 a background task reloads whenever the store's domain generation changes (polled twice a
-second, so a change made by the CLI is seen well within one second).
+second, so a change made by the CLI is seen well within one second). Recipient lists
+(``mxspool recipients import``) ride on the same generation and are kept as one set per domain,
+so the RCPT check is a set lookup.
 """
 
 from __future__ import annotations
@@ -20,14 +22,22 @@ POLL_INTERVAL = 0.5
 class DomainTable:
     def __init__(self) -> None:
         self.domains: dict[str, Domain] = {}
+        self.recipients: dict[str, frozenset[str]] = {}
+        """Lowercased addresses per domain that has a recipient list; absent: no list."""
         self.generation = -1
         self.changed = asyncio.Event()
 
     def __contains__(self, name: object) -> bool:
         return name in self.domains
 
-    def replace(self, domains: list[Domain], generation: int) -> None:
+    def replace(
+        self,
+        domains: list[Domain],
+        generation: int,
+        recipients: dict[str, frozenset[str]] | None = None,
+    ) -> None:
         self.domains = {domain.name: domain for domain in domains}
+        self.recipients = dict(recipients or {})
         self.generation = generation
         self.changed.set()
 
@@ -36,7 +46,7 @@ class DomainTable:
         generation = await store.domains_generation()
         if generation == self.generation:
             return False
-        self.replace(await store.list_domains(), generation)
+        self.replace(await store.list_domains(), generation, await store.recipient_lists())
         return True
 
     async def follow(self, store: Store, interval: float = POLL_INTERVAL) -> None:

@@ -28,15 +28,17 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import cast
 
+from mxspool import metrics
 from mxspool.body import BodyBuffer
 from mxspool.config import SmtpConfig
 from mxspool.ids import new_queue_id
 from mxspool.intake.domains import DomainTable
-from mxspool.intake.policy import relay_refusal
+from mxspool.intake.policy import relay_refusal, unknown_recipient
 from mxspool.intake.received import protocol_name, received_header
 from mxspool.smtp import events
 from mxspool.smtp.replies import (
     INSUFFICIENT_STORAGE,
+    RECIPIENT_UNKNOWN,
     STORAGE_ERROR,
     TOO_MANY_CONNECTIONS,
     Reply,
@@ -58,6 +60,7 @@ class IntakeStats:
         if self.rejected is None:
             self.rejected = Counter()
         self.rejected[reason] += 1
+        metrics.rejected(reason)
 
 
 class Intake:
@@ -149,6 +152,7 @@ class SmtpSession(asyncio.Protocol):
         intake.connections.add(self)
         intake.per_ip[self.peer] += 1
         intake.stats.sessions += 1
+        metrics.session_opened()
         self.transport.write(self.core.greeting())
         self._arm_idle_timer(config.idle_timeout)
 
@@ -158,6 +162,7 @@ class SmtpSession(asyncio.Protocol):
         self._drop_body()
         if self.counted:
             self.counted = False
+            metrics.session_closed()
             intake = self.intake
             intake.connections.discard(self)
             intake.per_ip[self.peer] -= 1
@@ -226,6 +231,9 @@ class SmtpSession(asyncio.Protocol):
             if refusal is not None:
                 self.intake.stats.reject("relay_denied")
                 core.respond(refusal)
+            elif unknown_recipient(event.path, self.intake.domains.recipients) is not None:
+                self.intake.stats.reject("recipient_unknown")
+                core.respond(RECIPIENT_UNKNOWN)
             else:
                 core.accept()
         elif isinstance(event, events.DataStart):
@@ -309,6 +317,7 @@ class SmtpSession(asyncio.Protocol):
         self._wait(self._store(message))
 
     async def _store(self, message: IncomingMessage) -> None:
+        started = time.perf_counter()
         try:
             await self.intake.store.accept_message(message)
         except StoreError as exc:
@@ -321,6 +330,9 @@ class SmtpSession(asyncio.Protocol):
             self.core.respond(STORAGE_ERROR)
         else:
             self.intake.stats.accepted += 1
+            metrics.message_accepted(
+                (r.address for r in message.envelope.recipients), time.perf_counter() - started
+            )
             self.core.respond(queued(message.id))
         finally:
             message.body.close()

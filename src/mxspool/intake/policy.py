@@ -4,14 +4,19 @@ mxspool is never an open relay. A recipient is accepted only when its domain is 
 compared exactly and case-insensitively, and only in the plain ``local@domain`` form: every
 address form that some MTA somewhere interprets as "relay onward" is refused outright, because
 the next hop might honour it even though we do not.
+
+A domain with a recipient list (``mxspool recipients import``) also refuses, at RCPT, every
+address not on it with ``550 5.1.1``: refusing in the session costs nothing, while accepting and
+bouncing later would send backscatter to forged senders. The comparison is case-insensitive on
+the whole address, local part included, as Exchange Online treats addresses.
 """
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Container, Mapping
 from typing import Protocol
 
-from mxspool.smtp.replies import RELAY_DENIED, Reply
+from mxspool.smtp.replies import RECIPIENT_UNKNOWN, RELAY_DENIED, Reply
 
 
 class RecipientPath(Protocol):
@@ -48,3 +53,17 @@ def relay_refusal(path: RecipientPath, domains: Container[str]) -> Reply | None:
     if path.domain.lower() not in domains:
         return RELAY_DENIED
     return None
+
+
+def unknown_recipient(path: RecipientPath, lists: Mapping[str, frozenset[str]]) -> Reply | None:
+    """``550 5.1.1`` when the recipient's domain has a list without it; call after relay_refusal."""
+    if path.domain is None:
+        return None
+    domain = path.domain.lower()
+    allowed = lists.get(domain)
+    if allowed is None:
+        return None
+    local = path.local_part[1:-1] if path.quoted_local else path.local_part
+    if f"{local.lower()}@{domain}" in allowed:
+        return None
+    return RECIPIENT_UNKNOWN

@@ -297,8 +297,12 @@ class Store(Protocol):
         limit: int = 100,
         after: int | None = None,
         search: str | None = None,
+        tag: str | None = None,
     ) -> list[QueueEntry]:
-        """Recipient rows, oldest first, after the recipient id ``after`` (a cursor)."""
+        """Recipient rows, oldest first, after the recipient id ``after`` (a cursor).
+
+        ``tag`` keeps only messages carrying that tag (e.g. "probe").
+        """
 
     async def get_message(self, message_id: str) -> StoredMessage | None: ...
 
@@ -326,6 +330,29 @@ class Store(Protocol):
 
     async def list_audit(self, limit: int = 100) -> list[AuditEntry]: ...
 
+    # -- migration toolkit ----------------------------------------------------------------
+    async def add_recipients(
+        self, domain: str, addresses: Sequence[str], replace: bool = False
+    ) -> int:
+        """Add lowercased addresses to the domain's recipient list (or, with ``replace``,
+        make them the whole list); the number of addresses on the list afterwards.
+
+        Bumps the domain generation, so the intake sees the change within a second.
+        Raises NotFound when the domain does not exist.
+        """
+
+    async def recipient_list(self, domain: str) -> list[str]:
+        """The domain's recipient list, sorted (empty: no list, every address accepted)."""
+
+    async def clear_recipients(self, domain: str) -> int:
+        """Remove the domain's recipient list; how many addresses it had."""
+
+    async def recipient_lists(self) -> dict[str, frozenset[str]]:
+        """Every domain that has a list, with its addresses (the intake's RCPT check)."""
+
+    async def add_tag(self, message_id: str, tag: str) -> None:
+        """Add ``tag`` to a stored message (no-op when present); raises NotFound."""
+
     # -- delivery -----------------------------------------------------------------------
     async def claim_due(
         self, owner: str, now: float, lease_seconds: float, limit: int, domain: str
@@ -338,6 +365,9 @@ class Store(Protocol):
 
     async def due_domains(self, now: float) -> list[str]:
         """Domains that have at least one recipient claim_due would return now."""
+
+    async def release_claims(self, owner: str, recipient_ids: Sequence[int]) -> None:
+        """Give unattempted claims back: pending and due now; attempts and last reply kept."""
 
     async def renew_leases(
         self, owner: str, recipient_ids: Sequence[int], until: float

@@ -449,9 +449,14 @@ class PostgresStore:
         limit: int = 100,
         after: int | None = None,
         search: str | None = None,
+        tag: str | None = None,
     ) -> list[QueueEntry]:
         where = ["r.id > %s"]
         values: list[Any] = [after or 0]
+        if tag:
+            # Tags are stored comma-separated; the commas around both sides match whole tags.
+            where.append("position(%s in ',' || m.tags || ',') > 0")
+            values.append(f",{tag},")
         if domain:
             where.append("r.domain = %s")
             values.append(domain.lower())
@@ -737,6 +742,71 @@ class PostgresStore:
         )
         return [AuditEntry(*row) for row in rows]
 
+    # -- migration toolkit ----------------------------------------------------------------
+    async def add_recipients(
+        self, domain: str, addresses: Sequence[str], replace: bool = False
+    ) -> int:
+        name = domain.lower()
+        lowered = sorted({address.lower() for address in addresses})
+        async with self._connection() as conn, conn.transaction():
+            found = await (
+                await conn.execute("SELECT 1 FROM domains WHERE name = %s FOR UPDATE", (name,))
+            ).fetchone()
+            if found is None:
+                raise NotFound(_NO_DOMAIN.format(domain))
+            if replace:
+                await conn.execute("DELETE FROM recipient_lists WHERE domain = %s", (name,))
+            await conn.execute(
+                "INSERT INTO recipient_lists (domain, address) "
+                "SELECT %s, unnest(%s::text[]) ON CONFLICT (domain, address) DO NOTHING",
+                (name, lowered),
+            )
+            await _domains_changed(conn, None, None)
+            row = await (
+                await conn.execute(
+                    "SELECT count(*) FROM recipient_lists WHERE domain = %s", (name,)
+                )
+            ).fetchone()
+            return int(row[0]) if row else 0
+
+    async def recipient_list(self, domain: str) -> list[str]:
+        rows = await self._fetchall(
+            "SELECT address FROM recipient_lists WHERE domain = %s ORDER BY address",
+            (domain.lower(),),
+        )
+        return [row[0] for row in rows]
+
+    async def clear_recipients(self, domain: str) -> int:
+        async with self._connection() as conn, conn.transaction():
+            cursor = await conn.execute(
+                "DELETE FROM recipient_lists WHERE domain = %s", (domain.lower(),)
+            )
+            await _domains_changed(conn, None, None)
+            return cursor.rowcount
+
+    async def recipient_lists(self) -> dict[str, frozenset[str]]:
+        rows = await self._fetchall("SELECT domain, address FROM recipient_lists")
+        found: dict[str, set[str]] = {}
+        for domain, address in rows:
+            found.setdefault(domain, set()).add(address)
+        return {domain: frozenset(items) for domain, items in found.items()}
+
+    async def add_tag(self, message_id: str, tag: str) -> None:
+        async with self._connection() as conn, conn.transaction():
+            row = await (
+                await conn.execute(
+                    "SELECT tags FROM messages WHERE id = %s FOR UPDATE", (message_id,)
+                )
+            ).fetchone()
+            if row is None:
+                raise NotFound(_NOT_FOUND_MESSAGE.format(message_id))
+            tags = [item for item in row[0].split(",") if item]
+            if tag not in tags:
+                tags.append(tag)
+                await conn.execute(
+                    "UPDATE messages SET tags = %s WHERE id = %s", (",".join(tags), message_id)
+                )
+
     # -- delivery -----------------------------------------------------------------------
     async def due_domains(self, now: float) -> list[str]:
         # Per domain, three probes of one partial index each, stopping at the first row
@@ -796,6 +866,13 @@ class PostgresStore:
                 )
             else:
                 pending = "r.released"
+                # A dead worker's claims in a domain put back on hold are held again, not sent.
+                await conn.execute(
+                    "UPDATE recipients SET state = 'pending', lease_owner = NULL, "
+                    "lease_until = NULL, updated_at = %s WHERE domain = %s AND state = "
+                    "'delivering' AND lease_until < %s AND NOT released",
+                    (now, name, now),
+                )
             cursor = await conn.execute(
                 "WITH picked AS ("
                 " SELECT r.id FROM recipients r WHERE r.domain = %(domain)s"
@@ -843,6 +920,18 @@ class PostgresStore:
                     recipients=(*existing.recipients, recipient),
                 )
         return list(jobs.values())
+
+    async def release_claims(self, owner: str, recipient_ids: Sequence[int]) -> None:
+        ids = list(recipient_ids)
+        if not ids:
+            return
+        async with self._connection() as conn:
+            await conn.execute(
+                "UPDATE recipients SET state = 'pending', next_attempt_at = 0, "
+                "lease_owner = NULL, lease_until = NULL WHERE lease_owner = %s "
+                "AND state = 'delivering' AND id = ANY(%s::bigint[])",
+                (owner, ids),
+            )
 
     async def renew_leases(self, owner: str, recipient_ids: Sequence[int], until: float) -> None:
         ids = list(recipient_ids)

@@ -212,6 +212,8 @@ class SqliteStore:
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job in batch:
+                if not job.future.set_running_or_notify_cancel():
+                    continue  # cancelled before it ran: a commit nobody waits for is skipped
                 conn.execute("SAVEPOINT job")
                 try:
                     value = job.work(conn)
@@ -238,6 +240,8 @@ class SqliteStore:
                     job.future.set_exception(error)
             return False
         for job, value, outcome in results:
+            if job.future.done():  # the caller gave up (cancelled) while we worked
+                continue
             if outcome is not None:
                 job.future.set_exception(outcome)
             else:
@@ -412,9 +416,14 @@ class SqliteStore:
         limit: int = 100,
         after: int | None = None,
         search: str | None = None,
+        tag: str | None = None,
     ) -> list[QueueEntry]:
         where = ["r.id > ?"]
         values: list[Any] = [after or 0]
+        if tag:
+            # Tags are stored comma-separated; the commas around both sides match whole tags.
+            where.append("(',' || m.tags || ',') LIKE ?")
+            values.append(f"%,{tag},%")
         if domain:
             where.append("r.domain = ?")
             values.append(domain.lower())
@@ -705,16 +714,87 @@ class SqliteStore:
 
         return await self._read(work)
 
-    # -- delivery -----------------------------------------------------------------------
-    async def due_domains(self, now: float) -> list[str]:
+    # -- migration toolkit ----------------------------------------------------------------
+    async def add_recipients(
+        self, domain: str, addresses: Sequence[str], replace: bool = False
+    ) -> int:
+        name = domain.lower()
+        rows = [(name, address.lower()) for address in addresses]
+
+        def work(conn: sqlite3.Connection) -> int:
+            if conn.execute("SELECT 1 FROM domains WHERE name = ?", (name,)).fetchone() is None:
+                raise NotFound(f"no domain {domain}; 'mxspool domain list' shows the domains")
+            if replace:
+                conn.execute("DELETE FROM recipient_lists WHERE domain = ?", (name,))
+            conn.executemany(
+                "INSERT INTO recipient_lists (domain, address) VALUES (?, ?) "
+                "ON CONFLICT (domain, address) DO NOTHING",
+                rows,
+            )
+            _bump_generation(conn)
+            count = conn.execute(
+                "SELECT count(*) FROM recipient_lists WHERE domain = ?", (name,)
+            ).fetchone()[0]
+            return int(count)
+
+        return await self._write(work)
+
+    async def recipient_list(self, domain: str) -> list[str]:
         def work(conn: sqlite3.Connection) -> list[str]:
             rows = conn.execute(
-                "SELECT d.name FROM domains d WHERE EXISTS ("
-                " SELECT 1 FROM recipients r WHERE r.domain = d.name AND ("
-                "  (r.state = 'pending' AND r.next_attempt_at <= ?"
-                "   AND (d.mode = 'relay' OR r.released = 1))"
-                "  OR (r.state = 'delivering' AND r.lease_until < ?)))",
-                (now, now),
+                "SELECT address FROM recipient_lists WHERE domain = ? ORDER BY address",
+                (domain.lower(),),
+            )
+            return [row[0] for row in rows]
+
+        return await self._read(work)
+
+    async def clear_recipients(self, domain: str) -> int:
+        def work(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute("DELETE FROM recipient_lists WHERE domain = ?", (domain.lower(),))
+            _bump_generation(conn)
+            return cursor.rowcount
+
+        return await self._write(work)
+
+    async def recipient_lists(self) -> dict[str, frozenset[str]]:
+        def work(conn: sqlite3.Connection) -> dict[str, frozenset[str]]:
+            found: dict[str, set[str]] = {}
+            for domain, address in conn.execute("SELECT domain, address FROM recipient_lists"):
+                found.setdefault(domain, set()).add(address)
+            return {domain: frozenset(items) for domain, items in found.items()}
+
+        return await self._read(work)
+
+    async def add_tag(self, message_id: str, tag: str) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            row = conn.execute("SELECT tags FROM messages WHERE id = ?", (message_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no message {message_id}; 'mxspool queue list' shows the queue")
+            tags = [item for item in row[0].split(",") if item]
+            if tag not in tags:
+                tags.append(tag)
+                conn.execute(
+                    "UPDATE messages SET tags = ? WHERE id = ?", (",".join(tags), message_id)
+                )
+
+        await self._write(work)
+
+    # -- delivery -----------------------------------------------------------------------
+    async def due_domains(self, now: float) -> list[str]:
+        # Per domain, index probes that stop at the first row found, so a held backlog or a
+        # deferred one costs nothing here however large it is.
+        def work(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT d.name FROM domains d WHERE"
+                " (d.mode = 'relay' AND EXISTS (SELECT 1 FROM recipients r"
+                "   WHERE r.domain = d.name AND r.state = 'pending' AND r.next_attempt_at <= ?))"
+                " OR EXISTS (SELECT 1 FROM recipients r WHERE r.domain = d.name"
+                "   AND r.released = 1 AND r.state = 'pending' AND r.next_attempt_at <= ?)"
+                " OR EXISTS (SELECT 1 FROM recipients r WHERE r.domain = d.name"
+                "   AND r.state = 'delivering' AND r.lease_until < ?)"
+                " ORDER BY d.name",
+                (now, now, now),
             )
             return [row[0] for row in rows]
 
@@ -723,13 +803,19 @@ class SqliteStore:
     async def next_due_at(self, domain: str) -> float | None:
         def work(conn: sqlite3.Connection) -> float | None:
             row = conn.execute(
-                "SELECT min(CASE WHEN r.state = 'pending' THEN r.next_attempt_at "
-                "ELSE r.lease_until END) FROM recipients r JOIN domains d ON d.name = r.domain "
-                "WHERE r.domain = ? AND r.state IN ('pending', 'delivering') "
-                "AND (d.mode = 'relay' OR r.released = 1 OR r.state = 'delivering')",
+                "SELECT min(coalesce(("
+                "  SELECT min(r.next_attempt_at) FROM recipients r WHERE d.mode = 'relay'"
+                "  AND r.domain = d.name AND r.state = 'pending'), 1e300),"
+                " coalesce((SELECT min(r.next_attempt_at) FROM recipients r"
+                "  WHERE r.domain = d.name AND r.released = 1 AND r.state = 'pending'), 1e300),"
+                " coalesce((SELECT min(r.lease_until) FROM recipients r"
+                "  WHERE r.domain = d.name AND r.state = 'delivering'), 1e300))"
+                " FROM domains d WHERE d.name = ?",
                 (domain.lower(),),
             ).fetchone()
-            return None if row is None or row[0] is None else float(row[0])
+            if row is None or row[0] is None or row[0] >= 1e300:
+                return None
+            return float(row[0])
 
         return await self._read(work)
 
@@ -743,6 +829,14 @@ class SqliteStore:
             if mode_row is None:
                 return []
             canary_only = "" if mode_row[0] == "relay" else "AND r.released = 1"
+            if mode_row[0] != "relay":
+                # A dead worker's claims in a domain put back on hold are held again, not sent.
+                conn.execute(
+                    "UPDATE recipients SET state = 'pending', lease_owner = NULL, "
+                    "lease_until = NULL, updated_at = ? WHERE domain = ? AND state = "
+                    "'delivering' AND lease_until < ? AND released = 0",
+                    (now, domain.lower(), now),
+                )
             ids = [
                 row[0]
                 for row in conn.execute(
@@ -794,6 +888,21 @@ class SqliteStore:
             return list(jobs.values())
 
         return await self._write(work)
+
+    async def release_claims(self, owner: str, recipient_ids: Sequence[int]) -> None:
+        ids = list(recipient_ids)
+        if not ids:
+            return
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE recipients SET state = 'pending', next_attempt_at = 0, lease_owner = NULL,"
+                f" lease_until = NULL WHERE lease_owner = ? AND state = 'delivering' AND id IN "
+                f"({','.join('?' * len(ids))})",
+                (owner, *ids),
+            )
+
+        await self._write(work)
 
     async def renew_leases(self, owner: str, recipient_ids: Sequence[int], until: float) -> None:
         ids = list(recipient_ids)

@@ -1,0 +1,160 @@
+"""Release throughput: N held 10 KiB messages released to Postfix's smtp-sink, mxspool vs Postfix.
+
+Each run fills a fresh holding spool with smtp-source (10 sessions), checks that exactly N are
+held, then releases and times until the last message is delivered (mxspool: every recipient
+row ``delivered``; Postfix: ``postsuper -H ALL; postqueue -f`` until the queue is empty). Both
+deliver to the same smtp-sink. The systems run alternately (A B A B ...); the table gives the
+median rate of each and the ratio mxspool / Postfix.
+
+Must run as root (Postfix). Needs .ci/install-postfix and an installed mxspool.
+
+    python bench/release.py                        # 5,000 messages, 3 runs each
+    python bench/release.py --messages 1000 --runs 1
+    python bench/release.py --concurrency 20       # mxspool [delivery] concurrency
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from common import (
+    DOMAIN,
+    HOST,
+    KIB,
+    BenchError,
+    MxspoolServer,
+    fmt,
+    free_port,
+    machine_summary,
+    markdown_table,
+    median,
+    run_smtp_source,
+    wait_port,
+)
+from postfix_spool import PostfixError, PostfixSpool
+
+SMTP_SINK = "/usr/sbin/smtp-sink"
+
+
+class Sink:
+    """smtp-sink on 127.0.0.1:<port>, as POSTFIX-BASELINE.md runs it."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Sink:
+        self.proc = subprocess.Popen(
+            [SMTP_SINK, "-u", "postfix", f"{HOST}:{self.port}", "1000"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        if not wait_port(self.port, proc=self.proc):
+            raise BenchError(f"smtp-sink did not listen on {HOST}:{self.port}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+def wait_until(check: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(step)
+    return False
+
+
+def _count(db: Path, sql: str) -> int:
+    # Read-only and outside the server: the status CLI would cost a Python start per poll.
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            return int(conn.execute(sql).fetchone()[0])
+    except sqlite3.Error:
+        return -1
+
+
+def run_mxspool(messages: int, sink_port: int, concurrency: int, timeout: float) -> float:
+    extra = f"\n[delivery]\nconcurrency = {concurrency}\n"
+    with MxspoolServer(sink_port=sink_port, hold=True, extra_toml=extra) as server:
+        db = Path(server.store_url.removeprefix("sqlite:///"))
+        source = run_smtp_source(server.port, sessions=10, messages=messages, size=10 * KIB)
+        if not source.ok:
+            raise BenchError(f"smtp-source into mxspool failed: {source.output[-500:]}")
+        held_sql = "SELECT count(*) FROM recipients WHERE state = 'pending'"
+        if not wait_until(lambda: _count(db, held_sql) == messages, 60):
+            raise BenchError(f"mxspool holds {_count(db, held_sql)} messages, expected {messages}")
+        done_sql = "SELECT count(*) FROM recipients WHERE state = 'delivered'"
+        start = time.perf_counter()
+        server.cli("domain", "release", DOMAIN)
+        if not wait_until(lambda: _count(db, done_sql) >= messages, timeout):
+            raise BenchError(f"mxspool delivered {_count(db, done_sql)} of {messages} in time")
+        return messages / (time.perf_counter() - start)
+
+
+def run_postfix(messages: int, sink_port: int, timeout: float) -> float:
+    port = free_port()
+    with PostfixSpool(port=port, sink_port=sink_port) as spool:
+        source = run_smtp_source(port, sessions=10, messages=messages, size=10 * KIB)
+        if not source.ok:
+            raise BenchError(f"smtp-source into Postfix failed: {source.output[-500:]}")
+        if not wait_until(lambda: spool.held_count() == messages, 120, step=0.5):
+            raise BenchError(f"Postfix holds {spool.held_count()} messages, expected {messages}")
+        start = time.perf_counter()
+        spool.release()
+        if not spool.wait_queue_empty(timeout):
+            raise BenchError(f"Postfix still has {spool.total_count()} queued after {timeout}s")
+        return messages / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Release throughput, mxspool vs Postfix")
+    parser.add_argument("--messages", type=int, default=5000)
+    parser.add_argument("--runs", type=int, default=3, help="runs per system")
+    parser.add_argument("--concurrency", type=int, default=10, help="mxspool connections")
+    parser.add_argument("--systems", default="mxspool,postfix", help="comma list")
+    parser.add_argument("--timeout", type=float, default=600.0)
+    args = parser.parse_args(argv)
+    systems = [name.strip() for name in args.systems.split(",") if name.strip()]
+    rates: dict[str, list[float]] = {name: [] for name in systems}
+    errors: list[str] = []
+    print(f"# release of {args.messages:,} held 10 KiB messages to smtp-sink ({machine_summary()})")
+    for run in range(args.runs):
+        for name in systems:
+            sink_port = free_port()
+            try:
+                with Sink(sink_port):
+                    if name == "mxspool":
+                        rate = run_mxspool(args.messages, sink_port, args.concurrency, args.timeout)
+                    else:
+                        rate = run_postfix(args.messages, sink_port, args.timeout)
+            except (BenchError, PostfixError) as exc:
+                errors.append(f"run {run + 1} {name}: {exc}")
+                print(f"run {run + 1} {name}: ERROR {exc}", file=sys.stderr)
+                continue
+            rates[name].append(rate)
+            print(f"run {run + 1} {name}: {rate:,.0f} msgs/s", flush=True)
+    mx, pf = median(rates.get("mxspool", [])), median(rates.get("postfix", []))
+    ratio = f"{mx / pf:.2f}x" if mx and pf else "n/a"
+    print()
+    print(
+        markdown_table(
+            ["job", "mxspool msgs/s", "Postfix msgs/s", "mxspool / Postfix"],
+            [[f"release {args.messages:,} x 10 KiB to smtp-sink", fmt(mx), fmt(pf), ratio]],
+        )
+    )
+    print(f"(median of {args.runs} runs each; runs: {rates})")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Who may use the admin plane: bearer tokens for scripts, a session cookie for the dashboard.
+
+Tokens come from ``[admin] token`` (named "api") and ``[admin] token_file`` (named "token");
+the name is the audit log's actor for actions taken with it. Every presented token is compared
+with every configured one by ``hmac.compare_digest``, so timing says nothing about the token.
+
+The dashboard signs in once with a token and then carries a random session id in an HttpOnly,
+SameSite=Strict cookie. State-changing requests from the dashboard are same-origin ``fetch``
+calls with a JSON body and an ``X-CSRF-Token`` header holding the session's own CSRF token; a
+cross-site page can send neither (JSON and custom headers need a CORS preflight, which this
+server never grants), so the cookie alone never changes anything. Dashboard actions are
+audited as "dashboard".
+
+With no token configured (allowed only on a loopback listener) the API is open, as
+INTERFACE.md says; then the Host header must name a loopback host, so a web page cannot reach
+the open API through DNS rebinding.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from starlette.requests import Request
+
+from mxspool.admin.errors import ApiError, unauthorized
+from mxspool.config import AdminConfig, is_loopback, split_host_port
+
+SESSION_COOKIE = "mxspool_session"
+CSRF_HEADER = "x-csrf-token"
+SESSION_SECONDS = 12 * 3600.0
+MAX_SESSIONS = 1000
+DASHBOARD_ACTOR = "dashboard"
+OPEN_ACTOR = "api"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class AdminConfigError(Exception):
+    """The [admin] section cannot be used safely; the message says what to change."""
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    name: str
+    secret: bytes
+
+
+def load_tokens(admin: AdminConfig) -> tuple[Token, ...]:
+    """The configured tokens; AdminConfigError when token_file is unreadable or empty."""
+    tokens: list[Token] = []
+    if admin.token:
+        tokens.append(Token("api", admin.token.encode()))
+    if admin.token_file:
+        path = Path(admin.token_file)
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise AdminConfigError(
+                f"cannot read [admin] token_file {path}: {exc.strerror or exc}; "
+                "create it with the token on one line, or remove token_file"
+            ) from None
+        if not text:
+            raise AdminConfigError(
+                f"[admin] token_file {path} is empty; put the token on its first line"
+            )
+        tokens.append(Token("token", text.splitlines()[0].strip().encode()))
+    return tuple(tokens)
+
+
+def admin_address(admin: AdminConfig, tokens: tuple[Token, ...]) -> tuple[str, int]:
+    """Host and port to listen on; refuses a non-loopback listener without a token."""
+    try:
+        host, port = split_host_port(admin.listen)
+    except ValueError as exc:
+        raise AdminConfigError(f"[admin] listen: {exc}") from None
+    if not is_loopback(host) and not tokens:
+        raise AdminConfigError(
+            f"the admin API would listen on {admin.listen} without a token, so anyone who can "
+            "reach it could release or discard mail; set [admin] token (or token_file), or "
+            'listen on a loopback address such as "127.0.0.1:8025"'
+        )
+    return host, port
+
+
+@dataclass(slots=True)
+class Session:
+    id: str
+    csrf: str
+    token_name: str
+    expires: float
+
+
+class Sessions:
+    """Dashboard sessions, in memory: a node restart signs everybody out, which is fine."""
+
+    def __init__(self, lifetime: float = SESSION_SECONDS, limit: int = MAX_SESSIONS) -> None:
+        self._lifetime = lifetime
+        self._limit = limit
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+
+    def create(self, token_name: str) -> Session:
+        while len(self._sessions) >= self._limit:
+            self._sessions.popitem(last=False)
+        session = Session(
+            id=secrets.token_urlsafe(32),
+            csrf=secrets.token_urlsafe(32),
+            token_name=token_name,
+            expires=time.time() + self._lifetime,
+        )
+        self._sessions[session.id] = session
+        return session
+
+    def get(self, session_id: str | None) -> Session | None:
+        if not session_id:
+            return None
+        session = self._sessions.get(session_id)
+        if session is None:
+            return None
+        if session.expires < time.time():
+            del self._sessions[session_id]
+            return None
+        return session
+
+    def drop(self, session_id: str) -> None:
+        self._sessions.pop(session_id, None)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is asking: ``actor`` goes to the audit log."""
+
+    actor: str
+    session: Session | None = None
+
+
+class Auth:
+    def __init__(self, tokens: tuple[Token, ...], loopback: bool) -> None:
+        self.tokens = tokens
+        self.loopback = loopback
+        self.sessions = Sessions()
+
+    @property
+    def open(self) -> bool:
+        """No token configured: the API needs none (only ever on a loopback listener)."""
+        return not self.tokens
+
+    def match(self, presented: str) -> str | None:
+        """The name of the token ``presented`` is, compared in constant time with each one."""
+        candidate = presented.encode()
+        name: str | None = None
+        for token in self.tokens:
+            if hmac.compare_digest(token.secret, candidate):
+                name = token.name
+        return name
+
+    def check_host(self, request: Request) -> None:
+        """Without a token, only loopback host names may be used (no DNS rebinding)."""
+        if not self.open:
+            return
+        host = request.headers.get("host", "")
+        try:
+            name, _port = split_host_port(host, default_port=80)
+        except ValueError:
+            name = ""
+        if not is_loopback(name):
+            raise ApiError(
+                400,
+                "bad_host",
+                f"Host {host!r} is not a loopback name; this admin listener has no token, so "
+                "it answers only to localhost or 127.0.0.1. Configure [admin] token to use "
+                "another name",
+            )
+
+    def session_of(self, request: Request) -> Session | None:
+        return self.sessions.get(request.cookies.get(SESSION_COOKIE))
+
+    def api_principal(self, request: Request) -> Principal:
+        """Authenticate an /api/v1 request (bearer token, or dashboard session + CSRF)."""
+        header = request.headers.get("authorization")
+        if header is not None and not self.open:
+            scheme, _, value = header.partition(" ")
+            if scheme.lower() != "bearer" or not value.strip():
+                raise unauthorized("use 'Authorization: Bearer <token>'")
+            name = self.match(value.strip())
+            if name is None:
+                raise unauthorized("the bearer token is not valid")
+            return Principal(name)
+        session = self.session_of(request)
+        if session is not None:
+            if request.method not in SAFE_METHODS:
+                presented = request.headers.get(CSRF_HEADER, "")
+                if not hmac.compare_digest(session.csrf.encode(), presented.encode()):
+                    raise ApiError(
+                        403,
+                        "csrf",
+                        "missing or wrong X-CSRF-Token; reload the dashboard page and try again",
+                    )
+            return Principal(DASHBOARD_ACTOR, session)
+        if self.open:
+            return Principal(OPEN_ACTOR)
+        raise unauthorized()

@@ -1,0 +1,140 @@
+"""The migration checklist of one domain: DESIGN.md's operator story, with what is done so far.
+
+Each step is judged from what mxspool knows: the domain's state and counts, and the audit log
+(actions on the domain, oldest first). Steps that happen outside mxspool (planning, DNS
+changes) are shown as "not tracked" rather than guessed, with the command that helps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mxspool.store.base import AuditEntry, Domain, DomainMode, DomainStatus
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    key: str
+    title: str
+    done: bool | None
+    """True done, False not yet, None not tracked by mxspool."""
+    detail: str
+    command: str
+
+
+def _first(entries: Sequence[AuditEntry], action: str, *, after: float = 0.0) -> AuditEntry | None:
+    for entry in entries:
+        if entry.action == action and entry.at >= after:
+            return entry
+    return None
+
+
+def _by(entry: AuditEntry | None) -> str:
+    return "" if entry is None else f"by {entry.actor}"
+
+
+def checklist(domain: Domain, status: DomainStatus, audit: Sequence[AuditEntry]) -> list[Step]:
+    """The steps for ``domain``; ``audit`` may hold any entries (others' are ignored)."""
+    name = domain.name
+    mine = sorted((entry for entry in audit if entry.target == name), key=lambda e: e.at)
+    total = (
+        status.held
+        + status.pending
+        + status.delivering
+        + status.delivered
+        + status.parked
+        + status.bounced
+        + status.discarded
+    )
+    open_count = status.held + status.pending + status.delivering + status.parked
+
+    added = _first(mine, "domain.add")
+    checks = [entry for entry in mine if entry.action.startswith(("check.", "probe"))]
+    hold = _first(mine, "domain.hold")
+    if hold is None and added is not None and "mode=hold" in added.detail:
+        hold = added
+    hold_at = hold.at if hold is not None else None
+    held_now = domain.mode is DomainMode.HOLD
+    after_hold = hold_at if hold_at is not None else float("inf")
+    rerouted = _first(mine, "domain.route", after=after_hold)
+    releases = [e for e in mine if e.action == "domain.release" and e.at >= after_hold]
+    canary = next((e for e in releases if "only=" in e.detail), None)
+    full = next((e for e in releases if "only=" not in e.detail and "was=hold" in e.detail), None)
+    released = full is not None or (not held_now and domain.released_at is not None)
+
+    return [
+        Step(
+            "plan",
+            "Plan: lower the MX TTL, prepare connectors and the runbook",
+            None,
+            "planning happens outside mxspool",
+            f"mxspool runbook {name} --spooler-host HOST --spooler-ip IP",
+        ),
+        Step(
+            "configure",
+            "Configure the domain with today's route",
+            True,
+            f"added {_by(added)}; routes {', '.join(str(r) for r in domain.routes) or '-'}"
+            + (" (MX)" if domain.use_mx else ""),
+            f"mxspool domain add {name} --route HOST[:PORT]",
+        ),
+        Step(
+            "check",
+            "Check: preflight (MX, TTL, MTA-STS, route with TLS) and an end-to-end probe",
+            True if checks else None,
+            f"{len(checks)} check(s) recorded" if checks else "checks are not recorded here",
+            f"mxspool check dns {name}; mxspool check route {name}; mxspool probe {name}",
+        ),
+        Step(
+            "cutover",
+            "Cut over MX to the spooler in relay mode",
+            total > 0,
+            f"{total} recipient(s) received through mxspool so far"
+            if total
+            else "no mail received for the domain yet",
+            "point the domain's MX record at the spooler",
+        ),
+        Step(
+            "hold",
+            "Hold: the domain is detached from the source tenant; mail accumulates",
+            hold is not None or held_now,
+            (f"held {_by(hold)}" if hold is not None else "in hold")
+            + (f"; {status.held} recipient(s) held now" if held_now else ""),
+            f"mxspool domain hold {name}",
+        ),
+        Step(
+            "reroute",
+            "Re-route to the target tenant and check readiness",
+            rerouted is not None or released,
+            f"routes now {', '.join(str(r) for r in domain.routes) or 'MX'} {_by(rerouted)}",
+            f"mxspool domain route {name} --route TARGET; mxspool check recipients {name}",
+        ),
+        Step(
+            "canary",
+            "Canary: release one recipient and check the target's mailbox",
+            True if canary is not None else (None if released else False),
+            canary.detail if canary is not None else "no canary release recorded",
+            f"mxspool domain release {name} --only user@{name}",
+        ),
+        Step(
+            "release",
+            "Release the backlog, paced to what the target accepts",
+            released,
+            (
+                f"released {_by(full)}; {status.pending + status.delivering} still to deliver"
+                if released
+                else f"{status.held} recipient(s) waiting"
+            ),
+            f"mxspool domain release {name} --rate 600/min",
+        ),
+        Step(
+            "finish",
+            "Point MX at the target; keep relaying until old TTLs expire; reconcile",
+            released and open_count == 0,
+            "everything is delivered or otherwise final"
+            if released and open_count == 0
+            else f"{open_count} recipient(s) not final yet",
+            f"mxspool report --domain {name} --check",
+        ),
+    ]

@@ -1,0 +1,116 @@
+"""The delivery component: find domains with due mail and keep one drain running for each.
+
+The store is the only source of truth, so CLI changes made by another process (release, retry,
+route) are seen by polling: ``due_domains`` at least every ``POLL_INTERVAL`` seconds, which
+keeps "new mail in relay mode leaves within one second of its 250". ``wake()`` lets code in
+the same process skip the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import time
+
+from mxspool.config import Config
+from mxspool.delivery.dnscache import DnsCache
+from mxspool.delivery.engine import Drain, DrainSettings
+from mxspool.delivery.outcomes import RetryPolicy
+from mxspool.delivery.routing import Router
+from mxspool.delivery.transport import AiosmtplibConnector, Connector
+from mxspool.store.base import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL = 0.25
+
+
+def new_owner_id() -> str:
+    """Names this process in lease columns; random so a restarted process is a new owner."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+class Scheduler:
+    def __init__(
+        self,
+        store: Store,
+        router: Router,
+        connector: Connector,
+        settings: DrainSettings,
+        poll_interval: float = POLL_INTERVAL,
+    ) -> None:
+        self._store = store
+        self._router = router
+        self._connector = connector
+        self._settings = settings
+        self._poll_interval = poll_interval
+        self._wakeup = asyncio.Event()
+        self._drains: dict[str, asyncio.Task[None]] = {}
+
+    @classmethod
+    def from_config(cls, config: Config, store: Store) -> Scheduler:
+        delivery = config.delivery
+        settings = DrainSettings(
+            owner=new_owner_id(),
+            concurrency=delivery.concurrency,
+            default_rate=delivery.rate,
+            policy=RetryPolicy(tuple(delivery.retry_schedule), delivery.max_age),
+        )
+        connector = AiosmtplibConnector(
+            local_hostname=config.smtp.hostname,
+            connect_timeout=delivery.connect_timeout,
+            ca_file=delivery.ca_file,
+        )
+        return cls(store, Router(DnsCache(delivery.resolver)), connector, settings)
+
+    def wake(self) -> None:
+        """Look for due mail now instead of at the next poll."""
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        """Until cancelled; cancelling stops the drains (their unattempted claims go back)."""
+        try:
+            while True:
+                await self.poll_once()
+                # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancellation
+                # that coincides with its timeout, and the engine would never stop.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._poll_interval):
+                        await self._wakeup.wait()
+                self._wakeup.clear()
+        finally:
+            drains = list(self._drains.values())
+            for task in drains:
+                task.cancel()
+            await asyncio.gather(*drains, return_exceptions=True)
+
+    async def poll_once(self) -> None:
+        try:
+            due = await self._store.due_domains(time.time())
+        except StoreError as exc:
+            log.warning("delivery: cannot read the queue: %s", exc)
+            return
+        for name in due:
+            task = self._drains.get(name)
+            if task is None or task.done():
+                self._drains[name] = asyncio.create_task(self._drain(name), name=f"drain-{name}")
+
+    async def _drain(self, name: str) -> None:
+        try:
+            await Drain(name, self._store, self._router, self._connector, self._settings).run()
+        except StoreError as exc:
+            log.warning("delivery to %s paused: %s", name, exc)
+        except Exception:
+            log.exception("delivery to %s failed", name)
+        finally:
+            # Finished: there may be more due right away (new mail arrived meanwhile).
+            self._wakeup.set()
+
+
+async def delivery_component(config: Config, store: Store, domains: object = None) -> None:
+    """``service.extra_components`` entry: run the delivery engine until cancelled."""
+    await Scheduler.from_config(config, store).run()

@@ -1,0 +1,171 @@
+"""Prometheus metrics of one node: what the intake and the delivery engine count, and what the
+store says at scrape time.
+
+The intake and the delivery engine call the small functions below (never prometheus-client
+directly), so the metric names and labels live in this one module. Counters are per process:
+a node that restarts starts again from zero, which Prometheus's ``rate()`` handles. Queue sizes
+(held, pending, oldest pending age...) are not counted here at all: they are read from the
+store when /metrics is scraped (``StoreStatusCollector``), so they are right even with several
+nodes on one PostgreSQL store and across restarts.
+
+Everything is registered in ``REGISTRY``, not the global default registry, so importing this
+module in tests or in a CLI command has no side effects on other registries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from mxspool.store.base import DomainMode, DomainStatus, RecipientOutcome, RecipientState
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+ACCEPTED = Counter(
+    "mxspool_messages_accepted",
+    "Messages durably stored and acknowledged with 250, per recipient domain "
+    "(a message for two domains counts once in each).",
+    ["domain"],
+    registry=REGISTRY,
+)
+REJECTED = Counter(
+    "mxspool_smtp_rejected",
+    "SMTP connections, recipients and messages refused, by reason.",
+    ["reason"],
+    registry=REGISTRY,
+)
+DELIVERED = Counter(
+    "mxspool_recipients_delivered",
+    "Recipients the next hop accepted with 250.",
+    ["domain"],
+    registry=REGISTRY,
+)
+DEFERRED = Counter(
+    "mxspool_recipients_deferred",
+    "Delivery attempts that ended in a temporary failure (retried later).",
+    ["domain"],
+    registry=REGISTRY,
+)
+PARKED = Counter(
+    "mxspool_recipients_parked",
+    "Recipients parked for an operator (permanent failure or too old).",
+    ["domain"],
+    registry=REGISTRY,
+)
+SMTP_SESSIONS = Gauge(
+    "mxspool_smtp_sessions",
+    "SMTP sessions open now.",
+    registry=REGISTRY,
+)
+COMMIT_SECONDS = Histogram(
+    "mxspool_commit_seconds",
+    "Time from end of DATA to the durable commit of a message (the wait before 250).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    registry=REGISTRY,
+)
+DELIVERY_SECONDS = Histogram(
+    "mxspool_delivery_seconds",
+    "Time of one delivery transaction (MAIL FROM to the final reply to DATA) to the next hop.",
+    ["domain"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
+    registry=REGISTRY,
+)
+
+
+def _domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+# -- what the intake calls -------------------------------------------------------------------
+
+
+def message_accepted(recipients: Iterable[str], commit_seconds: float) -> None:
+    """A message was committed and acknowledged: count it once per recipient domain."""
+    for domain in sorted({_domain_of(address) for address in recipients}):
+        ACCEPTED.labels(domain=domain).inc()
+    COMMIT_SECONDS.observe(commit_seconds)
+
+
+def rejected(reason: str) -> None:
+    REJECTED.labels(reason=reason).inc()
+
+
+def session_opened() -> None:
+    SMTP_SESSIONS.inc()
+
+
+def session_closed() -> None:
+    SMTP_SESSIONS.dec()
+
+
+# -- what the delivery engine calls ----------------------------------------------------------
+
+
+def delivery_outcomes(domain: str, outcomes: Iterable[RecipientOutcome]) -> None:
+    """Count the recorded results of one message's delivery attempt."""
+    for outcome in outcomes:
+        if outcome.state is RecipientState.DELIVERED:
+            DELIVERED.labels(domain=domain).inc()
+        elif outcome.state is RecipientState.PARKED:
+            PARKED.labels(domain=domain).inc()
+        elif outcome.state is RecipientState.PENDING and outcome.count_attempt:
+            DEFERRED.labels(domain=domain).inc()
+
+
+def delivery_latency(domain: str, seconds: float) -> None:
+    DELIVERY_SECONDS.labels(domain=domain).observe(seconds)
+
+
+# -- what the store says at scrape time ------------------------------------------------------
+
+_STATUS_GAUGES = (
+    ("held", "mxspool_domain_held", "Recipients kept because their domain is in hold."),
+    ("pending", "mxspool_domain_pending", "Recipients waiting for delivery (not held)."),
+    ("delivering", "mxspool_domain_delivering", "Recipients being delivered now."),
+    ("parked", "mxspool_domain_parked", "Recipients parked, waiting for an operator."),
+    ("delivered", "mxspool_domain_delivered", "Recipients delivered so far, as the store says."),
+)
+
+
+class StoreStatusCollector(Collector):
+    """Per-domain gauges from the latest ``store.status``; /metrics refreshes it per scrape.
+
+    ``collect`` must be synchronous and the store is not, so the scrape handler awaits the
+    store first and hands the result over with ``update``.
+    """
+
+    def __init__(self) -> None:
+        self._entries: list[DomainStatus] = []
+
+    def update(self, entries: Sequence[DomainStatus]) -> None:
+        self._entries = list(entries)
+
+    def collect(self) -> Iterator[Metric]:
+        entries = self._entries
+        for key, name, text in _STATUS_GAUGES:
+            family = GaugeMetricFamily(name, text, labels=["domain"])
+            for entry in entries:
+                family.add_metric([entry.domain], float(getattr(entry, key)))
+            yield family
+        oldest = GaugeMetricFamily(
+            "mxspool_domain_oldest_pending_age_seconds",
+            "Age of the oldest held, pending or delivering recipient's message (0 when none).",
+            labels=["domain"],
+        )
+        hold = GaugeMetricFamily(
+            "mxspool_domain_hold",
+            "1 while the domain is in hold mode, 0 while it relays.",
+            labels=["domain"],
+        )
+        for entry in entries:
+            oldest.add_metric([entry.domain], entry.oldest_pending_age_s or 0.0)
+            hold.add_metric([entry.domain], 1.0 if entry.mode is DomainMode.HOLD else 0.0)
+        yield oldest
+        yield hold
+
+
+STORE_STATUS = StoreStatusCollector()
+REGISTRY.register(STORE_STATUS)
