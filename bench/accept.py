@@ -1,16 +1,25 @@
 """Accept-and-hold throughput: mxspool versus Postfix, driven by Postfix's smtp-source.
 
-For each case (message size, sessions, new connection per message or ``-d``) the two systems are
-run alternately, mxspool then Postfix, ``--runs`` times (A B A B ...). Each run starts from an
-empty spool and must end with exactly N messages held; a run that loses messages (or whose
-smtp-source fails or times out) is reported as an error, never as a rate. The table gives median
-msgs/s and the ratio mxspool / Postfix.
+For each case (message size, sessions, new connection per message or ``-d``) the chosen systems
+are run alternately, ``--runs`` times (A B C D A B C D ...). Systems:
+
+- ``mxspool``: one node, a fresh SQLite spool per run (or ``--store-url``);
+- ``mxspool-pg``: one node on PostgreSQL, a fresh schema per run (``--pg-url``);
+- ``mxspool-pg2``: two nodes on two ports sharing one fresh schema, driven by two smtp-source
+  processes at the same time, each with half the sessions and half the messages; the rate is
+  N / wall time of the slower one;
+- ``postfix``: Postfix as a holding spooler.
+
+Each run starts from an empty spool and must end with exactly N messages held; a run that loses
+messages (or whose smtp-source fails or times out) is reported as an error, never as a rate. The
+table gives median msgs/s and each system's ratio to Postfix.
 
 Must run as root (Postfix). Needs .ci/install-postfix and an installed mxspool.
 
     python bench/accept.py                 # full run (several minutes)
     python bench/accept.py --quick --runs 1
-    python bench/accept.py --store-url postgresql://bench@127.0.0.1/mxspool_bench
+    python bench/accept.py --systems mxspool,mxspool-pg,mxspool-pg2,postfix \
+        --pg-url postgresql://postgres@127.0.0.1:5432/test
 """
 
 from __future__ import annotations
@@ -18,14 +27,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import sys
+import threading
 import time
+import urllib.parse
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from common import (
     KIB,
     BenchError,
     MxspoolServer,
+    SourceResult,
     fmt,
     free_port,
     machine_summary,
@@ -36,7 +50,8 @@ from common import (
 )
 from postfix_spool import PostfixError, PostfixSpool
 
-SYSTEMS = ("mxspool", "postfix")
+SYSTEMS = ("mxspool", "mxspool-pg", "mxspool-pg2", "postfix")
+PG_SYSTEMS = ("mxspool-pg", "mxspool-pg2")
 
 
 @dataclass
@@ -62,6 +77,7 @@ class RunResult:
     stored: int
     rate: float | None
     error: str = ""
+    note: str = ""
 
 
 @dataclass
@@ -100,7 +116,57 @@ def judge(
     return RunResult(system, case.label, run, case.messages, elapsed, stored, rate, error)
 
 
-def run_mxspool(case: Case, run: int, store_url: str | None) -> RunResult:
+class PgSchemas:
+    """Fresh PostgreSQL schemas for the ``mxspool-pg*`` systems: one per run, dropped after it.
+
+    ``base_url`` is a libpq URL (``postgresql://user@host:port/db``); the store URL of a schema
+    adds ``options=-csearch_path=<schema>``. Uses psycopg (an mxspool dependency), imported only
+    when a PostgreSQL system is chosen.
+    """
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.live: set[str] = set()
+
+    def _connect(self) -> Any:
+        import psycopg
+
+        try:
+            return psycopg.connect(self.base_url, autocommit=True, connect_timeout=10)
+        except psycopg.Error as exc:
+            raise BenchError(f"PostgreSQL at {self.base_url}: {exc}") from exc
+
+    def check(self) -> None:
+        with self._connect() as conn:
+            conn.execute("SELECT 1")
+
+    def create(self) -> tuple[str, str]:
+        """Create an empty schema; returns (schema, store URL)."""
+        schema = f"mxbench_{os.getpid()}_{secrets.token_hex(4)}"
+        with self._connect() as conn:
+            conn.execute(f'CREATE SCHEMA "{schema}"')
+        self.live.add(schema)
+        parts = urllib.parse.urlsplit(self.base_url)
+        query = urllib.parse.parse_qsl(parts.query)
+        query = [(k, v) for k, v in query if k != "options"]
+        query.append(("options", f"-csearch_path={schema}"))
+        url = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+        return schema, url
+
+    def drop(self, schema: str) -> None:
+        with self._connect() as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        self.live.discard(schema)
+
+    def drop_all(self) -> None:
+        for schema in sorted(self.live):
+            try:
+                self.drop(schema)
+            except BenchError as exc:
+                print(f"accept: could not drop schema {schema}: {exc}", file=sys.stderr)
+
+
+def run_mxspool(case: Case, run: int, store_url: str | None, system: str = "mxspool") -> RunResult:
     server = MxspoolServer(store_url=store_url)
     try:
         server.start()
@@ -114,11 +180,87 @@ def run_mxspool(case: Case, run: int, store_url: str | None) -> RunResult:
             timeout=case.run_timeout(),
         )
         stored = server.held_count() - before
-        return judge("mxspool", case, run, res.ok, res.output, res.elapsed, stored)
+        return judge(system, case, run, res.ok, res.output, res.elapsed, stored)
     except BenchError as exc:
-        return RunResult("mxspool", case.label, run, case.messages, 0.0, 0, None, str(exc))
+        return RunResult(system, case.label, run, case.messages, 0.0, 0, None, str(exc))
     finally:
         server.close()
+
+
+def run_mxspool_pg(case: Case, run: int, pg: PgSchemas) -> RunResult:
+    """One node on a fresh PostgreSQL schema."""
+    try:
+        schema, url = pg.create()
+    except BenchError as exc:
+        return RunResult("mxspool-pg", case.label, run, case.messages, 0.0, 0, None, str(exc))
+    try:
+        return run_mxspool(case, run, url, system="mxspool-pg")
+    finally:
+        try:
+            pg.drop(schema)
+        except BenchError as exc:
+            print(f"accept: could not drop schema {schema}: {exc}", file=sys.stderr)
+
+
+def split(total: int) -> tuple[int, int]:
+    first = max(1, total // 2)
+    return first, max(1, total - first)
+
+
+def run_mxspool_pg2(case: Case, run: int, pg: PgSchemas) -> RunResult:
+    """Two nodes on one fresh PostgreSQL schema, each sent half the load at the same time."""
+    system = "mxspool-pg2"
+    try:
+        schema, url = pg.create()
+    except BenchError as exc:
+        return RunResult(system, case.label, run, case.messages, 0.0, 0, None, str(exc))
+    nodes = [MxspoolServer(store_url=url), MxspoolServer(store_url=url)]
+    try:
+        nodes[0].start()  # migrations + domain (held)
+        nodes[1].start(setup_domain=False)  # shares the store and its domain
+        before = nodes[0].held_count()
+        sessions = split(case.sessions)
+        messages = split(case.messages)
+        if sum(messages) != case.messages:
+            raise BenchError(f"cannot split {case.messages} messages over two nodes")
+        results: list[SourceResult | None] = [None, None]
+        go = threading.Barrier(2, timeout=30)
+
+        def drive(i: int) -> None:
+            go.wait()
+            results[i] = run_smtp_source(
+                nodes[i].port,
+                sessions=sessions[i],
+                messages=messages[i],
+                size=case.size,
+                persistent=case.persistent,
+                timeout=case.run_timeout(),
+            )
+
+        threads = [threading.Thread(target=drive, args=(i,), daemon=True) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=case.run_timeout() + 60)
+        if any(t.is_alive() for t in threads) or None in results:
+            raise BenchError("a smtp-source thread did not finish")
+        res = [r for r in results if r is not None]
+        elapsed = max(r.elapsed for r in res)
+        ok = all(r.ok for r in res)
+        detail = " | ".join(r.output[-150:] for r in res if not r.ok)
+        stored = nodes[1].held_count() - before  # either node: the store is shared
+        rr = judge(system, case, run, ok, detail, elapsed, stored)
+        rr.note = "node elapsed " + " / ".join(f"{r.elapsed:.2f}s" for r in res)
+        return rr
+    except BenchError as exc:
+        return RunResult(system, case.label, run, case.messages, 0.0, 0, None, str(exc))
+    finally:
+        for node in nodes:
+            node.close()
+        try:
+            pg.drop(schema)
+        except BenchError as exc:
+            print(f"accept: could not drop schema {schema}: {exc}", file=sys.stderr)
 
 
 def run_postfix(case: Case, run: int, spool: PostfixSpool) -> RunResult:
@@ -152,33 +294,18 @@ def spread(cr: CaseResult, system: str) -> str:
     return text + (f" ({errs} err)" if errs else "")
 
 
-def report(results: list[CaseResult], runs: int) -> str:
+def report(results: list[CaseResult], systems: list[str], runs: int) -> str:
+    """One row per case and system: median msgs/s, ratio to Postfix's median, every run."""
     rows = []
     for cr in results:
-        mx = median(cr.rates("mxspool"))
-        pf = median(cr.rates("postfix"))
-        ratio = f"{mx / pf:.2f}" if mx is not None and pf else "n/a"
-
-        rows.append(
-            [
-                cr.case.label,
-                cr.case.messages,
-                fmt(mx),
-                fmt(pf),
-                ratio,
-                spread(cr, "mxspool"),
-                spread(cr, "postfix"),
-            ]
-        )
-    headers = [
-        "case",
-        "N",
-        "mxspool msgs/s",
-        "Postfix msgs/s",
-        "mxspool/Postfix",
-        "mxspool runs",
-        "Postfix runs",
-    ]
+        pf = median(cr.rates("postfix")) if "postfix" in systems else None
+        for system in systems:
+            med = median(cr.rates(system))
+            ratio = f"{med / pf:.2f}" if med is not None and pf else "n/a"
+            rows.append(
+                [cr.case.label, cr.case.messages, system, fmt(med), ratio, spread(cr, system)]
+            )
+    headers = ["case", "N", "system", "msgs/s (median)", "ratio to Postfix", "runs (msgs/s)"]
     return (
         f"Accept + hold, medians of {runs} alternating runs ({machine_summary()})\n\n"
         + markdown_table(headers, rows)
@@ -191,8 +318,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="300/150 messages per run")
     parser.add_argument("--messages", type=int, help="N for every case (overrides defaults)")
     parser.add_argument("--store-url", help="mxspool store URL (default: fresh SQLite per run)")
-    parser.add_argument("--systems", default="mxspool,postfix", help="comma list")
-    parser.add_argument("--case", action="append", help="only cases whose label contains this")
+    parser.add_argument(
+        "--systems", default="mxspool,postfix", help=f"comma list of {', '.join(SYSTEMS)}"
+    )
+    parser.add_argument(
+        "--pg-url",
+        help="PostgreSQL URL for mxspool-pg/mxspool-pg2 (a fresh schema is made for each run)",
+    )
+    parser.add_argument(
+        "--case",
+        action="append",
+        help="only this case (exact label), else cases whose label contains this",
+    )
     parser.add_argument("--json", dest="json_out", help="also write all runs to this file")
     args = parser.parse_args(argv)
 
@@ -203,15 +340,29 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--runs must be 1..50")
     if "postfix" in systems and os.geteuid() != 0:
         parser.error("Postfix needs root (or use --systems mxspool)")
-    if "mxspool" in systems:
+    if any(s.startswith("mxspool") for s in systems):
         try:
             mxspool_bin()
+        except BenchError as exc:
+            parser.error(str(exc))
+    pg: PgSchemas | None = None
+    if any(s in PG_SYSTEMS for s in systems):
+        if not args.pg_url:
+            parser.error("mxspool-pg and mxspool-pg2 need --pg-url")
+        pg = PgSchemas(args.pg_url)
+        try:
+            pg.check()
         except BenchError as exc:
             parser.error(str(exc))
 
     cases = build_cases(args.quick, args.messages)
     if args.case:
-        cases = [c for c in cases if any(s in c.label for s in args.case)]
+        labels = {c.label for c in cases}
+        cases = [
+            c
+            for c in cases
+            if any(c.label == s if s in labels else s in c.label for s in args.case)
+        ]
     results = [CaseResult(c) for c in cases]
 
     spool = PostfixSpool(port=free_port(), sink_port=free_port())
@@ -224,13 +375,18 @@ def main(argv: list[str] | None = None) -> int:
                 for system in systems:
                     if system == "mxspool":
                         rr = run_mxspool(cr.case, run, args.store_url)
+                    elif system == "mxspool-pg" and pg is not None:
+                        rr = run_mxspool_pg(cr.case, run, pg)
+                    elif system == "mxspool-pg2" and pg is not None:
+                        rr = run_mxspool_pg2(cr.case, run, pg)
                     else:
                         rr = run_postfix(cr.case, run, spool)
                     cr.runs[system].append(rr)
                     what = f"{rr.rate:,.0f} msgs/s" if rr.rate is not None else f"ERROR {rr.error}"
+                    note = f", {rr.note}" if rr.note else ""
                     print(
                         f"[{time.strftime('%H:%M:%S')}] {cr.case.label}, run {run}, "
-                        f"{system}: {what} ({rr.elapsed:.2f}s)",
+                        f"{system}: {what} ({rr.elapsed:.2f}s{note})",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -243,8 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if "postfix" in systems:
             spool.stop()
+        if pg is not None:
+            pg.drop_all()
 
-    print(report(results, args.runs))
+    print(report(results, systems, args.runs))
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(

@@ -196,10 +196,13 @@ class MxspoolServer:
             args.append("--hold")
         self.cli(*args)
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 30.0, *, setup_domain: bool = True) -> None:
+        """Set up the benchmark domain (unless ``setup_domain`` is false, e.g. for a second node
+        on a shared store that another node has set up) and start ``mxspool serve``."""
         if self.proc is not None:
             raise BenchError("mxspool already started")
-        self.setup_domain()
+        if setup_domain:
+            self.setup_domain()
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [mxspool_bin(), "--config", str(self.config), "serve"],

@@ -461,6 +461,7 @@ def queue() -> None:
 @click.option("--limit", default=100, show_default=True, type=int)
 @click.option("--after", default=None, type=int, metavar="RID", help="Continue after this row.")
 @click.option("--search", default=None, metavar="TEXT", help="Match rcpt, sender, Message-ID.")
+@click.option("--tag", default=None, metavar="TAG", help="Only tagged messages, e.g. probe.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def queue_list(
@@ -471,13 +472,14 @@ def queue_list(
     limit: int,
     after: int | None,
     search: str | None,
+    tag: str | None,
     as_json: bool,
 ) -> None:
     """Recipients in the queue, oldest first."""
     entries = _run(
         ctx,
         lambda store: ops.queue_list(
-            store, domain=domain, state=state, limit=limit, after=after, search=search
+            store, domain=domain, state=state, limit=limit, after=after, search=search, tag=tag
         ),
     )
     if as_json:
@@ -635,6 +637,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     table = Table("Domain", "Mode", *(key.capitalize() for key in ops.STATUS_COUNTS))
     table.add_column("Oldest")
     table.add_column("/min")
+    table.add_column("Stage")
 
     def cells(row: dict[str, Any]) -> list[str]:
         age = row["oldest_pending_age_s"]
@@ -642,6 +645,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
             *(str(row[key]) for key in ops.STATUS_COUNTS),
             "-" if age is None else format_duration(age),
             str(row["delivery_rate_per_min"]),
+            row.get("stage") or "",
         ]
 
     for row in data["domains"]:

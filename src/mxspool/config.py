@@ -110,6 +110,10 @@ class DeliveryConfig(_Section):
     connect_timeout: Seconds = 30.0
     resolver: str = ""
     ca_file: str = ""
+    # Claims on due mail and cluster connection slots last this long unless renewed (every
+    # third of it while the worker lives): a dead node's mail and slots come back after it.
+    # Shorter means faster takeover but more renewals; tests shorten it.
+    lease: Seconds = Field(default=30.0, gt=0)
 
     @field_validator("retry_schedule")
     @classmethod

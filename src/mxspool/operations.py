@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from mxspool.config import Config, split_host_port
+from mxspool.migrate.stage import stage
 from mxspool.store.base import (
     FINAL_STATES,
     QUEUE_STATES,
@@ -430,8 +431,12 @@ async def queue_list(
     limit: int = 100,
     after: int | None = None,
     search: str | None = None,
+    tag: str | None = None,
 ) -> list[QueueEntry]:
-    """Recipient rows, oldest first; ``after`` is the last ``recipient_id`` already seen."""
+    """Recipient rows, oldest first; ``after`` is the last ``recipient_id`` already seen.
+
+    ``tag`` keeps only messages with that tag (``probe``: the flow probe's messages).
+    """
     if limit < 1:
         raise OperationError(f"limit must be at least 1, not {limit}")
     if after is not None and after < 0:
@@ -442,6 +447,7 @@ async def queue_list(
         limit=limit,
         after=after,
         search=search or None,
+        tag=tag.strip().lower() or None if tag else None,
     )
 
 
@@ -535,10 +541,22 @@ def status_entry_to_dict(entry: DomainStatus) -> dict[str, Any]:
     return data
 
 
+STAGE_AUDIT_LIMIT = 10_000
+"""Audit entries read to derive each domain's migration stage (``mxspool.migrate.stage``)."""
+
+
 async def status(store: Store, now: float | None = None) -> dict[str, Any]:
-    """Counts per domain and in total, in INTERFACE.md's ``status --json`` shape."""
+    """Counts per domain and in total, in INTERFACE.md's ``status --json`` shape.
+
+    Each configured domain also has its migration ``stage`` (planned ... done).
+    """
     entries = await store.status(time.time() if now is None else now)
     domains = [status_entry_to_dict(entry) for entry in entries]
+    configured = {domain.name: domain for domain in await store.list_domains()}
+    audit = await store.list_audit(STAGE_AUDIT_LIMIT) if configured else []
+    for row, entry in zip(domains, entries, strict=True):
+        known = configured.get(entry.domain)
+        row["stage"] = stage(known, entry, audit) if known is not None else None
     totals: dict[str, Any] = {key: sum(row[key] for row in domains) for key in STATUS_COUNTS}
     ages = [row["oldest_pending_age_s"] for row in domains if row["oldest_pending_age_s"]]
     totals["oldest_pending_age_s"] = max(ages) if ages else None

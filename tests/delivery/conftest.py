@@ -16,7 +16,8 @@ from mxspool.delivery.engine import DrainSettings
 from mxspool.delivery.outcomes import RetryPolicy
 from mxspool.delivery.routing import Router
 from mxspool.delivery.scheduler import Scheduler, new_owner_id
-from mxspool.delivery.transport import AiosmtplibConnector
+from mxspool.delivery.smtpclient import SmtpConnector
+from mxspool.delivery.transport import AiosmtplibConnector, Connector
 from mxspool.envelope import Envelope, MailParams, RcptParams, Recipient
 from mxspool.ids import new_queue_id
 from mxspool.store.base import (
@@ -105,6 +106,7 @@ async def add_domain(
     rate: float | None = None,
     routes: tuple[Route, ...] | None = None,
     use_mx: bool = False,
+    profile: str | None = None,
 ) -> None:
     await store.add_domain(
         Domain(
@@ -114,6 +116,7 @@ async def add_domain(
             use_mx=use_mx,
             tls=tls,
             rate=rate,
+            profile=profile,
         )
     )
 
@@ -150,9 +153,24 @@ async def wait_for(
 
 EngineFactory = Callable[..., Scheduler]
 
+CLIENTS = ("own", "aiosmtplib")
+"""Transport implementations: our client (the default) and aiosmtplib (the reference)."""
+
 
 @pytest.fixture
-async def engine(store: SqliteStore) -> AsyncIterator[EngineFactory]:
+def client() -> str:
+    """Which transport the engine uses; modules that test the wire parametrize this over
+    ``CLIENTS`` (see test_faults), the rest use the default."""
+    return "own"
+
+
+def make_connector(client: str, ca_file: str = "", helo: str = "mx.test.local") -> Connector:
+    factory = SmtpConnector if client == "own" else AiosmtplibConnector
+    return factory(local_hostname=helo, connect_timeout=5.0, ca_file=ca_file)
+
+
+@pytest.fixture
+async def engine(store: SqliteStore, client: str) -> AsyncIterator[EngineFactory]:
     """Start the delivery engine in this loop: ``engine(concurrency=2, rate=20, ...)``."""
     tasks: list[asyncio.Task[None]] = []
 
@@ -167,19 +185,22 @@ async def engine(store: SqliteStore) -> AsyncIterator[EngineFactory]:
         ca_file: str = "",
         lease: float = 30.0,
         owner: str | None = None,
+        shared_pacing: bool = False,
+        helo: str = "mx.test.local",
+        claim_limit: int = 200,
     ) -> Scheduler:
         scheduler = Scheduler(
             on or store,
             Router(DnsCache(resolver)),
-            AiosmtplibConnector(
-                local_hostname="mx.test.local", connect_timeout=5.0, ca_file=ca_file
-            ),
+            make_connector(client, ca_file, helo),
             DrainSettings(
                 owner=owner or new_owner_id(),
                 concurrency=concurrency,
                 default_rate=rate,
                 policy=RetryPolicy(retry, max_age),
                 lease_seconds=lease,
+                shared_pacing=shared_pacing,
+                claim_limit=claim_limit,
             ),
             poll_interval=0.1,
         )

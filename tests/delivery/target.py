@@ -28,6 +28,8 @@ class Received:
     data: bytes
     at: float
     tls: bool
+    helo: str = ""
+    """The client's EHLO name: which node delivered it, when nodes use different names."""
 
 
 @dataclass
@@ -48,6 +50,10 @@ class Recorder:
         self.behaviour = Behaviour()
         self.received: list[Received] = []
         self.mail_commands = 0
+        self.rcpts: list[tuple[float, str, str]] = []
+        """Every RCPT TO seen: (time, address, the reply given)."""
+        self.refused_data: list[tuple[float, str]] = []
+        """Every DATA answered with something other than 250: (time, reply)."""
         self.active = 0
         self.max_active = 0
         self.sessions = 0
@@ -74,6 +80,9 @@ class Recorder:
     ) -> list[str]:
         session.host_name = hostname
         hidden = {name.upper() for name in self.behaviour.hidden_extensions}
+        # aiosmtpd handles pipelined commands (it reads line by line) but does not say so;
+        # real targets (Postfix, Exchange Online) do, so the pipelined path is the one tested.
+        responses = [*responses[:-1], "250-PIPELINING", responses[-1]]
         kept = [r for r in responses if r[4:].split(" ")[0].upper() not in hidden]
         # The last line must use "250 " (no dash).
         kept = [r.replace("250 ", "250-", 1) for r in kept[:-1]] + ["250 " + kept[-1][4:]]
@@ -93,6 +102,8 @@ class Recorder:
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
         reply = self.behaviour.rcpt_replies.get(address)
+        with self.lock:
+            self.rcpts.append((time.time(), address, reply or "250"))
         if reply is not None:
             return reply
         envelope.rcpt_tos.append(address)
@@ -110,6 +121,7 @@ class Recorder:
         if behaviour.data_replies:
             reply = behaviour.data_replies.pop(0)
             if not reply.startswith("250"):
+                self.refused_data.append((time.time(), reply))
                 return reply
         number = next(self._ids)
         self.received.append(
@@ -122,6 +134,7 @@ class Recorder:
                 data=bytes(envelope.original_content),
                 at=time.time(),
                 tls=server._tls_protocol is not None,
+                helo=str(session.host_name),
             )
         )
         return f"250 2.0.0 Ok: queued as T{number}"

@@ -15,6 +15,7 @@ from mxspool.store.base import TlsMode
 from mxspool.store.sqlite import SqliteStore
 from tests.conftest import free_port
 from tests.delivery.conftest import (
+    CLIENTS,
     DOMAIN,
     EngineFactory,
     add_domain,
@@ -25,6 +26,12 @@ from tests.delivery.conftest import (
     wait_for,
 )
 from tests.delivery.target import Target
+
+
+@pytest.fixture(params=CLIENTS)
+def client(request: pytest.FixtureRequest) -> str:
+    """Every fault is checked against both transports: the same wire, the same outcomes."""
+    return str(request.param)
 
 
 async def _state_of(store: SqliteStore, rcpt: str) -> str:

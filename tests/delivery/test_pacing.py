@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from mxspool.delivery.pacing import TokenBucket
 from mxspool.store.base import DomainChanges
 from mxspool.store.sqlite import SqliteStore
@@ -17,15 +19,20 @@ from tests.delivery.conftest import (
 )
 from tests.delivery.target import Target
 
+SHARED = pytest.mark.parametrize("shared", [False, True], ids=["in-process", "via-store"])
+"""One node on SQLite may pace in memory or through the store's buckets and slots: the limits
+measured at the target must be the same."""
 
+
+@SHARED
 async def test_sessions_never_exceed_concurrency(
-    store: SqliteStore, target: Target, engine: EngineFactory
+    store: SqliteStore, target: Target, engine: EngineFactory, shared: bool
 ) -> None:
     target.behaviour.data_delay = 0.02
     await add_domain(store, target.port, hold=True)
     for number in range(120):
         await put_message(store, [f"u{number}@{DOMAIN}"])
-    engine(concurrency=3)
+    engine(concurrency=3, shared_pacing=shared)
     await release(store)
     await wait_for(lambda: len(target.recorder.received) == 120, within=30)
     assert target.recorder.max_active <= 3
@@ -33,13 +40,14 @@ async def test_sessions_never_exceed_concurrency(
     assert target.recorder.sessions <= 6  # sessions are reused, not one per message
 
 
+@SHARED
 async def test_rate_limit_holds_at_the_target(
-    store: SqliteStore, target: Target, engine: EngineFactory
+    store: SqliteStore, target: Target, engine: EngineFactory, shared: bool
 ) -> None:
     await add_domain(store, target.port, hold=True, rate=20.0)
     for number in range(60):
         await put_message(store, [f"u{number}@{DOMAIN}"])
-    engine(concurrency=5)
+    engine(concurrency=5, shared_pacing=shared)
     await release(store)
     await wait_for(lambda: len(target.recorder.received) == 60, within=30)
     times = sorted(item.at for item in target.recorder.received)

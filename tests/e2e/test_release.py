@@ -7,6 +7,7 @@ import json
 import random
 import re
 import smtplib
+import ssl
 import threading
 import time
 from collections import Counter
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import trustme
 
 from tests.conftest import Spooler
 from tests.delivery.target import Target
@@ -172,7 +174,7 @@ def test_relay_mode_delivers_within_one_second(spooler_factory: Any, target: Tar
 def test_sigkill_during_release_delivers_everything_at_least_once(
     spooler_factory: Any, target: Target
 ) -> None:
-    node = _node(spooler_factory, target, hold=True, rate="120/s")
+    node = _node(spooler_factory, target, hold=True, rate="120/s", lease="3s")
     sent = send_many(node.port, 1000, clients=8, seed=7)
     node.cli("domain", "release", "example.test")
     rng = random.Random(11)
@@ -191,7 +193,7 @@ def test_sigkill_during_release_delivers_everything_at_least_once(
     def all_arrived() -> bool:
         return expected <= {_message_id(item.data) for item in target.recorder.received}
 
-    # Claims of killed processes come back when their lease (30 s) expires.
+    # Claims of killed processes come back when their lease (3 s here) expires.
     wait_until(all_arrived, 180, "every message at the target")
     counts = Counter(_message_id(item.data) for item in target.recorder.received)
     duplicates = sum(count - 1 for count in counts.values())
@@ -204,3 +206,36 @@ def test_sigkill_during_release_delivers_everything_at_least_once(
         lambda: node.domain_status("example.test")["delivered"] == 1000, 60, "ledger caught up"
     )
     assert node.cli("report", "--check", check=False).returncode == 0
+
+
+def test_verified_tls_to_the_target_under_the_real_server(
+    spooler_factory: Any, tmp_path: Any
+) -> None:
+    """tls = verify through `mxspool serve` (uvloop): delivered over TLS to the right name only."""
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(ca_file)
+    good = _tls_target(ca, "127.0.0.1")
+    wrong = _tls_target(ca, "other.example")
+    try:
+        node: Spooler = spooler_factory(delivery={**FAST_RETRY, "ca_file": str(ca_file)})
+        node.cli("domain", "add", "example.test", "--route", f"127.0.0.1:{good.port}")
+        node.cli("domain", "add", "example.org", "--route", f"127.0.0.1:{wrong.port}")
+        node.start()
+        with smtplib.SMTP("127.0.0.1", node.port, timeout=10) as client:
+            client.sendmail("a@src.test", ["u@example.test"], "Subject: tls\r\n\r\nok\r\n")
+            client.sendmail("a@src.test", ["u@example.org"], "Subject: tls\r\n\r\nno\r\n")
+        wait_until(lambda: len(good.recorder.received) == 1, 10, "the TLS delivery")
+        assert good.recorder.received[0].tls
+        time.sleep(2.0)  # several attempts at the wrong name
+        assert wrong.recorder.mail_commands == 0, "mail went to a host with the wrong name"
+        assert node.domain_status("example.org")["pending"] == 1
+    finally:
+        good.stop()
+        wrong.stop()
+
+
+def _tls_target(ca: trustme.CA, name: str) -> Target:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(name).configure_cert(context)
+    return Target(tls_context=context).start()

@@ -1,8 +1,10 @@
 """The migration checklist of one domain: DESIGN.md's operator story, with what is done so far.
 
 Each step is judged from what mxspool knows: the domain's state and counts, and the audit log
-(actions on the domain, oldest first). Steps that happen outside mxspool (planning, DNS
-changes) are shown as "not tracked" rather than guessed, with the command that helps.
+(actions on the domain, oldest first). DNS changes are tracked through ``mxspool check dns``,
+which records where MX pointed; planning through ``mxspool runbook``. Steps mxspool cannot see
+are shown as "not tracked" rather than guessed, with the command that helps. The first line is
+the domain's migration stage (``mxspool.migrate.stage``), the same as ``status`` shows.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mxspool.migrate.stage import STAGES, mx_seen, stage
 from mxspool.store.base import AuditEntry, Domain, DomainMode, DomainStatus
 
 
@@ -62,13 +65,28 @@ def checklist(domain: Domain, status: DomainStatus, audit: Sequence[AuditEntry])
     canary = next((e for e in releases if "only=" in e.detail), None)
     full = next((e for e in releases if "only=" not in e.detail and "was=hold" in e.detail), None)
     released = full is not None or (not held_now and domain.released_at is not None)
+    planned = _first(mine, "runbook")
+    mx_spooler = mx_seen(mine, "spooler")
+    released_time = full.at if full is not None else (domain.released_at or 0.0)
+    mx_target = mx_seen(mine, "route", after=released_time) if released else None
+    current = stage(domain, status, audit)
+    position = STAGES.index(current) + 1
 
     return [
         Step(
+            "stage",
+            f"Stage: {current} ({position} of {len(STAGES)})",
+            True,
+            " → ".join(STAGES),
+            f"mxspool status; mxspool check dns {name}",
+        ),
+        Step(
             "plan",
             "Plan: lower the MX TTL, prepare connectors and the runbook",
-            None,
-            "planning happens outside mxspool",
+            True if planned is not None else None,
+            f"runbook made {_by(planned)}: {planned.detail}"
+            if planned is not None
+            else "no runbook made with mxspool",
             f"mxspool runbook {name} --spooler-host HOST --spooler-ip IP",
         ),
         Step(
@@ -89,11 +107,14 @@ def checklist(domain: Domain, status: DomainStatus, audit: Sequence[AuditEntry])
         Step(
             "cutover",
             "Cut over MX to the spooler in relay mode",
-            total > 0,
-            f"{total} recipient(s) received through mxspool so far"
-            if total
-            else "no mail received for the domain yet",
-            "point the domain's MX record at the spooler",
+            total > 0 or mx_spooler is not None,
+            ("'check dns' saw MX at the spooler; " if mx_spooler is not None else "")
+            + (
+                f"{total} recipient(s) received through mxspool so far"
+                if total
+                else "no mail received for the domain yet"
+            ),
+            f"point the domain's MX record at the spooler; mxspool check dns {name}",
         ),
         Step(
             "hold",
@@ -129,8 +150,17 @@ def checklist(domain: Domain, status: DomainStatus, audit: Sequence[AuditEntry])
             f"mxspool domain release {name} --rate 600/min",
         ),
         Step(
+            "mx-target",
+            "Point MX at the target; keep relaying until old TTLs expire",
+            mx_target is not None,
+            "'check dns' saw MX at the target after the release"
+            if mx_target is not None
+            else "MX not seen at the target yet",
+            f"change the MX record; mxspool check dns {name}",
+        ),
+        Step(
             "finish",
-            "Point MX at the target; keep relaying until old TTLs expire; reconcile",
+            "Reconcile: every recipient delivered or otherwise final",
             released and open_count == 0,
             "everything is delivered or otherwise final"
             if released and open_count == 0

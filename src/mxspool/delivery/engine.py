@@ -11,8 +11,10 @@ the domain's concurrency: one relayed message costs one connection, a backlog fa
 
 A worker keeps one SMTP session and reuses it for message after message. Each transaction first
 takes a token from the destination's bucket, shared by all its workers. Each message's outcomes
-are recorded as soon as its final reply is in: a row is ``delivered`` only after the next hop's
-250. A feeder that finds nothing due ends the drain once the workers have emptied the queue.
+go to the drain's ``OutcomeRecorder`` as soon as its final reply is in, and the worker moves on;
+the recorder commits what all workers finished in one store call (a row is ``delivered`` only
+after the next hop's 250). A feeder that finds nothing due ends the drain once the workers have
+emptied the queue and the recorder has committed the last outcomes.
 
 Failures: a reply is a per-recipient result (see ``outcomes``). A broken session costs only the
 message in flight (deferred); the next message reconnects. When no hop can be reached and no
@@ -29,15 +31,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mxspool import metrics
-from mxspool.delivery import outcomes
+from mxspool.delivery import exchange, outcomes
+from mxspool.delivery.bodies import BodySource
 from mxspool.delivery.errors import ConnectFailed, ConnectionLost, DeliveryError, RoutingError
 from mxspool.delivery.leases import LeaseKeeper, give_back, recipient_ids
 from mxspool.delivery.outcomes import AttemptContext, RetryPolicy
-from mxspool.delivery.pacing import TokenBucket
+from mxspool.delivery.pacing import LocalPacer, Pacer, SharedPacer
+from mxspool.delivery.recorder import OutcomeRecorder
+from mxspool.delivery.reply import Reply
 from mxspool.delivery.routing import Router
 from mxspool.delivery.transport import Connector, Session, Transaction, open_any
 from mxspool.envelope import Recipient
@@ -47,6 +53,7 @@ from mxspool.store.base import (
     Domain,
     DomainMode,
     RecipientOutcome,
+    RecipientState,
     Store,
     StoreError,
 )
@@ -61,6 +68,8 @@ with up to 200 recipients goes out as one transaction."""
 LEASE_SECONDS = 30.0
 """A killed node's claims come back after this; renewed every third of it while working."""
 DOMAIN_REFRESH = 0.5
+RATE_WINDOW = 2.0
+"""Seconds of recent transactions that give an unpaced destination's rate when throttled."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +80,9 @@ class DrainSettings:
     policy: RetryPolicy
     lease_seconds: float = LEASE_SECONDS
     claim_limit: int = CLAIM_LIMIT
+    shared_pacing: bool = False
+    """Rate and connection limits through the store, for the whole cluster (PostgreSQL);
+    False keeps them in this process (one node: the same limits, no round trips)."""
 
 
 class _DomainGone(Exception):
@@ -82,12 +94,10 @@ class _GiveUp(Exception):
 
 
 class _Worker:
-    """A worker's one session, reused across messages, and its result being recorded."""
+    """A worker's one session, reused across messages."""
 
     def __init__(self) -> None:
         self.session: Session | None = None
-        self.recording: asyncio.Task[None] | None = None
-        """At most one: the next message goes out while the last one's results commit."""
 
 
 class Drain:
@@ -109,11 +119,26 @@ class Drain:
         self._connector = connector
         self._settings = settings
         self._clock = clock
-        self._bucket = TokenBucket(settings.default_rate)
+        self._pacer: Pacer = (
+            SharedPacer(
+                store, name, settings.default_rate, settings.concurrency, settings.lease_seconds
+            )
+            if settings.shared_pacing
+            else LocalPacer(settings.default_rate)
+        )
+        self._adaptive = exchange.AdaptiveRate()
+        self._recipient_pacer = exchange.RecipientPacer()
+        self._starts: deque[float] = deque(maxlen=10_000)
+        """Transaction start times of the last RATE_WINDOW seconds (only for exchange-online)."""
+        self._free_slots = [f"{settings.owner}/{n}" for n in range(settings.concurrency, 0, -1)]
         self._domain: Domain | None = None
         self._domain_read_at = 0.0
         lease = settings.lease_seconds
         self._leases = LeaseKeeper(store, settings.owner, lease, lease / 3)
+        self._recorder = OutcomeRecorder(store, settings.owner, name, self._leases)
+        self._fed = False
+        self._more_mail = False
+        self._bodies = BodySource(store)
         self._queue: asyncio.Queue[tuple[DeliveryJob, DomainMode] | None] = asyncio.Queue(
             maxsize=max(1, settings.concurrency)
         )
@@ -128,14 +153,29 @@ class Drain:
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
+                group.create_task(self._recorder.run(), name=f"record-{self.name}")
                 group.create_task(self._feed(), name=f"claim-{self.name}")
         except BaseException:
-            # Cancelled (shutdown) or a bug: hand the claims back now, not at lease expiry.
+            # Cancelled (shutdown) or a bug: commit what was delivered, then hand the other
+            # claims back now, not at lease expiry.
+            with contextlib.suppress(StoreError, TimeoutError):
+                async with asyncio.timeout(5.0):
+                    await self._recorder.flush()
             await self._give_back_on_exit()
             raise
         finally:
             self._group = None
             await self._leases.stop()
+            await self._pacer.close()
+
+    def more_mail(self) -> None:
+        """New mail was notified: claim once more before ending, even if the last claim
+        found nothing (it may have run just before the mail was committed)."""
+        self._more_mail = True
+
+    def domain_changed(self) -> None:
+        """The domain was changed somewhere: re-read it before the next message."""
+        self._domain_read_at = -DOMAIN_REFRESH
 
     def _spawn(self) -> None:
         if self._group is not None and self._workers < self._settings.concurrency:
@@ -151,10 +191,37 @@ class Drain:
             if domain is None:
                 raise _DomainGone(self.name)
             self._domain = domain
-            rate = domain.rate if domain.rate is not None else self._settings.default_rate
-            if rate != self._bucket.rate:
-                self._bucket.set_rate(rate)
+        self._apply_rate(self._domain, now)
         return self._domain
+
+    def _apply_rate(self, domain: Domain, now: float) -> None:
+        """The domain's rate, or less while Exchange Online throttles us (its profile)."""
+        rate = domain.rate if domain.rate is not None else self._settings.default_rate
+        if exchange.applies(domain.profile):
+            rate = self._adaptive.effective(rate, now)
+        if rate != self._pacer.rate:
+            self._pacer.set_rate(rate)
+
+    def _note_throttling(self, domain: Domain, replies: tuple[Reply, ...]) -> None:
+        if not any(exchange.is_throttling(reply) for reply in replies):
+            return
+        now = time.monotonic()
+        # Unpaced: halve the rate actually seen over the last seconds.
+        current = self._pacer.rate or self._recent_rate(now)
+        self._adaptive.throttled(now, current)
+        self._apply_rate(domain, now)
+        log.warning(
+            "%s throttles delivery (%s); rate now %.2f/s",
+            self.name,
+            next(str(r) for r in replies if exchange.is_throttling(r)),
+            self._pacer.rate,
+        )
+
+    def _recent_rate(self, now: float) -> float:
+        starts = self._starts
+        while starts and now - starts[0] > RATE_WINDOW:
+            starts.popleft()
+        return max(exchange.MIN_RATE, len(starts) / RATE_WINDOW)
 
     async def _give_back_on_exit(self) -> None:
         ids = sorted(self._leases.outstanding)
@@ -176,6 +243,12 @@ class Drain:
         # take these from a full queue.
         for _ in range(self._workers):
             await self._queue.put(None)
+        self._fed = True
+        self._close_when_done()
+
+    def _close_when_done(self) -> None:
+        if self._fed and self._workers == 0:
+            self._recorder.close()
 
     async def _claim_until_empty(self) -> None:
         settings = self._settings
@@ -194,8 +267,13 @@ class Drain:
                 )
             )
             if not jobs:
+                if self._more_mail:
+                    self._more_mail = False
+                    continue
                 return
+            self._more_mail = False
             self._leases.hold(jobs)
+            await self._bodies.prefetch(jobs)
             for job in jobs:
                 if self._idle == 0 or self._workers == 0:
                     self._spawn()
@@ -204,7 +282,11 @@ class Drain:
     # -- a worker -------------------------------------------------------------------------------
     async def _run_worker(self) -> None:
         worker = _Worker()
+        # A name for this connection's slot; names are reused, so a long drain does not
+        # leave a trail of expired slots behind.
+        slot = self._free_slots.pop()
         try:
+            await self._pacer.enter(slot)
             await self._work(worker)
         except _DomainGone:
             self._stop_claiming = True
@@ -212,13 +294,14 @@ class Drain:
             # Claimed rows stay leased and come back when the lease expires: never lost.
             log.exception("delivery worker for %s failed", self.name)
         finally:
-            if worker.recording is not None:
-                await worker.recording
             await self._drop_session(worker)
+            await self._pacer.leave(slot)
+            self._free_slots.append(slot)
             self._workers -= 1
             if self._workers == 0 and self._group is not None:
                 # Never leave the feeder waiting on a full queue with nobody to take from it.
                 self._drain_queue_later()
+            self._close_when_done()
 
     def _drain_queue_later(self) -> None:
         if not self._queue.empty() and not self._cancelling():
@@ -238,40 +321,37 @@ class Drain:
             if item is None:
                 return
             job, claimed_in = item
-            domain = await self._current_domain()
-            if domain.mode is DomainMode.HOLD and claimed_in is DomainMode.RELAY:
-                # Put on hold mid-drain. (A batch claimed while the domain held is all
-                # canaries, which go.) Canary rows given back are claimable again at once.
-                self._stop_claiming = True
-                await self._return([job], "not attempted: domain put on hold", 0.0)
-                continue
-            if self._dead is not None:
-                due = self._clock() + self._settings.policy.delay(0)
-                await self._return([job], self._dead, due)
-                continue
             try:
-                results = await self._deliver(job, domain, worker)
-            except _GiveUp as stop:
-                await self._return([job], str(stop), self._clock())
-                return
-            self._leases.done(outcome.recipient_id for outcome in results)
-            if worker.recording is not None:
-                await worker.recording
-            worker.recording = asyncio.create_task(self._record(results))
+                if not await self._handle(job, claimed_in, worker):
+                    return
+            finally:
+                self._bodies.forget(job.message_id)
+
+    async def _handle(self, job: DeliveryJob, claimed_in: DomainMode, worker: _Worker) -> bool:
+        """Deliver (or give back) one claimed message; False when this worker must stop."""
+        domain = await self._current_domain()
+        if domain.mode is DomainMode.HOLD and claimed_in is DomainMode.RELAY:
+            # Put on hold mid-drain. (A batch claimed while the domain held is all
+            # canaries, which go.) Canary rows given back are claimable again at once.
+            self._stop_claiming = True
+            await self._return([job], "not attempted: domain put on hold", 0.0)
+            return True
+        if self._dead is not None:
+            due = self._clock() + self._settings.policy.delay(0)
+            await self._return([job], self._dead, due)
+            return True
+        try:
+            results = await self._deliver(job, domain, worker)
+        except _GiveUp as stop:
+            await self._return([job], str(stop), self._clock())
+            return False
+        self._recorder.add(results)
+        return True
 
     async def _return(self, jobs: list[DeliveryJob], reason: str, due_at: float) -> None:
         ids = recipient_ids(jobs)
         await give_back(self._store, self._settings.owner, ids, reason, due_at)
         self._leases.done(ids)
-
-    async def _record(self, results: list[RecipientOutcome]) -> None:
-        try:
-            await asyncio.shield(self._store.record_outcomes(self._settings.owner, results))
-            metrics.delivery_outcomes(self.name, results)
-        except StoreError as exc:
-            # Rows stay "delivering" until their lease expires, then go out again: a possible
-            # duplicate, never a loss.
-            log.error("could not record delivery outcomes for %s: %s", self.name, exc)
 
     # -- one message --------------------------------------------------------------------------
     async def _deliver(
@@ -281,6 +361,9 @@ class Drain:
         results: list[RecipientOutcome] = []
         age_start = max(domain.released_at or 0.0, job.received_at)
         recipients = job.recipients
+        exo = exchange.applies(domain.profile)
+        if exo:
+            recipients, results = self._admit(job, _describe_route(domain))
         for start in range(0, len(recipients), MAX_RECIPIENTS_PER_TRANSACTION):
             chunk = recipients[start : start + MAX_RECIPIENTS_PER_TRANSACTION]
             destination = _describe_route(domain)
@@ -292,13 +375,15 @@ class Drain:
                 mail_params=job.mail_params,
                 recipients=tuple(Recipient(r.address, r.params) for r in chunk),
                 size=job.size,
-                body=_body_reader(self._store, job.message_id),
+                body=self._bodies.reader(job.message_id),
             )
             try:
-                await self._bucket.acquire()
+                await self._pacer.acquire()
                 session = await self._session(worker, domain)
                 destination = str(session.hop)
                 started = time.monotonic()
+                if exo:
+                    self._starts.append(started)
                 replies = await session.send(tx)
                 metrics.delivery_latency(self.name, time.monotonic() - started)
             except ConnectFailed as exc:  # includes TlsFailed: nothing was sent
@@ -317,15 +402,50 @@ class Drain:
                 continue
             except StoreError as exc:
                 await self._drop_session(worker)
-                reason = f"could not read the stored message: {exc}"
+                reason = f"store error during delivery (reading the message or pacing): {exc}"
                 results += self._failed(chunk, reason, destination, age_start, False)
                 continue
             ctx = self._context(destination, age_start)
+            if exo:
+                self._note_throttling(domain, replies)
+                released = domain.released_at is not None
+                results += [
+                    exchange.for_reply(recipient, reply, ctx, released)
+                    for recipient, reply in zip(chunk, replies, strict=True)
+                ]
+                continue
             results += [
                 outcomes.for_reply(recipient, reply, ctx)
                 for recipient, reply in zip(chunk, replies, strict=True)
             ]
         return results
+
+    def _admit(
+        self, job: DeliveryJob, destination: str
+    ) -> tuple[tuple[ClaimedRecipient, ...], list[RecipientOutcome]]:
+        """Exchange Online's hourly limits per recipient and per sender and recipient: those
+        over their budget are deferred to their reserved time, without counting an attempt."""
+        now = self._clock()
+        admitted: list[ClaimedRecipient] = []
+        deferred: list[RecipientOutcome] = []
+        for recipient in job.recipients:
+            at = self._recipient_pacer.admit(recipient.id, job.mail_from, recipient.address, now)
+            if at <= 0.0:
+                admitted.append(recipient)
+                continue
+            deferred.append(
+                RecipientOutcome(
+                    recipient.id,
+                    RecipientState.PENDING,
+                    f"paced: Exchange Online takes at most {exchange.RECIPIENT_PER_HOUR:,} "
+                    f"messages an hour per recipient and {exchange.PAIR_PER_HOUR:,} per sender "
+                    "and recipient; not attempted yet",
+                    destination,
+                    next_attempt_at=at,
+                    count_attempt=False,
+                )
+            )
+        return tuple(admitted), deferred
 
     async def _session(self, worker: _Worker, domain: Domain) -> Session:
         if worker.session is not None and worker.session.usable:
@@ -355,10 +475,6 @@ class Drain:
     ) -> list[RecipientOutcome]:
         ctx = self._context(destination, age_start)
         return [outcomes.for_failure(r, reason, ctx, permanent=permanent) for r in chunk]
-
-
-def _body_reader(store: Store, message_id: str) -> Callable[[], AsyncIterator[bytes]]:
-    return lambda: store.read_body(message_id)
 
 
 def _describe_route(domain: Domain) -> str:

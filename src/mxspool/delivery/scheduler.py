@@ -1,9 +1,14 @@
 """The delivery component: find domains with due mail and keep one drain running for each.
 
-The store is the only source of truth, so CLI changes made by another process (release, retry,
-route) are seen by polling: ``due_domains`` at least every ``POLL_INTERVAL`` seconds, which
-keeps "new mail in relay mode leaves within one second of its 250". ``wake()`` lets code in
-the same process skip the wait.
+The store is the only source of truth, so changes made by another process or node (release,
+retry, route, new relay mail) are found two ways. The store's notifications wake the scheduler
+at once: ``mail:<domain>`` starts that domain's drain without a query, ``domains`` makes the
+running drains re-read their domain (a ``hold`` or a new ``--rate`` applies now) and looks for
+due mail, ``resync`` (the listener reconnected and may have missed some) looks for due mail.
+Polling ``due_domains`` at least every ``POLL_INTERVAL`` seconds stays the fallback for lost
+notifications and for stores that have none (SQLite: one node), which keeps "new mail in relay
+mode leaves within one second of its 250". ``wake()`` lets code in the same process skip the
+wait.
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ from mxspool.delivery.dnscache import DnsCache
 from mxspool.delivery.engine import Drain, DrainSettings
 from mxspool.delivery.outcomes import RetryPolicy
 from mxspool.delivery.routing import Router
-from mxspool.delivery.transport import AiosmtplibConnector, Connector
+from mxspool.delivery.smtpclient import SmtpConnector
+from mxspool.delivery.transport import Connector
 from mxspool.store.base import Store, StoreError
 
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.25
+LISTEN_RETRY = 1.0
 
 
 def new_owner_id() -> str:
@@ -50,6 +57,7 @@ class Scheduler:
         self._poll_interval = poll_interval
         self._wakeup = asyncio.Event()
         self._drains: dict[str, asyncio.Task[None]] = {}
+        self._running: dict[str, Drain] = {}
 
     @classmethod
     def from_config(cls, config: Config, store: Store) -> Scheduler:
@@ -59,8 +67,11 @@ class Scheduler:
             concurrency=delivery.concurrency,
             default_rate=delivery.rate,
             policy=RetryPolicy(tuple(delivery.retry_schedule), delivery.max_age),
+            lease_seconds=delivery.lease,
+            # SQLite is one node: the same limits kept in memory, without store round trips.
+            shared_pacing=not config.store.url.startswith("sqlite:"),
         )
-        connector = AiosmtplibConnector(
+        connector = SmtpConnector(
             local_hostname=config.smtp.hostname,
             connect_timeout=delivery.connect_timeout,
             ca_file=delivery.ca_file,
@@ -73,6 +84,7 @@ class Scheduler:
 
     async def run(self) -> None:
         """Until cancelled; cancelling stops the drains (their unattempted claims go back)."""
+        listener = asyncio.create_task(self._listen(), name="delivery-notifications")
         try:
             while True:
                 await self.poll_once()
@@ -83,10 +95,37 @@ class Scheduler:
                         await self._wakeup.wait()
                 self._wakeup.clear()
         finally:
+            listener.cancel()
             drains = list(self._drains.values())
             for task in drains:
                 task.cancel()
-            await asyncio.gather(*drains, return_exceptions=True)
+            await asyncio.gather(listener, *drains, return_exceptions=True)
+
+    async def _listen(self) -> None:
+        """Turn the store's notifications into wake-ups; polling covers any gap."""
+        while True:
+            try:
+                async for note in self._store.notifications():
+                    self._notified(note)
+            except StoreError as exc:
+                log.warning("delivery: store notifications lost (%s); polling meanwhile", exc)
+            except Exception:
+                log.exception("delivery: store notifications failed; polling meanwhile")
+            await asyncio.sleep(LISTEN_RETRY)
+
+    def _notified(self, note: str) -> None:
+        if note.startswith("mail:"):
+            name = note.removeprefix("mail:").lower()
+            if name and not self._start(name):
+                # A drain is running; it may be finishing just now: look again when it ends.
+                drain = self._running.get(name)
+                if drain is not None:
+                    drain.more_mail()
+            return
+        if note == "domains":
+            for drain in self._running.values():
+                drain.domain_changed()
+        self._wakeup.set()
 
     async def poll_once(self) -> None:
         try:
@@ -95,18 +134,28 @@ class Scheduler:
             log.warning("delivery: cannot read the queue: %s", exc)
             return
         for name in due:
-            task = self._drains.get(name)
-            if task is None or task.done():
-                self._drains[name] = asyncio.create_task(self._drain(name), name=f"drain-{name}")
+            self._start(name)
 
-    async def _drain(self, name: str) -> None:
+    def _start(self, name: str) -> bool:
+        """Start a drain for ``name`` unless one runs; True when one was started."""
+        task = self._drains.get(name)
+        if task is not None and not task.done():
+            return False
+        drain = Drain(name, self._store, self._router, self._connector, self._settings)
+        self._running[name] = drain
+        self._drains[name] = asyncio.create_task(self._drain(name, drain), name=f"drain-{name}")
+        return True
+
+    async def _drain(self, name: str, drain: Drain) -> None:
         try:
-            await Drain(name, self._store, self._router, self._connector, self._settings).run()
+            await drain.run()
         except StoreError as exc:
             log.warning("delivery to %s paused: %s", name, exc)
         except Exception:
             log.exception("delivery to %s failed", name)
         finally:
+            if self._running.get(name) is drain:
+                del self._running[name]
             # Finished: there may be more due right away (new mail arrived meanwhile).
             self._wakeup.set()
 

@@ -29,9 +29,11 @@ garbage are mapped to ``delivery.errors`` at this edge.
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncGenerator
+from typing import cast
 
 from mxspool.delivery.dotstuff import DotStuffer
 from mxspool.delivery.errors import ConnectFailed, ConnectionLost, TlsFailed, Unsupported
@@ -75,8 +77,8 @@ class _Wire(asyncio.Protocol):
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer + data if self._buffer else data
@@ -140,7 +142,9 @@ class _Wire(asyncio.Protocol):
     # -- for the session ----------------------------------------------------------------------
     @property
     def alive(self) -> bool:
-        return self._error is None and self.transport is not None and not self.transport.is_closing()
+        return (
+            self._error is None and self.transport is not None and not self.transport.is_closing()
+        )
 
     @property
     def unread(self) -> bool:
@@ -161,14 +165,14 @@ class _Wire(asyncio.Protocol):
         if self._error is not None:
             raise self._error
 
-    async def replies(self, count: int, timeout: float) -> list[Reply]:
+    async def replies(self, count: int, within: float) -> list[Reply]:
         """The next ``count`` replies, in order; raises ConnectionLost, _ProtocolError, Timeout."""
         if len(self._replies) < count:
             if self._error is not None:
                 raise self._error
             self._want = count
             self._waiter = asyncio.get_running_loop().create_future()
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(within):
                 await self._waiter
             if len(self._replies) < count:
                 assert self._error is not None
@@ -179,17 +183,20 @@ class _Wire(asyncio.Protocol):
         self._paused = False
 
 
-def _has_control(value: str) -> bool:
-    return any(ord(char) < 32 or ord(char) == 127 for char in value)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _check_envelope(tx: Transaction, hop: Hop) -> None:
     """No CR, LF or other control characters in anything that goes on a command line."""
-    values = [tx.mail_from, tx.mail_params.body or "", tx.mail_params.ret or ""]
-    values.append(tx.mail_params.envid or "")
+    params = tx.mail_params
+    values = [tx.mail_from, params.body or "", params.ret or "", params.envid or ""]
     for recipient in tx.recipients:
-        values += [recipient.address, recipient.params.orcpt or "", *recipient.params.notify]
-    if any(_has_control(value) for value in values):
+        values += [
+            recipient.address,
+            recipient.params.orcpt or "",
+            *(recipient.params.notify or ()),
+        ]
+    if _CONTROL.search("".join(values)):
         raise Unsupported(
             f"envelope cannot be sent to {hop}: it contains control characters "
             "(which would split an SMTP command)"
@@ -301,7 +308,7 @@ class SmtpConnector:
             )
         if transport is None:
             raise ConnectionLost("the connection closed during the TLS handshake")
-        wire.transport = transport  # type: ignore[assignment]
+        wire.transport = transport
         # RFC 3207: forget what was learnt in clear and ask again over TLS.
         return await self._hello(wire)
 
@@ -358,7 +365,9 @@ class SmtpSession:
 
     async def _transaction(self, tx: Transaction) -> tuple[Reply, ...]:
         mail = b"MAIL " + b" ".join(mail_arguments(tx, self._offers)) + b"\r\n"
-        rcpts = [b"RCPT " + b" ".join(rcpt_arguments(r, self._offers)) + b"\r\n" for r in tx.recipients]
+        rcpts = [
+            b"RCPT " + b" ".join(rcpt_arguments(r, self._offers)) + b"\r\n" for r in tx.recipients
+        ]
         reset = self._in_transaction
         # The previous transaction was abandoned (refused MAIL/RCPT/DATA): RSET first. After a
         # completed DATA the hop has reset itself (RFC 5321 4.1.1.4): no RSET then.
@@ -426,9 +435,8 @@ class SmtpSession:
                     break  # all stored bytes read: skip the store's final empty read
         finally:
             # Stopping early leaves the store's generator suspended: close it now.
-            close: Callable[[], object] | None = getattr(pieces, "aclose", None)
-            if close is not None:
-                await close()  # type: ignore[misc]
+            if isinstance(pieces, AsyncGenerator):
+                await pieces.aclose()
         wire.write(held + stuffer.finish())
         (final,) = self._seen(await wire.replies(1, self._final_timeout))
         return final

@@ -25,7 +25,6 @@ import logging
 import ssl
 import time
 from collections import Counter
-from dataclasses import dataclass
 from typing import cast
 
 from mxspool import metrics
@@ -50,19 +49,6 @@ from mxspool.store.base import ClientInfo, IncomingMessage, Store, StoreError
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class IntakeStats:
-    accepted: int = 0
-    rejected: Counter[str] | None = None
-    sessions: int = 0
-
-    def reject(self, reason: str) -> None:
-        if self.rejected is None:
-            self.rejected = Counter()
-        self.rejected[reason] += 1
-        metrics.rejected(reason)
-
-
 class Intake:
     """Server-wide state shared by all SMTP connections of one process."""
 
@@ -84,7 +70,6 @@ class Intake:
         self.ssl_context = ssl_context
         self.per_ip: Counter[str] = Counter()
         self.connections: set[SmtpSession] = set()
-        self.stats = IntakeStats()
         self.core_config = ServerConfig(
             hostname=config.hostname,
             max_message_size=config.max_message_size,
@@ -144,14 +129,13 @@ class SmtpSession(asyncio.Protocol):
             len(intake.connections) >= config.max_connections
             or intake.per_ip[self.peer] >= config.max_connections_per_ip
         ):
-            intake.stats.reject("too_many_connections")
+            metrics.rejected("too_many_connections")
             self.transport.write(TOO_MANY_CONNECTIONS.to_bytes())
             self.transport.close()
             return
         self.counted = True
         intake.connections.add(self)
         intake.per_ip[self.peer] += 1
-        intake.stats.sessions += 1
         metrics.session_opened()
         self.transport.write(self.core.greeting())
         self._arm_idle_timer(config.idle_timeout)
@@ -222,17 +206,17 @@ class SmtpSession(asyncio.Protocol):
             self.extended = event.extended
         elif isinstance(event, events.MailFrom):
             if not self.intake.has_free_space():
-                self.intake.stats.reject("insufficient_storage")
+                metrics.rejected("insufficient_storage")
                 core.respond(INSUFFICIENT_STORAGE)
             else:
                 core.accept()
         elif isinstance(event, events.RcptTo):
             refusal = relay_refusal(event.path, self.intake.domains)
             if refusal is not None:
-                self.intake.stats.reject("relay_denied")
+                metrics.rejected("relay_denied")
                 core.respond(refusal)
             elif unknown_recipient(event.path, self.intake.domains.recipients) is not None:
-                self.intake.stats.reject("recipient_unknown")
+                metrics.rejected("recipient_unknown")
                 core.respond(RECIPIENT_UNKNOWN)
             else:
                 core.accept()
@@ -242,7 +226,7 @@ class SmtpSession(asyncio.Protocol):
         elif isinstance(event, events.MessageComplete):
             self._commit(event)
         elif isinstance(event, events.MessageRejected):
-            self.intake.stats.reject(f"data_{event.reply.code}")
+            metrics.rejected(f"data_{event.reply.code}")
             self._drop_body()
         elif isinstance(event, events.StartTLS):
             self._start_tls()
@@ -297,7 +281,7 @@ class SmtpSession(asyncio.Protocol):
         body = self.body
         self.body = None
         if body is None:  # the spool file failed on the way in
-            self.intake.stats.reject("storage_error")
+            metrics.rejected("storage_error")
             self.core.respond(STORAGE_ERROR)
             return
         core = self.core
@@ -322,14 +306,13 @@ class SmtpSession(asyncio.Protocol):
             await self.intake.store.accept_message(message)
         except StoreError as exc:
             log.error("could not store message %s: %s", message.id, exc)
-            self.intake.stats.reject("storage_error")
+            metrics.rejected("storage_error")
             self.core.respond(STORAGE_ERROR)
         except Exception:
             log.exception("unexpected error storing message %s", message.id)
-            self.intake.stats.reject("storage_error")
+            metrics.rejected("storage_error")
             self.core.respond(STORAGE_ERROR)
         else:
-            self.intake.stats.accepted += 1
             metrics.message_accepted(
                 (r.address for r in message.envelope.recipients), time.perf_counter() - started
             )

@@ -1,0 +1,210 @@
+"""The Exchange Online pacing profile (``domain add/route --profile exchange-online``).
+
+What Exchange Online does, and how a drain to it reacts:
+
+- At most 200 recipients per message: the engine splits every message at 200 anyway.
+- At most 3,600 messages an hour per recipient and 1,200 per sender and recipient pair
+  (beyond that it answers 5.2.121 / 5.2.122). ``RecipientPacer`` keeps one GCRA bucket per
+  recipient and per pair, in memory on each node, sized so that no sliding hour ever holds
+  more than the limit. A recipient over its budget is not attempted: it is deferred, not
+  counted as an attempt, to the time its bucket has room (reserved, so a backlog of a hot
+  mailbox spreads out at the allowed pace instead of coming back all at once).
+  Why in memory and not through ``Store.take_tokens``: that would be two store writes per
+  recipient per message, doubling the store's work in a release, where the store is the
+  bottleneck. With several nodes a recipient could get up to (nodes x limit) an hour, but
+  Exchange Online's own answer to that (5.2.121/5.2.122, "AS" throttling) only defers mail
+  here, never loses or parks it; the buckets are a courtesy that keeps us below the limit.
+- 451 4.7.500-4.7.699 (the "AS" throttling codes): the recipient is deferred as usual, and
+  ``AdaptiveRate`` halves the destination's rate (once per second at most, so a burst of such
+  replies to concurrent transactions counts as one signal), then raises it by a quarter after
+  every ``RECOVER_EVERY`` seconds without throttling, until it is back at the configured rate
+  (or, for an unpaced domain, at the rate seen before the first cut, then unpaced again).
+- 5.2.121 / 5.2.122 (rate limits sent as 5xx): deferred per ``retry_schedule``, never parked.
+- 550 5.4.1 (recipient unknown to the tenant, "DBEB") on a domain that was released: during a
+  migration that means "the mailbox is not created at the target yet". The row stays pending,
+  re-checked every ``NOT_READY_EVERY`` (15 minutes), with a last reply starting "not ready at
+  target", so ``queue list`` and the report show why; it is parked (with that reason) once
+  ``NOT_READY_FOR`` (24 hours) have passed since the release, counted like ``max_age``. The
+  existing states suffice: "pending with a reason and a next attempt" is exactly a deferral.
+  Outside a release (a domain that was never held) it is a plain 5xx: parked.
+- 451 4.4.62 (the message reached the wrong region or tenant): retrying cannot help until an
+  operator fixes the route, so the recipient is parked with an explanation saying so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mxspool.delivery import outcomes
+from mxspool.delivery.outcomes import AttemptContext
+from mxspool.delivery.reply import Reply
+from mxspool.store.base import ClaimedRecipient, RecipientOutcome, RecipientState
+from mxspool.units import format_duration
+
+PROFILE = "exchange-online"
+
+RECIPIENT_PER_HOUR = 3600
+PAIR_PER_HOUR = 1200
+BURST_SHARE = 60
+"""Burst allowance: one sixtieth of the hourly limit (a minute's worth) may go at once."""
+NOT_READY_EVERY = 15 * 60.0
+NOT_READY_FOR = 24 * 3600.0
+RECOVER_EVERY = 30.0
+RECOVER_STEP = 1.25
+MIN_RATE = 0.1
+"""Messages per second the adaptive rate never goes below: throttling slows, never stops."""
+
+
+def applies(profile: str | None) -> bool:
+    return profile == PROFILE
+
+
+def is_throttling(reply: Reply) -> bool:
+    """451 4.7.500-4.7.699: Exchange Online's "AS" throttling of a sending server."""
+    status = reply.enhanced_status
+    if reply.code != 451 or status is None or not status.startswith("4.7."):
+        return False
+    return 500 <= int(status.split(".")[2]) <= 699
+
+
+def for_reply(
+    recipient: ClaimedRecipient, reply: Reply, ctx: AttemptContext, released: bool
+) -> RecipientOutcome:
+    """``outcomes.for_reply`` with Exchange Online's meanings; ``released``: the domain was
+    released from hold (a migration), which is when 5.4.1 means "not ready yet"."""
+    status = reply.enhanced_status
+    if reply.code >= 500 and status in ("5.2.121", "5.2.122"):
+        # A rate limit dressed as a permanent failure: try again later, never park.
+        return outcomes.for_failure(recipient, str(reply), ctx, permanent=False)
+    if reply.code == 451 and status == "4.4.62":
+        reason = (
+            f"wrong route: Exchange Online answered {reply}: the message reached a server "
+            "of the wrong region or tenant. Point the domain's route at the target tenant's "
+            "MX host ('mxspool domain route DOMAIN --route HOST'), check the target's inbound "
+            "connector, then 'mxspool queue retry --parked --domain DOMAIN'"
+        )
+        return RecipientOutcome(recipient.id, RecipientState.PARKED, reason, ctx.destination)
+    if reply.code == 550 and status == "5.4.1" and released:
+        return _not_ready(recipient, reply, ctx)
+    return outcomes.for_reply(recipient, reply, ctx)
+
+
+def _not_ready(recipient: ClaimedRecipient, reply: Reply, ctx: AttemptContext) -> RecipientOutcome:
+    waited = ctx.now - ctx.age_start
+    if waited >= NOT_READY_FOR:
+        reason = (
+            f"not ready at target for {format_duration(NOT_READY_FOR)} (re-checked every "
+            f"{format_duration(NOT_READY_EVERY)}): {reply}; create the mailbox at the target, "
+            "then 'mxspool queue retry --parked --domain DOMAIN'"
+        )
+        return RecipientOutcome(recipient.id, RecipientState.PARKED, reason, ctx.destination)
+    return RecipientOutcome(
+        recipient.id,
+        RecipientState.PENDING,
+        f"not ready at target (re-checked every {format_duration(NOT_READY_EVERY)}): {reply}",
+        ctx.destination,
+        next_attempt_at=ctx.now + NOT_READY_EVERY,
+    )
+
+
+@dataclass(slots=True)
+class _Gcra:
+    """Generic cell rate algorithm: one timestamp per key, no sliding windows kept."""
+
+    interval: float
+    tolerance: float
+    tat: dict[str, float]
+
+    @classmethod
+    def per_hour(cls, limit: int) -> _Gcra:
+        burst = max(1, limit // BURST_SHARE)
+        # The sustained rate leaves room for the burst: burst + rate x 1 h == limit, so no
+        # sliding hour ever holds more than the limit.
+        interval = 3600.0 / max(1, limit - burst)
+        return cls(interval, (burst - 1) * interval, {})
+
+    def reserve(self, key: str, now: float) -> float:
+        """Take the next slot for ``key``; when it may be used (``now`` if at once)."""
+        tat = max(self.tat.get(key, now), now)
+        self.tat[key] = tat + self.interval
+        return max(now, tat - self.tolerance)
+
+    def prune(self, now: float) -> None:
+        # A key whose time has come is the same as an absent one: forget it.
+        for key in [key for key, tat in self.tat.items() if tat <= now]:
+            del self.tat[key]
+
+
+class RecipientPacer:
+    """Per-recipient and per-pair hourly limits, one node's share (see the module docstring)."""
+
+    def __init__(self, per_recipient: int | None = None, per_pair: int | None = None) -> None:
+        self._recipient = _Gcra.per_hour(per_recipient or RECIPIENT_PER_HOUR)
+        self._pair = _Gcra.per_hour(per_pair or PAIR_PER_HOUR)
+        self._reserved: dict[int, float] = {}
+        """Recipient row id -> the time reserved for it when it was deferred."""
+        self._pruned_at = 0.0
+
+    def admit(self, recipient_id: int, sender: str, address: str, now: float) -> float:
+        """0.0 when this recipient may be sent now; else when it may (it is deferred)."""
+        reserved = self._reserved.pop(recipient_id, None)
+        if reserved is not None:
+            if reserved <= now + 1.0:
+                return 0.0  # its slot was reserved when it was deferred: no second token
+            self._reserved[recipient_id] = reserved
+            return reserved
+        rcpt = address.lower()
+        at = max(
+            self._recipient.reserve(rcpt, now),
+            self._pair.reserve(f"{sender.lower()} {rcpt}", now),
+        )
+        if at <= now:
+            return 0.0
+        self._reserved[recipient_id] = at
+        self._prune(now)
+        return at
+
+    def _prune(self, now: float) -> None:
+        if now - self._pruned_at < 60.0:
+            return
+        self._pruned_at = now
+        self._recipient.prune(now)
+        self._pair.prune(now)
+        # A reservation an hour stale was delivered elsewhere (another node, an operator).
+        stale = [rid for rid, at in self._reserved.items() if at < now - 3600.0]
+        for rid in stale:
+            del self._reserved[rid]
+
+
+class AdaptiveRate:
+    """The destination's rate under Exchange Online's throttling: halve, then recover."""
+
+    def __init__(self) -> None:
+        self.limit: float | None = None
+        """Messages per second imposed by throttling; None when not throttled."""
+        self._ceiling = 0.0
+        self._cut_at = 0.0
+        self._step_at = 0.0
+
+    def throttled(self, now: float, current: float) -> None:
+        """A throttling reply arrived; ``current``: the rate in force or seen just before."""
+        if self.limit is not None and now - self._cut_at < 1.0:
+            return
+        if self.limit is None:
+            self._ceiling = current
+        base = self.limit if self.limit is not None else current
+        self.limit = max(MIN_RATE, base / 2.0)
+        self._cut_at = self._step_at = now
+
+    def effective(self, configured: float, now: float) -> float:
+        """The rate to pace at now: ``configured`` (0 = unpaced) unless throttled."""
+        if self.limit is None:
+            return configured
+        while now - self._step_at >= RECOVER_EVERY:
+            self._step_at += RECOVER_EVERY
+            self.limit *= RECOVER_STEP
+            ceiling = configured if configured > 0.0 else self._ceiling
+            if self.limit >= ceiling:
+                self.limit = None
+                return configured
+        return self.limit if configured <= 0.0 else min(configured, self.limit)

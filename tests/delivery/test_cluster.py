@@ -1,0 +1,115 @@
+"""Two nodes (two schedulers, two store connections) on one PostgreSQL store: the destination's
+connection limit and rate hold for the pair, measured at the target; notifications wake a node
+at once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from mxspool.store import create_store
+from mxspool.store.base import Store
+from tests.delivery.conftest import DOMAIN, EngineFactory, add_domain, put_message, release
+from tests.delivery.conftest import wait_for as wait_until
+from tests.delivery.target import Target
+from tests.store.conftest import pg_server, pg_url  # noqa: F401  (fixtures)
+
+Nodes = Callable[[], Awaitable[Store]]
+
+
+@pytest.fixture
+async def node_store(pg_url: str) -> AsyncIterator[Nodes]:  # noqa: F811
+    """Each call opens another store on the same database, as another node would."""
+    opened: list[Store] = []
+
+    async def make() -> Store:
+        store = create_store(pg_url)
+        await store.open()
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        await store.close()
+
+
+async def _pending(store: Store) -> int:
+    return sum(1 for _ in await store.list_queue(domain=DOMAIN, state="pending", limit=10_000))
+
+
+async def test_two_nodes_share_the_connection_limit(
+    node_store: Nodes, target: Target, engine: EngineFactory
+) -> None:
+    target.behaviour.data_delay = 0.03
+    one, two = await node_store(), await node_store()
+    await add_domain(one, target.port, hold=True)  # type: ignore[arg-type]
+    for number in range(90):
+        await put_message(one, [f"u{number}@{DOMAIN}"])  # type: ignore[arg-type]
+    # Small claims, so that both nodes hold some of the backlog (a real one has thousands).
+    for node, name in ((one, "node1.test"), (two, "node2.test")):
+        engine(on=node, concurrency=3, shared_pacing=True, helo=name, lease=3.0, claim_limit=10)
+    await release(one)  # type: ignore[arg-type]
+    await wait_until(lambda: len(target.recorder.received) == 90, within=40)
+    assert target.recorder.max_active <= 3, target.recorder.max_active
+    assert target.recorder.max_active == 3  # and it did fan out
+    assert {item.helo for item in target.recorder.received} == {"node1.test", "node2.test"}
+    assert sorted(r for r, _ in target.recorder.deliveries()) == sorted(
+        f"u{number}@{DOMAIN}" for number in range(90)
+    )
+
+
+async def test_two_nodes_share_the_rate(
+    node_store: Nodes, target: Target, engine: EngineFactory
+) -> None:
+    rate, count = 25.0, 100
+    one, two = await node_store(), await node_store()
+    await add_domain(one, target.port, hold=True, rate=rate)  # type: ignore[arg-type]
+    for number in range(count):
+        await put_message(one, [f"u{number}@{DOMAIN}"])  # type: ignore[arg-type]
+    for node, name in ((one, "node1.test"), (two, "node2.test")):
+        engine(on=node, concurrency=4, shared_pacing=True, helo=name, claim_limit=10)
+    await release(one)  # type: ignore[arg-type]
+    await wait_until(lambda: len(target.recorder.received) == count, within=30)
+    times = sorted(item.at for item in target.recorder.received)
+    measured = (count - 1) / (times[-1] - times[0])
+    print(f"cluster rate {measured:.2f}/s for a limit of {rate:.0f}/s")
+    assert abs(measured - rate) <= 0.1 * rate, measured
+    # Each second holds at most the rate plus the bucket's small start-up allowance.
+    for index, start in enumerate(times):
+        assert sum(1 for t in times[index:] if t - start < 1.0) <= rate * 1.2
+    helos = [item.helo for item in target.recorder.received]
+    assert helos.count("node1.test") > 10 and helos.count("node2.test") > 10, helos
+
+
+async def test_notification_wakes_the_other_node_at_once(
+    node_store: Nodes, target: Target, engine: EngineFactory
+) -> None:
+    one, two = await node_store(), await node_store()
+    await add_domain(one, target.port, hold=True)  # type: ignore[arg-type]
+    await put_message(one, [f"a@{DOMAIN}"])  # type: ignore[arg-type]
+    scheduler = engine(on=two, helo="node2.test")
+    scheduler._poll_interval = 30.0  # polling would take far too long: only a wake-up helps
+    await asyncio.sleep(0.5)  # the listener is connected
+    released_at = time.time()
+    await release(one)  # type: ignore[arg-type]  # on the other node's connection
+    await wait_until(lambda: len(target.recorder.received) == 1, within=5)
+    assert target.recorder.received[0].at - released_at < 1.0
+    assert await _pending(two) == 0
+
+
+async def test_slots_of_a_dead_node_expire(
+    node_store: Nodes, target: Target, engine: EngineFactory
+) -> None:
+    one = await node_store()
+    await add_domain(one, target.port, hold=False)  # type: ignore[arg-type]
+    # A node took every connection slot of the destination, then died without a word.
+    for number in range(2):
+        assert await one.acquire_slot(DOMAIN, f"dead-node/{number}", 2, 1.5)
+    await put_message(one, [f"a@{DOMAIN}"])  # type: ignore[arg-type]
+    engine(on=one, concurrency=2, shared_pacing=True)
+    await asyncio.sleep(0.8)
+    assert target.recorder.sessions == 0  # the cluster's limit is still taken
+    await wait_until(lambda: len(target.recorder.received) == 1, within=5)

@@ -1,0 +1,179 @@
+"""The Exchange Online profile against a local target that answers like Exchange Online;
+every reaction is measured at the target."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+
+from mxspool.delivery import exchange
+from mxspool.store.sqlite import SqliteStore
+from tests.delivery.conftest import (
+    DOMAIN,
+    EngineFactory,
+    add_domain,
+    put_message,
+    release,
+    rows,
+    wait_for,
+)
+from tests.delivery.target import Target
+
+EXO = exchange.PROFILE
+THROTTLED = "451 4.7.500 Server busy. Please try again later from [192.0.2.1]. (AS761)"
+NOT_READY = "550 5.4.1 Recipient address rejected: Access denied. AS(201806281)"
+
+
+def _in_window(times: list[float], start: float, length: float = 1.0) -> int:
+    return sum(1 for t in times if start <= t < start + length)
+
+
+async def _row(store: SqliteStore, rcpt: str) -> tuple[str, str, int]:
+    row = next(row for row in await rows(store) if row.rcpt == rcpt)
+    return row.state, row.remote_reply or "", row.attempts
+
+
+async def test_as_throttling_halves_the_rate_then_recovers(
+    store: SqliteStore, target: Target, engine: EngineFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(exchange, "RECOVER_EVERY", 1.0)
+    rate, count = 40.0, 300
+    target.behaviour.data_replies = ["250"] * 40 + [THROTTLED] * 3
+    await add_domain(store, target.port, hold=True, rate=rate, profile=EXO)
+    for number in range(count):
+        await put_message(store, [f"u{number}@{DOMAIN}"])
+    engine(concurrency=4, retry=(0.2,))
+    await release(store)
+    await wait_for(lambda: len(target.recorder.received) == count, within=40)
+    times = sorted(item.at for item in target.recorder.received)
+    throttled_at = target.recorder.refused_data[-1][0]
+    before = _in_window(times, times[0] + 0.1, 0.8) / 0.8
+    after = _in_window(times, throttled_at + 0.1, 0.8) / 0.8
+    print(f"rate before {before:.1f}/s, after throttling {after:.1f}/s")
+    assert before >= rate * 0.8, before
+    assert after <= rate / 2 * 1.15, after  # halved at once
+    # Then a quarter faster every second without throttling, back to the configured rate.
+    recovered_from = throttled_at + 4.2
+    assert times[-1] > recovered_from + 1.0, "the run was too short to see the recovery"
+    recovered = _in_window(times, recovered_from) / 1.0
+    print(f"rate after recovery {recovered:.1f}/s")
+    assert recovered >= rate * 0.8, recovered
+    # The throttled ones were deferred and went later: each message arrived once.
+    assert len({rcpt for rcpt, _ in target.recorder.deliveries()}) == count
+
+
+async def test_rate_limits_sent_as_5xx_stay_pending(
+    store: SqliteStore, target: Target, engine: EngineFactory
+) -> None:
+    target.behaviour.rcpt_replies = {
+        f"busy@{DOMAIN}": "550 5.2.121 Recipient's hourly message receive limit exceeded",
+        f"pair@{DOMAIN}": "550 5.2.122 One of the recipient's hourly limits from the sender",
+        f"gone@{DOMAIN}": "550 5.1.10 RESOLVER.ADR.RecipientNotFound",
+    }
+    await add_domain(store, target.port, hold=False, profile=EXO)
+    await put_message(store, [f"busy@{DOMAIN}", f"pair@{DOMAIN}", f"gone@{DOMAIN}", f"ok@{DOMAIN}"])
+    engine(retry=(30.0,))
+    await wait_for(lambda: len(target.recorder.received) == 1)
+    await wait_for(lambda: _settled(store))
+    assert (await _row(store, f"busy@{DOMAIN}"))[:2] == (
+        "pending",
+        "550 5.2.121 Recipient's hourly message receive limit exceeded",
+    )
+    assert (await _row(store, f"pair@{DOMAIN}"))[0] == "pending"
+    assert (await _row(store, f"gone@{DOMAIN}"))[0] == "parked"  # other 5xx still park
+    assert (await _row(store, f"ok@{DOMAIN}"))[0] == "delivered"
+
+
+async def _settled(store: SqliteStore) -> bool:
+    return all(row.state != "delivering" and row.attempts for row in await rows(store))
+
+
+async def test_not_ready_at_target_is_rechecked_then_parked(
+    store: SqliteStore, target: Target, engine: EngineFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(exchange, "NOT_READY_EVERY", 0.4)
+    monkeypatch.setattr(exchange, "NOT_READY_FOR", 2.0)
+    target.behaviour.rcpt_replies = {f"new@{DOMAIN}": NOT_READY}
+    await add_domain(store, target.port, hold=True, profile=EXO)
+    await put_message(store, [f"new@{DOMAIN}", f"ok@{DOMAIN}"])
+    engine(retry=(0.1,))  # a plain deferral would come back every 0.1 s: 5.4.1 waits longer
+    await release(store)
+    await wait_for(lambda: _state(store, f"new@{DOMAIN}", "pending", "not ready at target"))
+    _, reply, _ = await _row(store, f"new@{DOMAIN}")
+    assert reply.startswith("not ready at target (re-checked every") and NOT_READY in reply
+    await wait_for(lambda: _state(store, f"new@{DOMAIN}", "parked", "not ready at target for"))
+    checks = [at for at, address, _ in target.recorder.rcpts if address == f"new@{DOMAIN}"]
+    gaps = [b - a for a, b in itertools.pairwise(checks)]
+    print(f"{len(checks)} checks, gaps {[round(g, 2) for g in gaps]}")
+    assert 4 <= len(checks) <= 7, checks
+    assert all(gap >= 0.35 for gap in gaps), gaps
+    await asyncio.sleep(1.0)  # parked: no more checks
+    assert len([a for _, a, _ in target.recorder.rcpts if a == f"new@{DOMAIN}"]) == len(checks)
+    assert (await _row(store, f"ok@{DOMAIN}"))[0] == "delivered"
+
+
+async def _state(store: SqliteStore, rcpt: str, state: str, reply_start: str) -> bool:
+    got, reply, _ = await _row(store, rcpt)
+    return got == state and reply.startswith(reply_start)
+
+
+async def test_not_ready_outside_a_release_parks_at_once(
+    store: SqliteStore, target: Target, engine: EngineFactory
+) -> None:
+    target.behaviour.rcpt_replies = {f"new@{DOMAIN}": NOT_READY}
+    await add_domain(store, target.port, hold=False, profile=EXO)  # never held, never released
+    await put_message(store, [f"new@{DOMAIN}"])
+    engine()
+    await wait_for(lambda: _state(store, f"new@{DOMAIN}", "parked", NOT_READY))
+
+
+async def test_wrong_region_or_tenant_parks_with_the_route_explained(
+    store: SqliteStore, target: Target, engine: EngineFactory
+) -> None:
+    target.behaviour.data_replies = ["451 4.4.62 Mail sent to the wrong Office 365 region. ATTR35"]
+    await add_domain(store, target.port, hold=False, profile=EXO)
+    await put_message(store, [f"a@{DOMAIN}"])
+    engine(retry=(0.1,))
+    await wait_for(lambda: _state(store, f"a@{DOMAIN}", "parked", "wrong route"))
+    _, reply, _ = await _row(store, f"a@{DOMAIN}")
+    assert "451 4.4.62" in reply and "mxspool domain route" in reply
+    await asyncio.sleep(0.5)
+    assert target.recorder.mail_commands == 1  # parked: not retried on its own
+
+
+async def test_a_recipients_hourly_budget_defers_the_rest_unattempted(
+    store: SqliteStore, target: Target, engine: EngineFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(exchange, "RECIPIENT_PER_HOUR", 180)  # a burst of 3, then 1 per 20 s
+    await add_domain(store, target.port, hold=True, profile=EXO)
+    for _ in range(5):
+        await put_message(store, [f"hot@{DOMAIN}"])
+    await put_message(store, [f"cold@{DOMAIN}"])
+    engine()
+    await release(store)
+    await wait_for(lambda: len(target.recorder.received) == 4)
+    await asyncio.sleep(0.5)
+    assert (
+        sorted(r for r, _ in target.recorder.deliveries())
+        == [f"cold@{DOMAIN}"] + [f"hot@{DOMAIN}"] * 3
+    )
+    held_back = [row for row in await rows(store) if row.state == "pending"]
+    assert len(held_back) == 2
+    assert all(
+        row.attempts == 0 and (row.remote_reply or "").startswith("paced") for row in held_back
+    )
+
+
+def test_gcra_keeps_every_hour_within_the_limit() -> None:
+    pacer = exchange.RecipientPacer(per_recipient=120, per_pair=10_000)
+    now, sent = 0.0, []
+    for rid in range(400):
+        at = pacer.admit(rid, "s@x.test", "r@y.test", now)
+        sent.append(now if at == 0.0 else at)
+    sent.sort()
+    for index, start in enumerate(sent):
+        assert sum(1 for t in sent[index:] if t - start < 3600.0) <= 120
+    # A deferred recipient that comes back at its time goes without a second token.
+    assert pacer.admit(399, "s@x.test", "r@y.test", sent[-1]) == 0.0
