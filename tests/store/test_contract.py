@@ -155,6 +155,17 @@ async def test_accept_empty_body(store: Store) -> None:
     assert await read_all(store, message_id) == b""
 
 
+async def test_read_small_bodies_in_one_call(store: Store) -> None:
+    small = [await put(store, ["a@relay.test"], data=f"small {n}\r\n".encode()) for n in range(3)]
+    large = await put(store, ["a@relay.test"], data=b"x" * 5000)
+    bodies = await store.read_small_bodies([*small, large, "NOSUCHID"], 1000)
+    assert set(bodies) == set(small)
+    for n, message_id in enumerate(small):
+        assert bodies[message_id] == f"small {n}\r\n".encode()
+        assert bodies[message_id] == await read_all(store, message_id)
+    assert await store.read_small_bodies([], 1000) == {}
+
+
 async def test_read_body_of_unknown_message_raises_not_found(store: Store) -> None:
     with pytest.raises(NotFound):
         await read_all(store, "NOSUCHID")

@@ -1,18 +1,16 @@
 """The bytes of claimed messages for delivery: small ones read in bulk when the store can.
 
 Reading a body is a store round trip per message (two on SQLite: find it, read it), which in
-a release of small messages costs as much CPU as the SMTP work. When the store offers
-``read_small_bodies`` (an optional extension of the Store protocol, see ``BulkBodyReader``),
-the feeder reads the bodies of a whole claimed batch that are at most ``SMALL_BODY`` bytes in
-one call; everything else, and every store without it, streams through ``read_body`` as
-before. Memory stays bounded: at most one claim batch of small bodies per drain.
+a release of small messages costs as much CPU as the SMTP work. So the feeder reads the bodies
+of a whole claimed batch that are at most ``SMALL_BODY`` bytes with one
+``Store.read_small_bodies`` call; larger ones stream through ``read_body``. Memory stays
+bounded: at most one claim batch of small bodies per drain.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Protocol, runtime_checkable
 
 from mxspool.store.base import DeliveryJob, Store, StoreError
 
@@ -22,32 +20,20 @@ SMALL_BODY = 64 * 1024
 """Largest body read in bulk: a claim batch of 200 holds at most 12.5 MiB this way."""
 
 
-@runtime_checkable
-class BulkBodyReader(Protocol):
-    async def read_small_bodies(
-        self, message_ids: Sequence[str], max_size: int
-    ) -> dict[str, bytes]:
-        """The stored bytes of those messages whose size is at most ``max_size``, in one read;
-        other ids (larger or gone) are left out."""
-
-
 class BodySource:
     """Where a drain's transactions get their bytes: the bulk-read cache, else the store."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._bulk = store if isinstance(store, BulkBodyReader) else None
         self._cache: dict[str, bytes] = {}
 
     async def prefetch(self, jobs: Sequence[DeliveryJob]) -> None:
-        """Read the small bodies of a claimed batch in one call (when the store can)."""
-        if self._bulk is None:
-            return
+        """Read the small bodies of a claimed batch in one call."""
         ids = [job.message_id for job in jobs if 0 < job.size <= SMALL_BODY]
         if not ids:
             return
         try:
-            self._cache.update(await self._bulk.read_small_bodies(ids, SMALL_BODY))
+            self._cache.update(await self._store.read_small_bodies(ids, SMALL_BODY))
         except StoreError as exc:
             # Not fatal: each transaction reads its own body, and reports its own error.
             log.warning("bulk body read failed, reading one by one: %s", exc)

@@ -309,6 +309,14 @@ class Store(Protocol):
     def read_body(self, message_id: str) -> AsyncIterator[bytes]:
         """The stored bytes in pieces; raises NotFound."""
 
+    async def read_small_bodies(
+        self, message_ids: Sequence[str], max_size: int
+    ) -> dict[str, bytes]:
+        """The stored bytes of those messages whose size is at most ``max_size``, in one read.
+
+        Other ids (larger, or gone) are left out. Delivery reads a claimed batch this way.
+        """
+
     async def attempts(self, message_id: str) -> list[AttemptRecord]: ...
 
     async def discard(self, message_id: str) -> int:

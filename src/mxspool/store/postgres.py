@@ -572,6 +572,20 @@ class PostgresStore:
             if data:
                 yield data
 
+    async def read_small_bodies(
+        self, message_ids: Sequence[str], max_size: int
+    ) -> dict[str, bytes]:
+        ids = list(message_ids)
+        if not ids:
+            return {}
+        # Bodies this small are one chunk (chunks are 1 MiB); a size check keeps it that way.
+        rows = await self._fetchall(
+            "SELECT m.id, b.data FROM messages m JOIN bodies b ON b.message_seq = m.seq "
+            "AND b.chunk = 0 WHERE m.id = ANY(%s) AND m.size <= %s AND m.size <= %s",
+            (ids, max_size, BODY_CHUNK),
+        )
+        return {row[0]: bytes(row[1]) for row in rows}
+
     async def attempts(self, message_id: str) -> list[AttemptRecord]:
         rows = await self._fetchall(
             "SELECT r.rcpt, a.at, a.destination, a.outcome, a.reply FROM attempts a "

@@ -578,6 +578,23 @@ class SqliteStore:
             offset += len(data)
             yield data
 
+    async def read_small_bodies(
+        self, message_ids: Sequence[str], max_size: int
+    ) -> dict[str, bytes]:
+        ids = list(message_ids)
+        if not ids:
+            return {}
+
+        def work(conn: sqlite3.Connection) -> dict[str, bytes]:
+            rows = conn.execute(
+                "SELECT m.id, b.data FROM messages m JOIN bodies b ON b.seq = m.seq "
+                f"WHERE m.id IN ({','.join('?' * len(ids))}) AND m.size <= ?",
+                (*ids, max_size),
+            )
+            return {row[0]: bytes(row[1]) for row in rows}
+
+        return await self._read(work)
+
     async def attempts(self, message_id: str) -> list[AttemptRecord]:
         def work(conn: sqlite3.Connection) -> list[AttemptRecord]:
             return [
