@@ -41,16 +41,8 @@ def checklist(domain: Domain, status: DomainStatus, audit: Sequence[AuditEntry])
     """The steps for ``domain``; ``audit`` may hold any entries (others' are ignored)."""
     name = domain.name
     mine = sorted((entry for entry in audit if entry.target == name), key=lambda e: e.at)
-    total = (
-        status.held
-        + status.pending
-        + status.delivering
-        + status.delivered
-        + status.parked
-        + status.bounced
-        + status.discarded
-    )
-    open_count = status.held + status.pending + status.delivering + status.parked
+    total = status.total
+    open_count = status.unfinished
 
     added = _first(mine, "domain.add")
     checks = [entry for entry in mine if entry.action.startswith(("check.", "probe"))]

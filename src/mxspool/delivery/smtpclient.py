@@ -40,14 +40,11 @@ from mxspool.delivery.errors import ConnectFailed, ConnectionLost, TlsFailed, Un
 from mxspool.delivery.reply import Reply
 from mxspool.delivery.routing import Hop
 from mxspool.delivery.transport import (
-    COMMAND_TIMEOUT,
-    FINAL_REPLY_TIMEOUT,
-    Session,
+    ConnectorBase,
     Transaction,
     check_extensions,
     mail_arguments,
     rcpt_arguments,
-    tls_contexts,
 )
 from mxspool.store.base import TlsMode
 
@@ -208,32 +205,8 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-class SmtpConnector:
+class SmtpConnector(ConnectorBase):
     """``Connector`` with our own client (the default; see the module docstring)."""
-
-    def __init__(
-        self,
-        *,
-        local_hostname: str,
-        connect_timeout: float = 30.0,
-        ca_file: str = "",
-        command_timeout: float = COMMAND_TIMEOUT,
-        final_timeout: float = FINAL_REPLY_TIMEOUT,
-    ) -> None:
-        self.local_hostname = local_hostname
-        self.connect_timeout = connect_timeout
-        self.command_timeout = command_timeout
-        self.final_timeout = final_timeout
-        self._verify, self._any_cert = tls_contexts(ca_file)
-
-    async def open(self, hop: Hop, tls: TlsMode) -> Session:
-        try:
-            return await self._open(hop, tls)
-        except TlsFailed:
-            if tls is not TlsMode.OPPORTUNISTIC:
-                raise
-            # Like Postfix: a failed handshake is retried in clear on a new connection.
-            return await self._open(hop, TlsMode.OFF)
 
     async def _open(self, hop: Hop, tls: TlsMode) -> SmtpSession:
         loop = asyncio.get_running_loop()

@@ -156,8 +156,9 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-class AiosmtplibConnector:
-    """``Connector`` on aiosmtplib."""
+class ConnectorBase:
+    """What every ``Connector`` shares: its settings, TLS contexts, and the opportunistic
+    fallback; an implementation provides ``_open``."""
 
     def __init__(
         self,
@@ -180,7 +181,15 @@ class AiosmtplibConnector:
         except TlsFailed:
             if tls is not TlsMode.OPPORTUNISTIC:
                 raise
+            # Like Postfix: a failed handshake is retried in clear on a new connection.
             return await self._open(hop, TlsMode.OFF)
+
+    async def _open(self, hop: Hop, tls: TlsMode) -> Session:
+        raise NotImplementedError
+
+
+class AiosmtplibConnector(ConnectorBase):
+    """``Connector`` on aiosmtplib."""
 
     async def _open(self, hop: Hop, tls: TlsMode) -> _AiosmtplibSession:
         smtp = aiosmtplib.SMTP(

@@ -64,16 +64,8 @@ def released_at(domain: Domain, entries: Sequence[AuditEntry]) -> float | None:
 def stage(domain: Domain, status: DomainStatus, audit: Sequence[AuditEntry]) -> str:
     """The domain's current stage (one of STAGES)."""
     entries = _mine(domain.name, audit)
-    total = (
-        status.held
-        + status.pending
-        + status.delivering
-        + status.delivered
-        + status.parked
-        + status.bounced
-        + status.discarded
-    )
-    open_count = status.held + status.pending + status.delivering + status.parked
+    total = status.total
+    open_count = status.unfinished
     released = released_at(domain, entries)
     if released is not None:
         if mx_seen(entries, "route", after=released) is not None:

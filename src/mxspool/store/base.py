@@ -176,6 +176,24 @@ class DomainStatus:
     oldest_pending_age_s: float | None = None
     delivered_last_minute: int = 0
 
+    @property
+    def total(self) -> int:
+        """Every recipient row of the domain, whatever its state."""
+        return (
+            self.held
+            + self.pending
+            + self.delivering
+            + self.delivered
+            + self.parked
+            + self.bounced
+            + self.discarded
+        )
+
+    @property
+    def unfinished(self) -> int:
+        """Rows that still need delivery or an operator's decision."""
+        return self.held + self.pending + self.delivering + self.parked
+
 
 @dataclass(frozen=True, slots=True)
 class ReportRow:
