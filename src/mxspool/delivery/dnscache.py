@@ -55,6 +55,26 @@ def is_ip_literal(host: str) -> bool:
 _Entry = tuple[float, tuple[object, ...] | NameNotFound]
 
 
+def make_resolver(nameserver: str, lifetime: float) -> dns.asyncresolver.Resolver:
+    """dnspython's resolver on ``[delivery] resolver`` ("host:port"), or the system's.
+
+    Raises RoutingError (with what to do) when none can be set up.
+    """
+    try:
+        if nameserver:
+            host, port = split_host_port(nameserver, 53)
+            resolver = dns.asyncresolver.Resolver(configure=False)
+            resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port)]
+        else:
+            resolver = dns.asyncresolver.Resolver()
+    except (dns.resolver.NoResolverConfiguration, OSError, ValueError) as exc:
+        raise RoutingError(
+            f'no DNS resolver available ({exc}); set [delivery] resolver = "host:port"'
+        ) from exc
+    resolver.lifetime = lifetime
+    return resolver
+
+
 class DnsCache:
     """MX and address lookups with a TTL cache.
 
@@ -71,19 +91,7 @@ class DnsCache:
 
     def _get_resolver(self) -> dns.asyncresolver.Resolver:
         if self._resolver is None:
-            try:
-                if self._nameserver:
-                    host, port = split_host_port(self._nameserver, 53)
-                    resolver = dns.asyncresolver.Resolver(configure=False)
-                    resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port)]
-                else:
-                    resolver = dns.asyncresolver.Resolver()
-            except (dns.resolver.NoResolverConfiguration, OSError, ValueError) as exc:
-                raise RoutingError(
-                    f'no DNS resolver available ({exc}); set [delivery] resolver = "host:port"'
-                ) from exc
-            resolver.lifetime = QUERY_LIFETIME
-            self._resolver = resolver
+            self._resolver = make_resolver(self._nameserver, QUERY_LIFETIME)
         return self._resolver
 
     def _cached(self, key: tuple[str, str]) -> tuple[object, ...] | None:

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 
 import dns.asyncresolver
 import dns.exception
-import dns.nameserver
 import dns.resolver
 
-from mxspool.config import split_host_port
+from mxspool.delivery import dnscache
+from mxspool.delivery.errors import RoutingError
 
 MAX_TTL = 300
 """The MX TTL to have before the change: an operator waits at most this for senders to follow."""
@@ -80,20 +80,11 @@ class DnsReport:
 
 
 def make_resolver(nameserver: str) -> dns.asyncresolver.Resolver:
-    """dnspython's resolver on ``[delivery] resolver`` ("host:port"), or the system's."""
+    """The delivery engine's resolver set-up, with this module's error type."""
     try:
-        if nameserver:
-            host, port = split_host_port(nameserver, 53)
-            resolver = dns.asyncresolver.Resolver(configure=False)
-            resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port)]
-        else:
-            resolver = dns.asyncresolver.Resolver()
-    except (dns.resolver.NoResolverConfiguration, OSError, ValueError) as exc:
-        raise DnsCheckError(
-            f'no DNS resolver available ({exc}); set [delivery] resolver = "host:port"'
-        ) from exc
-    resolver.lifetime = TIMEOUT
-    return resolver
+        return dnscache.make_resolver(nameserver, TIMEOUT)
+    except RoutingError as exc:
+        raise DnsCheckError(str(exc)) from exc
 
 
 class _Lookup:
