@@ -81,7 +81,9 @@ async def test_two_nodes_share_the_rate(
     for index, start in enumerate(times):
         assert sum(1 for t in times[index:] if t - start < 1.0) <= rate * 1.2
     helos = [item.helo for item in target.recorder.received]
-    assert helos.count("node1.test") > 10 and helos.count("node2.test") > 10, helos
+    # Both nodes delivered under the shared limit: each at least one whole claim batch (10);
+    # how the other batches split between them is up to scheduling.
+    assert helos.count("node1.test") >= 10 and helos.count("node2.test") >= 10, helos
 
 
 async def test_notification_wakes_the_other_node_at_once(
