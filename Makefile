@@ -10,7 +10,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
+$(STAMP): pyproject.toml setup.py src/mxspool/smtp/_scan.c | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test,fast]'
 	touch $(STAMP)
 
@@ -18,8 +18,8 @@ run: $(STAMP)
 	$(BIN)/mxspool serve
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench setup.py
+	$(BIN)/ruff format --check src tests bench setup.py
 	$(BIN)/mypy
 
 test: lint

@@ -7,6 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from smtp_driver import merged, run
 
+pytestmark = pytest.mark.usefixtures("scanner")  # C and Python DATA scanners
+
 BODY = (
     b"Received: from a by b; Mon, 1 Jan 2024 00:00:00 +0000\r\n"
     b"Message-ID:\r\n <m1@example.org>\r\nSubject: dots\r\n\r\n"

@@ -9,6 +9,8 @@ from mxspool.smtp.data import DataReader
 from mxspool.smtp.headers import HeaderScanner
 from mxspool.smtp.server import ServerConnection
 
+pytestmark = pytest.mark.usefixtures("scanner")  # C and Python DATA scanners
+
 
 def read_all(
     pieces: list[bytes], **kw: object

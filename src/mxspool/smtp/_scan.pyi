@@ -1,0 +1,6 @@
+# The C inner loops of mxspool.smtp.data (see _scan.c); same contracts as find_end_py and
+# process_region_py there.
+def find_end(buf: bytes, /) -> int: ...
+def process(
+    region: bytes, sol: bool, normalize: bool, check_lines: bool, carry: int, /
+) -> tuple[bytes, bool, bool, int]: ...
