@@ -196,15 +196,11 @@ async def test_a_failing_accept_does_not_fail_the_others(store: Store) -> None:
         return_exceptions=True,
     )
     assert [r for i, r in enumerate(results) if i != 10] == [None] * 20
-    assert isinstance(results[10], Exception)
+    assert isinstance(results[10], StoreError)
     stored = await store.get_message(first.id)
     assert stored is not None
     assert [r.address for r in stored.recipients] == ["a@relay.test"]
     assert len(await store.list_queue(limit=1000)) == 21
-    if not isinstance(results[10], StoreError):
-        # The protocol promises StoreError; SqliteStore lets sqlite3.IntegrityError through
-        # (the fix is in the PostgreSQL work's report). Remove this once it is fixed.
-        pytest.xfail(f"{type(store).__name__} raised {type(results[10]).__name__}, not StoreError")
 
 
 # -- domains ---------------------------------------------------------------------------------

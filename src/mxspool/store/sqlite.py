@@ -65,10 +65,16 @@ BACKSTOP_CHECKPOINT_PAGES = 65536
 _OPEN_STATES = ("pending", "delivering")
 
 
+# SQLite's default SQLITE_MAX_VARIABLE_NUMBER since 3.32; multi-row INSERTs stay under it.
+MAX_VARIABLES = 32766
+
+
 @dataclass(slots=True)
 class _Job:
     work: Callable[[sqlite3.Connection], Any]
     future: Future[Any]
+    # Set for accepts: the writer inserts all accepts of a batch with one statement per table.
+    message: IncomingMessage | None = None
 
 
 def sqlite_path(url: str) -> Path:
@@ -244,12 +250,32 @@ class SqliteStore:
             conn.close()
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> bool:
+        """Run a batch in one transaction (one fsync); each job isolated by a savepoint.
+
+        The accepts of a batch go first, all together: one multi-row statement per table. Every
+        statement releases and retakes the GIL, which the event loop holds most of the time, so
+        statements, not rows, set the writer's pace (about 0.2 ms each under load). If that
+        fails, the transaction starts over with every job on its own savepoint, so that only the
+        message at fault fails.
+        """
         results: list[tuple[_Job, Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for job in batch:
-                if not job.future.set_running_or_notify_cancel():
-                    continue  # cancelled before it ran: a commit nobody waits for is skipped
+            # A job cancelled before it ran is skipped: a commit nobody waits for.
+            live = [job for job in batch if job.future.set_running_or_notify_cancel()]
+            one_by_one = live
+            accepts = [job.message for job in live if job.message is not None]
+            if len(accepts) > 1:
+                try:
+                    _insert_messages(conn, accepts)
+                except Exception:
+                    # Some message is at fault: start the transaction over, one by one.
+                    conn.execute("ROLLBACK")
+                    conn.execute("BEGIN IMMEDIATE")
+                else:
+                    results.extend((job, None, None) for job in live if job.message is not None)
+                    one_by_one = [job for job in live if job.message is None]
+            for job in one_by_one:
                 conn.execute("SAVEPOINT job")
                 try:
                     value = job.work(conn)
@@ -284,11 +310,13 @@ class SqliteStore:
                 job.future.set_result(value)
         return True
 
-    async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    async def _write(
+        self, work: Callable[[sqlite3.Connection], T], message: IncomingMessage | None = None
+    ) -> T:
         if self._writer is None:
             raise StoreError("the store is not open")
         future: Future[T] = Future()
-        self._jobs.put(_Job(work, future))
+        self._jobs.put(_Job(work, future, message))
         return await asyncio.wrap_future(future)
 
     # -- readers ------------------------------------------------------------------------
@@ -317,7 +345,7 @@ class SqliteStore:
 
     # -- intake -------------------------------------------------------------------------
     async def accept_message(self, message: IncomingMessage) -> None:
-        await self._write(lambda conn: _insert_message(conn, message))
+        await self._write(lambda conn: _insert_messages(conn, [message]), message)
 
     # -- domains ------------------------------------------------------------------------
     async def domains_generation(self) -> int:
@@ -1079,44 +1107,67 @@ def _bump_generation(conn: sqlite3.Connection) -> None:
     conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'domains_generation'")
 
 
-def _insert_message(conn: sqlite3.Connection, message: IncomingMessage) -> None:
-    envelope = message.envelope
-    body = message.body
-    cursor = conn.execute(
-        "INSERT INTO messages (id, received_at, mail_from, mail_params, size, sha256, message_id, "
-        "client_address, client_name, helo, tls_version, tls_cipher, tags) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            message.id,
-            message.received_at,
-            envelope.mail_from,
-            codec.dump_mail_params(envelope.mail_params),
-            body.size,
-            body.sha256,
-            message.message_id,
-            message.client.address,
-            message.client.hostname,
-            message.client.helo,
-            message.client.tls_version,
-            message.client.tls_cipher,
-            ",".join(message.tags),
-        ),
-    )
-    seq = cursor.lastrowid
-    assert seq is not None
-    in_memory = body.getvalue()
-    if in_memory is not None:
-        conn.execute("INSERT INTO bodies (seq, data) VALUES (?, ?)", (seq, in_memory))
-    else:
-        # Large bodies are copied piece by piece so the writer never holds one whole.
-        conn.execute("INSERT INTO bodies (seq, data) VALUES (?, zeroblob(?))", (seq, body.size))
-        with conn.blobopen("bodies", "data", seq) as blob:
-            for piece in body.chunks(BLOB_CHUNK):
-                blob.write(piece)
-    conn.executemany(
-        "INSERT INTO recipients (message_seq, rcpt, domain, params, updated_at) "
-        "VALUES (?, ?, ?, ?, ?)",
-        [
+_MESSAGE_COLUMNS = (
+    "id",
+    "received_at",
+    "mail_from",
+    "mail_params",
+    "size",
+    "sha256",
+    "message_id",
+    "client_address",
+    "client_name",
+    "helo",
+    "tls_version",
+    "tls_cipher",
+    "tags",
+)
+_RECIPIENT_COLUMNS = ("message_seq", "rcpt", "domain", "params", "updated_at")
+
+
+def _insert_messages(conn: sqlite3.Connection, messages: list[IncomingMessage]) -> None:
+    """Insert accepted messages (rows, bodies, recipients) with a few multi-row statements."""
+    # The message rows of one call must fit one statement (see the rowids below).
+    per_statement = MAX_VARIABLES // len(_MESSAGE_COLUMNS)
+    for start in range(0, len(messages), per_statement):
+        _insert_message_rows(conn, messages[start : start + per_statement])
+
+
+def _insert_message_rows(conn: sqlite3.Connection, messages: list[IncomingMessage]) -> None:
+    rows: list[tuple[Any, ...]] = []
+    for message in messages:
+        envelope = message.envelope
+        client = message.client
+        rows.append(
+            (
+                message.id,
+                message.received_at,
+                envelope.mail_from,
+                codec.dump_mail_params(envelope.mail_params),
+                message.body.size,
+                message.body.sha256,
+                message.message_id,
+                client.address,
+                client.hostname,
+                client.helo,
+                client.tls_version,
+                client.tls_cipher,
+                ",".join(message.tags),
+            )
+        )
+    last_seq = _insert_rows(conn, "messages", _MESSAGE_COLUMNS, rows)
+    # One INSERT gives its rows consecutive rowids, max + 1 onwards (we hold the write lock).
+    first_seq = last_seq - len(rows) + 1
+    bodies: list[tuple[Any, ...]] = []
+    spilled: list[tuple[int, IncomingMessage]] = []
+    recipients: list[tuple[Any, ...]] = []
+    for seq, message in enumerate(messages, start=first_seq):
+        in_memory = message.body.getvalue()
+        if in_memory is not None:
+            bodies.append((seq, in_memory))
+        else:
+            spilled.append((seq, message))
+        recipients.extend(
             (
                 seq,
                 recipient.address,
@@ -1124,6 +1175,32 @@ def _insert_message(conn: sqlite3.Connection, message: IncomingMessage) -> None:
                 codec.dump_rcpt_params(recipient.params),
                 message.received_at,
             )
-            for recipient in envelope.recipients
-        ],
-    )
+            for recipient in message.envelope.recipients
+        )
+    _insert_rows(conn, "bodies", ("seq", "data"), bodies)
+    for seq, message in spilled:
+        # Large bodies are copied piece by piece so the writer never holds one whole.
+        body = message.body
+        conn.execute("INSERT INTO bodies (seq, data) VALUES (?, zeroblob(?))", (seq, body.size))
+        with conn.blobopen("bodies", "data", seq) as blob:
+            for piece in body.chunks(BLOB_CHUNK):
+                blob.write(piece)
+    _insert_rows(conn, "recipients", _RECIPIENT_COLUMNS, recipients)
+
+
+def _insert_rows(
+    conn: sqlite3.Connection, table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
+) -> int:
+    """INSERT ``rows`` with as few statements as the variable limit allows; the last rowid."""
+    per_statement = MAX_VARIABLES // len(columns)
+    row_marks = "(" + ", ".join("?" * len(columns)) + ")"
+    last = 0
+    for start in range(0, len(rows), per_statement):
+        chunk = rows[start : start + per_statement]
+        cursor = conn.execute(
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+            + ", ".join([row_marks] * len(chunk)),
+            [value for row in chunk for value in row],
+        )
+        last = cursor.lastrowid or 0
+    return last
