@@ -25,7 +25,8 @@ import logging
 import ssl
 import time
 from collections import Counter
-from typing import cast
+from collections.abc import Coroutine
+from typing import Any, cast
 
 from mxspool import metrics
 from mxspool.body import BodyBuffer
@@ -116,6 +117,7 @@ class SmtpSession(asyncio.Protocol):
         self.closing = False
         self.last_activity = time.monotonic()
         self.idle_timer: asyncio.TimerHandle | None = None
+        self.waiting_task: asyncio.Task[None] | None = None
         self.loop = asyncio.get_running_loop()
 
     # -- connection lifecycle -----------------------------------------------------------
@@ -321,20 +323,29 @@ class SmtpSession(asyncio.Protocol):
             message.body.close()
 
     # -- waiting on the loop ------------------------------------------------------------
-    def _wait(self, work: asyncio.Future[None] | asyncio.Task[None] | object) -> None:
-        """Stop reading until ``work`` (a coroutine) is done, then carry on."""
+    def _wait(self, work: Coroutine[Any, Any, None]) -> None:
+        """Stop reading until ``work`` is done, then carry on."""
         self.waiting = True
         if self.transport is not None:
             self.transport.pause_reading()
-        task = asyncio.ensure_future(cast(asyncio.Future[None], work))
-        task.add_done_callback(self._resume)
+        self.waiting_task = self.loop.create_task(self._then_resume(work))
 
-    def _resume(self, task: asyncio.Future[None]) -> None:
-        self.waiting = False
-        self.last_activity = time.monotonic()
-        if task.cancelled() or task.exception() is not None:
+    async def _then_resume(self, work: Coroutine[Any, Any, None]) -> None:
+        # Resuming inside the task, not from its done callback, sends the reply one loop
+        # iteration sooner: under load an iteration is every other session's callbacks.
+        try:
+            await work
+        except asyncio.CancelledError:
+            self.waiting = False
+            self.abort()
+            raise
+        except Exception as exc:  # a failed TLS handshake; commit errors are answered in _store
+            log.debug("session with %s ends: %s", self.peer, exc)
+            self.waiting = False
             self.abort()
             return
+        self.waiting = False
+        self.last_activity = time.monotonic()
         if self.transport is None or self.transport.is_closing():
             return
         self._flush()
