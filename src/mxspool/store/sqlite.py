@@ -17,6 +17,7 @@ proceed while the writer commits.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import queue
@@ -30,6 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mxspool.envelope import Recipient
 from mxspool.store import codec
 from mxspool.store.base import (
     AttemptRecord,
@@ -65,8 +67,10 @@ BACKSTOP_CHECKPOINT_PAGES = 65536
 _OPEN_STATES = ("pending", "delivering")
 
 
-# SQLite's default SQLITE_MAX_VARIABLE_NUMBER since 3.32; multi-row INSERTs stay under it.
+# SQLite's default SQLITE_MAX_VARIABLE_NUMBER since 3.32: a batch of accepts (15 values
+# each) must fit one INSERT, so that it is one transaction.
 MAX_VARIABLES = 32766
+assert MAX_BATCH * 15 <= MAX_VARIABLES
 
 
 @dataclass(slots=True)
@@ -250,31 +254,31 @@ class SqliteStore:
             conn.close()
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> bool:
-        """Run a batch in one transaction (one fsync); each job isolated by a savepoint.
+        """Commit a batch of jobs: accepts first, then everything else.
 
-        The accepts of a batch go first, all together: one multi-row statement per table. Every
-        statement releases and retakes the GIL, which the event loop holds most of the time, so
-        statements, not rows, set the writer's pace (about 0.2 ms each under load). If that
-        fails, the transaction starts over with every job on its own savepoint, so that only the
-        message at fault fails.
+        Accepts whose bodies are in memory go in one statement, in autocommit mode (see
+        migration 0005_accept_rows.sql): a statement is a GIL round trip and the event loop
+        holds the GIL most of the time, so statements, not rows, set the writer's pace.
+        Everything else (and accepts again, one by one, if that statement fails, so that only
+        the message at fault fails) runs in one transaction, each job on its own savepoint.
         """
+        # A job cancelled before it ran is skipped: a commit nobody waits for.
+        live = [job for job in batch if job.future.set_running_or_notify_cancel()]
+        together = [job for job in live if job.message is not None and not job.message.body.spilled]
+        one_by_one = live
+        if together:
+            try:
+                _insert_accept_rows(conn, [job.message for job in together if job.message])
+            except Exception:
+                pass  # retried below, each on its own
+            else:
+                _settle([(job, None, None) for job in together])
+                one_by_one = [job for job in live if job not in together]
+        if not one_by_one:
+            return True
         results: list[tuple[_Job, Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            # A job cancelled before it ran is skipped: a commit nobody waits for.
-            live = [job for job in batch if job.future.set_running_or_notify_cancel()]
-            one_by_one = live
-            accepts = [job.message for job in live if job.message is not None]
-            if len(accepts) > 1:
-                try:
-                    _insert_messages(conn, accepts)
-                except Exception:
-                    # Some message is at fault: start the transaction over, one by one.
-                    conn.execute("ROLLBACK")
-                    conn.execute("BEGIN IMMEDIATE")
-                else:
-                    results.extend((job, None, None) for job in live if job.message is not None)
-                    one_by_one = [job for job in live if job.message is None]
             for job in one_by_one:
                 conn.execute("SAVEPOINT job")
                 try:
@@ -297,17 +301,11 @@ class SqliteStore:
             except sqlite3.Error:
                 pass
             error = StoreError(f"commit failed: {exc}")
-            for job in batch:
+            for job in one_by_one:
                 if not job.future.done():
                     job.future.set_exception(error)
             return False
-        for job, value, outcome in results:
-            if job.future.done():  # the caller gave up (cancelled) while we worked
-                continue
-            if outcome is not None:
-                job.future.set_exception(outcome)
-            else:
-                job.future.set_result(value)
+        _settle(results)
         return True
 
     async def _write(
@@ -345,7 +343,7 @@ class SqliteStore:
 
     # -- intake -------------------------------------------------------------------------
     async def accept_message(self, message: IncomingMessage) -> None:
-        await self._write(lambda conn: _insert_messages(conn, [message]), message)
+        await self._write(lambda conn: _insert_message(conn, message), message)
 
     # -- domains ------------------------------------------------------------------------
     async def domains_generation(self) -> int:
@@ -1122,85 +1120,94 @@ _MESSAGE_COLUMNS = (
     "tls_cipher",
     "tags",
 )
-_RECIPIENT_COLUMNS = ("message_seq", "rcpt", "domain", "params", "updated_at")
 
 
-def _insert_messages(conn: sqlite3.Connection, messages: list[IncomingMessage]) -> None:
-    """Insert accepted messages (rows, bodies, recipients) with a few multi-row statements."""
-    # The message rows of one call must fit one statement (see the rowids below).
-    per_statement = MAX_VARIABLES // len(_MESSAGE_COLUMNS)
-    for start in range(0, len(messages), per_statement):
-        _insert_message_rows(conn, messages[start : start + per_statement])
-
-
-def _insert_message_rows(conn: sqlite3.Connection, messages: list[IncomingMessage]) -> None:
-    rows: list[tuple[Any, ...]] = []
-    for message in messages:
-        envelope = message.envelope
-        client = message.client
-        rows.append(
-            (
-                message.id,
-                message.received_at,
-                envelope.mail_from,
-                codec.dump_mail_params(envelope.mail_params),
-                message.body.size,
-                message.body.sha256,
-                message.message_id,
-                client.address,
-                client.hostname,
-                client.helo,
-                client.tls_version,
-                client.tls_cipher,
-                ",".join(message.tags),
-            )
-        )
-    last_seq = _insert_rows(conn, "messages", _MESSAGE_COLUMNS, rows)
-    # One INSERT gives its rows consecutive rowids, max + 1 onwards (we hold the write lock).
-    first_seq = last_seq - len(rows) + 1
-    bodies: list[tuple[Any, ...]] = []
-    spilled: list[tuple[int, IncomingMessage]] = []
-    recipients: list[tuple[Any, ...]] = []
-    for seq, message in enumerate(messages, start=first_seq):
-        in_memory = message.body.getvalue()
-        if in_memory is not None:
-            bodies.append((seq, in_memory))
+def _settle(results: list[tuple[_Job, Any, BaseException | None]]) -> None:
+    for job, value, outcome in results:
+        if job.future.done():  # the caller gave up (cancelled) while we worked
+            continue
+        if outcome is not None:
+            job.future.set_exception(outcome)
         else:
-            spilled.append((seq, message))
-        recipients.extend(
-            (
-                seq,
-                recipient.address,
-                recipient.address.rpartition("@")[2].lower(),
-                codec.dump_rcpt_params(recipient.params),
-                message.received_at,
-            )
-            for recipient in message.envelope.recipients
+            job.future.set_result(value)
+
+
+_ACCEPT_COLUMNS = (*_MESSAGE_COLUMNS, "data", "recipients")
+
+
+def _insert_accept_rows(conn: sqlite3.Connection, messages: list[IncomingMessage]) -> None:
+    """Insert messages whose bodies are in memory: one statement, its own transaction.
+
+    The connection must be in autocommit mode with no transaction open: SQLite then commits
+    (and, with synchronous=FULL, fsyncs) when the statement ends, and a failure leaves nothing.
+    """
+    rows = [
+        (
+            *_message_row(message),
+            message.body.getvalue(),
+            json.dumps([_recipient_fields(r) for r in message.envelope.recipients]),
         )
-    _insert_rows(conn, "bodies", ("seq", "data"), bodies)
-    for seq, message in spilled:
+        for message in messages
+    ]
+    row_marks = "(" + ", ".join("?" * len(_ACCEPT_COLUMNS)) + ")"
+    conn.execute(
+        f"INSERT INTO accept_rows ({', '.join(_ACCEPT_COLUMNS)}) VALUES "
+        + ", ".join([row_marks] * len(rows)),
+        [value for row in rows for value in row],
+    )
+
+
+def _message_row(message: IncomingMessage) -> tuple[Any, ...]:
+    envelope = message.envelope
+    client = message.client
+    return (
+        message.id,
+        message.received_at,
+        envelope.mail_from,
+        codec.dump_mail_params(envelope.mail_params),
+        message.body.size,
+        message.body.sha256,
+        message.message_id,
+        client.address,
+        client.hostname,
+        client.helo,
+        client.tls_version,
+        client.tls_cipher,
+        ",".join(message.tags),
+    )
+
+
+def _insert_message(conn: sqlite3.Connection, message: IncomingMessage) -> None:
+    """One accepted message in the open transaction: for spilled bodies, and for retries one by
+    one after a batch of accepts failed."""
+    marks = ", ".join("?" * len(_MESSAGE_COLUMNS))
+    cursor = conn.execute(
+        f"INSERT INTO messages ({', '.join(_MESSAGE_COLUMNS)}) VALUES ({marks})",
+        _message_row(message),
+    )
+    seq = cursor.lastrowid
+    assert seq is not None
+    body = message.body
+    in_memory = body.getvalue()
+    if in_memory is not None:
+        conn.execute("INSERT INTO bodies (seq, data) VALUES (?, ?)", (seq, in_memory))
+    else:
         # Large bodies are copied piece by piece so the writer never holds one whole.
-        body = message.body
         conn.execute("INSERT INTO bodies (seq, data) VALUES (?, zeroblob(?))", (seq, body.size))
         with conn.blobopen("bodies", "data", seq) as blob:
             for piece in body.chunks(BLOB_CHUNK):
                 blob.write(piece)
-    _insert_rows(conn, "recipients", _RECIPIENT_COLUMNS, recipients)
+    conn.executemany(
+        "INSERT INTO recipients (message_seq, rcpt, domain, params, updated_at) "
+        "VALUES (?, ?, ?, ?, ?)",
+        [
+            (seq, *_recipient_fields(recipient), message.received_at)
+            for recipient in message.envelope.recipients
+        ],
+    )
 
 
-def _insert_rows(
-    conn: sqlite3.Connection, table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
-) -> int:
-    """INSERT ``rows`` with as few statements as the variable limit allows; the last rowid."""
-    per_statement = MAX_VARIABLES // len(columns)
-    row_marks = "(" + ", ".join("?" * len(columns)) + ")"
-    last = 0
-    for start in range(0, len(rows), per_statement):
-        chunk = rows[start : start + per_statement]
-        cursor = conn.execute(
-            f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
-            + ", ".join([row_marks] * len(chunk)),
-            [value for row in chunk for value in row],
-        )
-        last = cursor.lastrowid or 0
-    return last
+def _recipient_fields(recipient: Recipient) -> tuple[str, str, str]:
+    """(address, its domain lowercased, parameters as JSON), as the recipients table has them."""
+    address = recipient.address
+    return address, address.rpartition("@")[2].lower(), codec.dump_rcpt_params(recipient.params)
