@@ -203,6 +203,34 @@ async def test_a_failing_accept_does_not_fail_the_others(store: Store) -> None:
     assert len(await store.list_queue(limit=1000)) == 21
 
 
+async def test_submit_message_calls_back_on_the_loop(store: Store) -> None:
+    """The intake's callback path: called on the loop, after the commit, with the error if any."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Queue[tuple[str, BaseException | None]] = asyncio.Queue()
+    first = make_message(["a@relay.test", "b@relay.test"])
+    duplicate = make_message(["c@relay.test"], queue_id=first.id)
+    returned = False
+
+    def on_done(message_id: str, error: BaseException | None) -> None:
+        assert returned, "called back before submit_message returned"
+        assert asyncio.get_running_loop() is loop
+        done.put_nowait((message_id, error))
+
+    store.submit_message(first, lambda error: on_done(first.id, error))
+    returned = True
+    assert await asyncio.wait_for(done.get(), 10) == (first.id, None)
+    assert await read_all(store, first.id) == first.body.getvalue()
+    returned = False
+    store.submit_message(duplicate, lambda error: on_done("duplicate", error))
+    returned = True
+    message_id, error = await asyncio.wait_for(done.get(), 10)
+    assert message_id == "duplicate"
+    assert isinstance(error, StoreError)
+    stored = await store.get_message(first.id)
+    assert stored is not None
+    assert [r.address for r in stored.recipients] == ["a@relay.test", "b@relay.test"]
+
+
 # -- domains ---------------------------------------------------------------------------------
 async def test_domains_add_get_list_update_remove(store: Store) -> None:
     generation = await store.domains_generation()

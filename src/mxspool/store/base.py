@@ -12,8 +12,9 @@ operator released that recipient alone as a canary).
 
 from __future__ import annotations
 
+import asyncio
 import enum
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -267,6 +268,27 @@ class DomainChanges:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+AcceptCallback = Callable[[BaseException | None], None]
+
+
+def submit_via_task(store: Store, message: IncomingMessage, on_done: AcceptCallback) -> None:
+    """``Store.submit_message`` for a store that only has ``accept_message``."""
+
+    def finished(task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            on_done(StoreError("the commit was cancelled"))
+        else:
+            on_done(task.exception())
+
+    task = asyncio.ensure_future(store.accept_message(message))
+    _pending_tasks.add(task)
+    task.add_done_callback(_pending_tasks.discard)
+    task.add_done_callback(finished)
+
+
+_pending_tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
+
+
 class Store(Protocol):
     """What every store implementation provides. All methods are safe to call concurrently."""
 
@@ -284,6 +306,15 @@ class Store(Protocol):
 
         Returns only after the commit is on stable storage; raises StoreError otherwise, in
         which case nothing of the message is visible.
+        """
+
+    def submit_message(self, message: IncomingMessage, on_done: AcceptCallback) -> None:
+        """``accept_message`` for the intake's hot path, without a task or a future.
+
+        ``on_done(None)`` once the commit is on stable storage, ``on_done(error)`` if it failed;
+        called on the event loop's thread, from the loop, never before this returns. Must be
+        called on the loop's thread. Saves the intake a task per message and the loop iteration
+        that resuming a task costs, which matters when one loop serves many sessions.
         """
 
     # -- domains ------------------------------------------------------------------------

@@ -52,6 +52,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from mxspool.store import codec
 from mxspool.store.base import (
+    AcceptCallback,
     AttemptRecord,
     AuditEntry,
     ClaimedRecipient,
@@ -72,6 +73,7 @@ from mxspool.store.base import (
     StoredMessage,
     StoreError,
     TlsMode,
+    submit_via_task,
 )
 
 log = logging.getLogger(__name__)
@@ -254,6 +256,9 @@ class PostgresStore:
             return await cursor.fetchone()
 
     # -- intake -------------------------------------------------------------------------
+    def submit_message(self, message: IncomingMessage, on_done: AcceptCallback) -> None:
+        submit_via_task(self, message, on_done)
+
     async def accept_message(self, message: IncomingMessage) -> None:
         if self._writer is None:
             raise StoreError("the store is not open")

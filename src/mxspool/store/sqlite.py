@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 from mxspool.envelope import Recipient
 from mxspool.store import codec
 from mxspool.store.base import (
+    AcceptCallback,
     AttemptRecord,
     AuditEntry,
     ClaimedRecipient,
@@ -77,8 +78,11 @@ assert MAX_BATCH * 15 <= MAX_VARIABLES
 class _Job:
     work: Callable[[sqlite3.Connection], Any]
     future: Future[Any]
-    # Set for accepts: the writer inserts all accepts of a batch with one statement per table.
+    # Set for accepts: the writer inserts all accepts of a batch with one statement.
     message: IncomingMessage | None = None
+    # Set by submit_message: called on the loop instead of settling the future.
+    on_done: AcceptCallback | None = None
+    loop: asyncio.AbstractEventLoop | None = None
 
 
 def sqlite_path(url: str) -> Path:
@@ -243,8 +247,8 @@ class SqliteStore:
                 try:
                     conn = _connect(self.path)
                 except sqlite3.Error as exc:
-                    for item in batch:
-                        item.future.set_exception(StoreError(f"cannot open the store: {exc}"))
+                    error = StoreError(f"cannot open the store: {exc}")
+                    _settle([(item, None, error) for item in batch])
                     continue
             if not self._run_batch(conn, batch):
                 # A failed COMMIT can leave the connection unusable (I/O error); start afresh.
@@ -301,9 +305,7 @@ class SqliteStore:
             except sqlite3.Error:
                 pass
             error = StoreError(f"commit failed: {exc}")
-            for job in one_by_one:
-                if not job.future.done():
-                    job.future.set_exception(error)
+            _settle([(job, None, error) for job in one_by_one])
             return False
         _settle(results)
         return True
@@ -344,6 +346,14 @@ class SqliteStore:
     # -- intake -------------------------------------------------------------------------
     async def accept_message(self, message: IncomingMessage) -> None:
         await self._write(lambda conn: _insert_message(conn, message), message)
+
+    def submit_message(self, message: IncomingMessage, on_done: AcceptCallback) -> None:
+        if self._writer is None:
+            raise StoreError("the store is not open")
+        job = _Job(lambda conn: _insert_message(conn, message), Future(), message)
+        job.on_done = on_done
+        job.loop = asyncio.get_running_loop()
+        self._jobs.put(job)
 
     # -- domains ------------------------------------------------------------------------
     async def domains_generation(self) -> int:
@@ -1124,6 +1134,12 @@ _MESSAGE_COLUMNS = (
 
 def _settle(results: list[tuple[_Job, Any, BaseException | None]]) -> None:
     for job, value, outcome in results:
+        if job.on_done is not None and job.loop is not None:
+            try:
+                job.loop.call_soon_threadsafe(job.on_done, outcome)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+            continue
         if job.future.done():  # the caller gave up (cancelled) while we worked
             continue
         if outcome is not None:
