@@ -93,8 +93,8 @@ class CaseResult:
 
 
 def build_cases(quick: bool, messages: int | None) -> list[Case]:
-    n10 = messages or (300 if quick else 2000)
-    n100 = messages or (150 if quick else 1000)
+    n10 = messages or (300 if quick else 5000)
+    n100 = messages or (150 if quick else 2000)
     return [
         Case("10 KiB, 10 sessions", 10 * KIB, 10, False, n10),
         Case("10 KiB, 50 sessions", 10 * KIB, 50, False, n10),
