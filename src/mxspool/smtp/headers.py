@@ -70,7 +70,7 @@ class HeaderScanner:
         self.done = True
         self._buf = bytearray()
         self.header = header
-        self.received_count = sum(1 for _ in _RECEIVED.finditer(header))
+        self.received_count = len(_RECEIVED.findall(header))
         m = _MESSAGE_ID.search(header)
         if m is not None:
             value = m.group(1).replace(b"\r\n", b"").strip()
