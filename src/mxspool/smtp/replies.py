@@ -7,6 +7,7 @@ they did not ask for, and it keeps every reply a constant.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 
@@ -62,6 +63,7 @@ def queued(queue_id: str) -> Reply:
     return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
 
+@functools.lru_cache(maxsize=16)
 def greeting(hostname: str) -> Reply:
     return Reply(220, None, f"{hostname} ESMTP mxspool")
 

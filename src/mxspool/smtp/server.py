@@ -47,6 +47,7 @@ application can drop abusive clients.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections import deque
 from dataclasses import dataclass
@@ -386,22 +387,15 @@ class ServerConnection:
         self.state = State.READY
         self.extended = extended
         self.helo_name = name.decode("utf-8", "replace")
-        hostname = self.config.hostname
-        if extended:
-            lines = [
-                hostname,
-                "PIPELINING",
-                f"SIZE {self.config.max_message_size}",
-                "8BITMIME",
-                "SMTPUTF8",
-                "ENHANCEDSTATUSCODES",
-                "DSN",
-            ]
-            if self.config.tls_available and not self.tls_active:
-                lines.append("STARTTLS")
-            self._reply(Reply(250, None, tuple(lines)))
-        else:
-            self._reply(Reply(250, None, hostname))
+        config = self.config
+        self._reply(
+            _hello_reply(
+                config.hostname,
+                config.max_message_size,
+                extended=extended,
+                starttls=config.tls_available and not self.tls_active,
+            )
+        )
         self._events.append(Hello(self.helo_name, extended))
 
     def _mail(self, line: bytes, arg: bytes) -> None:
@@ -509,3 +503,22 @@ class ServerConnection:
         self._rx.clear()
         self._chunks.clear()
         self._reader = None
+
+
+@functools.lru_cache(maxsize=16)
+def _hello_reply(hostname: str, max_size: int, *, extended: bool, starttls: bool) -> Reply:
+    """The EHLO/HELO answer: the same for every session of a listener, so built once."""
+    if not extended:
+        return Reply(250, None, hostname)
+    lines = [
+        hostname,
+        "PIPELINING",
+        f"SIZE {max_size}",
+        "8BITMIME",
+        "SMTPUTF8",
+        "ENHANCEDSTATUSCODES",
+        "DSN",
+    ]
+    if starttls:
+        lines.append("STARTTLS")
+    return Reply(250, None, tuple(lines))
