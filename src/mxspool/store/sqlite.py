@@ -268,7 +268,11 @@ class SqliteStore:
         """
         # A job cancelled before it ran is skipped: a commit nobody waits for.
         live = [job for job in batch if job.future.set_running_or_notify_cancel()]
-        together = [job for job in live if job.message is not None and not job.message.body.spilled]
+        together: list[_Job] = []
+        others: list[_Job] = []
+        for job in live:
+            fits = job.message is not None and not job.message.body.spilled
+            (together if fits else others).append(job)
         one_by_one = live
         if together:
             try:
@@ -277,7 +281,7 @@ class SqliteStore:
                 pass  # retried below, each on its own
             else:
                 _settle([(job, None, None) for job in together])
-                one_by_one = [job for job in live if job not in together]
+                one_by_one = others
         if not one_by_one:
             return True
         results: list[tuple[_Job, Any, BaseException | None]] = []
