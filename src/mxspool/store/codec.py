@@ -1,12 +1,60 @@
-"""JSON forms of envelope parameters and routes, shared by the SQL stores."""
+"""Row and JSON forms of messages, recipients, envelope parameters and routes, shared by the
+SQL stores."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from mxspool.envelope import MailParams, RcptParams
-from mxspool.store.base import Route
+from mxspool.envelope import MailParams, RcptParams, Recipient
+from mxspool.store.base import IncomingMessage, Route
+
+MESSAGE_COLUMNS = (
+    "id",
+    "received_at",
+    "mail_from",
+    "mail_params",
+    "size",
+    "sha256",
+    "message_id",
+    "client_address",
+    "client_name",
+    "helo",
+    "tls_version",
+    "tls_cipher",
+    "tags",
+)
+
+
+def message_row(message: IncomingMessage) -> dict[str, Any]:
+    """The messages row of ``message``, by column, in MESSAGE_COLUMNS order."""
+    envelope = message.envelope
+    client = message.client
+    return {
+        "id": message.id,
+        "received_at": message.received_at,
+        "mail_from": envelope.mail_from,
+        "mail_params": dump_mail_params(envelope.mail_params),
+        "size": message.body.size,
+        "sha256": message.body.sha256,
+        "message_id": message.message_id,
+        "client_address": client.address,
+        "client_name": client.hostname,
+        "helo": client.helo,
+        "tls_version": client.tls_version,
+        "tls_cipher": client.tls_cipher,
+        "tags": ",".join(message.tags),
+    }
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def recipient_row(recipient: Recipient) -> tuple[str, str, str]:
+    """(address, its domain lowercased, parameters as JSON), as the recipients table has them."""
+    address = recipient.address
+    return address, domain_of(address), dump_rcpt_params(recipient.params)
 
 
 def dump_mail_params(params: MailParams) -> str:

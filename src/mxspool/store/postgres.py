@@ -129,10 +129,6 @@ def _shown_state(state: str, released: bool, mode: str | None) -> str:
     return state
 
 
-def _domain_of(address: str) -> str:
-    return address.rpartition("@")[2].lower()
-
-
 @dataclass(slots=True)
 class _Accept:
     message: IncomingMessage
@@ -1126,7 +1122,7 @@ def _connect_kwargs(url: str, listener: bool = False) -> dict[str, Any]:
 
 
 def _domains_of(message: IncomingMessage) -> set[str]:
-    return {_domain_of(recipient.address) for recipient in message.envelope.recipients}
+    return {codec.domain_of(recipient.address) for recipient in message.envelope.recipients}
 
 
 def _like_escape(text: str) -> str:
@@ -1155,18 +1151,19 @@ async def _domains_changed(conn: Conn, name: str | None, mode: DomainMode | None
 
 async def _insert_batch(conn: Conn, messages: list[IncomingMessage]) -> None:
     """Insert in-memory messages, their recipients and bytes, all in one statement."""
-    m_cols: dict[str, list[Any]] = {name: [] for name in _MESSAGE_FIELDS}
+    m_cols: dict[str, list[Any]] = {name: [] for name in codec.MESSAGE_COLUMNS}
     r_cols: dict[str, list[Any]] = {"mid": [], "rcpt": [], "domain": [], "params": [], "at": []}
     b_mid: list[str] = []
     b_data: list[bytes] = []
     for message in messages:
-        for name, value in _message_values(message).items():
+        for name, value in codec.message_row(message).items():
             m_cols[name].append(value)
         for recipient in message.envelope.recipients:
+            address, domain, params = codec.recipient_row(recipient)
             r_cols["mid"].append(message.id)
-            r_cols["rcpt"].append(recipient.address)
-            r_cols["domain"].append(_domain_of(recipient.address))
-            r_cols["params"].append(codec.dump_rcpt_params(recipient.params))
+            r_cols["rcpt"].append(address)
+            r_cols["domain"].append(domain)
+            r_cols["params"].append(params)
             r_cols["at"].append(message.received_at)
         data = message.body.getvalue()
         if data is None:
@@ -1208,49 +1205,12 @@ async def _insert_batch(conn: Conn, messages: list[IncomingMessage]) -> None:
     )
 
 
-_MESSAGE_FIELDS = (
-    "id",
-    "received_at",
-    "mail_from",
-    "mail_params",
-    "size",
-    "sha256",
-    "message_id",
-    "client_address",
-    "client_name",
-    "helo",
-    "tls_version",
-    "tls_cipher",
-    "tags",
-)
-
-
-def _message_values(message: IncomingMessage) -> dict[str, Any]:
-    """The messages row of ``message``, by column (see _MESSAGE_FIELDS)."""
-    envelope = message.envelope
-    return {
-        "id": message.id,
-        "received_at": message.received_at,
-        "mail_from": envelope.mail_from,
-        "mail_params": codec.dump_mail_params(envelope.mail_params),
-        "size": message.body.size,
-        "sha256": message.body.sha256,
-        "message_id": message.message_id,
-        "client_address": message.client.address,
-        "client_name": message.client.hostname,
-        "helo": message.client.helo,
-        "tls_version": message.client.tls_version,
-        "tls_cipher": message.client.tls_cipher,
-        "tags": ",".join(message.tags),
-    }
-
-
 async def _insert_message(conn: Conn, message: IncomingMessage) -> None:
     """Insert the message, its recipients and its bytes (the caller owns the transaction)."""
     envelope = message.envelope
     body = message.body
     in_memory = body.getvalue()
-    recipients = envelope.recipients
+    rows = [codec.recipient_row(recipient) for recipient in envelope.recipients]
     cursor = await conn.execute(
         "WITH m AS (INSERT INTO messages (id, received_at, mail_from, mail_params, size, sha256,"
         " message_id, client_address, client_name, helo, tls_version, tls_cipher, tags)"
@@ -1265,10 +1225,10 @@ async def _insert_message(conn: Conn, message: IncomingMessage) -> None:
         " SELECT m.seq, 0, %(data)b::bytea FROM m WHERE %(data)b::bytea IS NOT NULL)"
         " SELECT seq FROM m",
         {
-            **_message_values(message),
-            "rcpts": [recipient.address for recipient in recipients],
-            "domains": [_domain_of(recipient.address) for recipient in recipients],
-            "params": [codec.dump_rcpt_params(recipient.params) for recipient in recipients],
+            **codec.message_row(message),
+            "rcpts": [address for address, _, _ in rows],
+            "domains": [domain for _, domain, _ in rows],
+            "params": [params for _, _, params in rows],
             "data": in_memory,
         },
     )

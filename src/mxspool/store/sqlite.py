@@ -31,7 +31,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mxspool.envelope import Recipient
 from mxspool.store import codec
 from mxspool.store.base import (
     AcceptCallback,
@@ -1119,23 +1118,6 @@ def _bump_generation(conn: sqlite3.Connection) -> None:
     conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'domains_generation'")
 
 
-_MESSAGE_COLUMNS = (
-    "id",
-    "received_at",
-    "mail_from",
-    "mail_params",
-    "size",
-    "sha256",
-    "message_id",
-    "client_address",
-    "client_name",
-    "helo",
-    "tls_version",
-    "tls_cipher",
-    "tags",
-)
-
-
 def _settle(results: list[tuple[_Job, Any, BaseException | None]]) -> None:
     for job, value, outcome in results:
         if job.on_done is not None and job.loop is not None:
@@ -1152,7 +1134,7 @@ def _settle(results: list[tuple[_Job, Any, BaseException | None]]) -> None:
             job.future.set_result(value)
 
 
-_ACCEPT_COLUMNS = (*_MESSAGE_COLUMNS, "data", "recipients")
+_ACCEPT_COLUMNS = (*codec.MESSAGE_COLUMNS, "data", "recipients")
 
 
 def _insert_accept_rows(conn: sqlite3.Connection, messages: list[IncomingMessage]) -> None:
@@ -1163,9 +1145,9 @@ def _insert_accept_rows(conn: sqlite3.Connection, messages: list[IncomingMessage
     """
     rows = [
         (
-            *_message_row(message),
+            *codec.message_row(message).values(),
             message.body.getvalue(),
-            json.dumps([_recipient_fields(r) for r in message.envelope.recipients]),
+            json.dumps([codec.recipient_row(r) for r in message.envelope.recipients]),
         )
         for message in messages
     ]
@@ -1177,33 +1159,13 @@ def _insert_accept_rows(conn: sqlite3.Connection, messages: list[IncomingMessage
     )
 
 
-def _message_row(message: IncomingMessage) -> tuple[Any, ...]:
-    envelope = message.envelope
-    client = message.client
-    return (
-        message.id,
-        message.received_at,
-        envelope.mail_from,
-        codec.dump_mail_params(envelope.mail_params),
-        message.body.size,
-        message.body.sha256,
-        message.message_id,
-        client.address,
-        client.hostname,
-        client.helo,
-        client.tls_version,
-        client.tls_cipher,
-        ",".join(message.tags),
-    )
-
-
 def _insert_message(conn: sqlite3.Connection, message: IncomingMessage) -> None:
     """One accepted message in the open transaction: for spilled bodies, and for retries one by
     one after a batch of accepts failed."""
-    marks = ", ".join("?" * len(_MESSAGE_COLUMNS))
+    columns = codec.MESSAGE_COLUMNS
     cursor = conn.execute(
-        f"INSERT INTO messages ({', '.join(_MESSAGE_COLUMNS)}) VALUES ({marks})",
-        _message_row(message),
+        f"INSERT INTO messages ({', '.join(columns)}) VALUES (:{', :'.join(columns)})",
+        codec.message_row(message),
     )
     seq = cursor.lastrowid
     assert seq is not None
@@ -1221,13 +1183,7 @@ def _insert_message(conn: sqlite3.Connection, message: IncomingMessage) -> None:
         "INSERT INTO recipients (message_seq, rcpt, domain, params, updated_at) "
         "VALUES (?, ?, ?, ?, ?)",
         [
-            (seq, *_recipient_fields(recipient), message.received_at)
+            (seq, *codec.recipient_row(recipient), message.received_at)
             for recipient in message.envelope.recipients
         ],
     )
-
-
-def _recipient_fields(recipient: Recipient) -> tuple[str, str, str]:
-    """(address, its domain lowercased, parameters as JSON), as the recipients table has them."""
-    address = recipient.address
-    return address, address.rpartition("@")[2].lower(), codec.dump_rcpt_params(recipient.params)
