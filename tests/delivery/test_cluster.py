@@ -6,34 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from mxspool.store import create_store
 from mxspool.store.base import Store
 from tests.delivery.conftest import DOMAIN, EngineFactory, add_domain, put_message, release
 from tests.delivery.conftest import wait_for as wait_until
 from tests.delivery.target import Target
-from tests.store.conftest import pg_server, pg_url  # noqa: F401  (fixtures)
-
-Nodes = Callable[[], Awaitable[Store]]
+from tests.store.conftest import StoreFactory, open_store, pg_server, pg_url  # noqa: F401
 
 
 @pytest.fixture
-async def node_store(pg_url: str) -> AsyncIterator[Nodes]:  # noqa: F811
-    """Each call opens another store on the same database, as another node would."""
-    opened: list[Store] = []
-
-    async def make() -> Store:
-        store = create_store(pg_url)
-        await store.open()
-        opened.append(store)
-        return store
-
-    yield make
-    for store in opened:
-        await store.close()
+def store_url(pg_url: str) -> str:  # noqa: F811
+    """open_store (tests/store/conftest.py) opens every node's store on this one database."""
+    return pg_url
 
 
 async def _pending(store: Store) -> int:
@@ -41,10 +27,12 @@ async def _pending(store: Store) -> int:
 
 
 async def test_two_nodes_share_the_connection_limit(
-    node_store: Nodes, target: Target, engine: EngineFactory
+    open_store: StoreFactory,  # noqa: F811
+    target: Target,
+    engine: EngineFactory,
 ) -> None:
     target.behaviour.data_delay = 0.03
-    one, two = await node_store(), await node_store()
+    one, two = await open_store(), await open_store()
     await add_domain(one, target.port, hold=True)  # type: ignore[arg-type]
     for number in range(90):
         await put_message(one, [f"u{number}@{DOMAIN}"])  # type: ignore[arg-type]
@@ -62,10 +50,12 @@ async def test_two_nodes_share_the_connection_limit(
 
 
 async def test_two_nodes_share_the_rate(
-    node_store: Nodes, target: Target, engine: EngineFactory
+    open_store: StoreFactory,  # noqa: F811
+    target: Target,
+    engine: EngineFactory,
 ) -> None:
     rate, count = 25.0, 100
-    one, two = await node_store(), await node_store()
+    one, two = await open_store(), await open_store()
     await add_domain(one, target.port, hold=True, rate=rate)  # type: ignore[arg-type]
     for number in range(count):
         await put_message(one, [f"u{number}@{DOMAIN}"])  # type: ignore[arg-type]
@@ -87,9 +77,11 @@ async def test_two_nodes_share_the_rate(
 
 
 async def test_notification_wakes_the_other_node_at_once(
-    node_store: Nodes, target: Target, engine: EngineFactory
+    open_store: StoreFactory,  # noqa: F811
+    target: Target,
+    engine: EngineFactory,
 ) -> None:
-    one, two = await node_store(), await node_store()
+    one, two = await open_store(), await open_store()
     await add_domain(one, target.port, hold=True)  # type: ignore[arg-type]
     await put_message(one, [f"a@{DOMAIN}"])  # type: ignore[arg-type]
     scheduler = engine(on=two, helo="node2.test")
@@ -103,9 +95,11 @@ async def test_notification_wakes_the_other_node_at_once(
 
 
 async def test_slots_of_a_dead_node_expire(
-    node_store: Nodes, target: Target, engine: EngineFactory
+    open_store: StoreFactory,  # noqa: F811
+    target: Target,
+    engine: EngineFactory,
 ) -> None:
-    one = await node_store()
+    one = await open_store()
     await add_domain(one, target.port, hold=False)  # type: ignore[arg-type]
     # A node took every connection slot of the destination, then died without a word.
     for number in range(2):
