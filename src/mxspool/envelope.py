@@ -42,3 +42,8 @@ class Envelope:
     mail_from: str
     mail_params: MailParams
     recipients: tuple[Recipient, ...]
+
+
+def domain_of(address: str) -> str:
+    """The domain of a mailbox address, lowercased: domains compare case-insensitively."""
+    return address.rpartition("@")[2].lower()

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from mxspool.envelope import domain_of
 from mxspool.store.base import DomainMode, DomainStatus, RecipientOutcome, RecipientState
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -75,10 +76,6 @@ DELIVERY_SECONDS = Histogram(
 )
 
 
-def _domain_of(address: str) -> str:
-    return address.rpartition("@")[2].lower()
-
-
 # -- what the intake calls -------------------------------------------------------------------
 
 
@@ -89,7 +86,7 @@ _accepted_by_domain: dict[str, Counter] = {}
 
 def message_accepted(recipients: Iterable[str], commit_seconds: float) -> None:
     """A message was committed and acknowledged: count it once per recipient domain."""
-    for domain in {_domain_of(address) for address in recipients}:
+    for domain in {domain_of(address) for address in recipients}:
         counter = _accepted_by_domain.get(domain)
         if counter is None:
             counter = _accepted_by_domain[domain] = ACCEPTED.labels(domain=domain)

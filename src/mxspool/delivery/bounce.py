@@ -23,7 +23,7 @@ from mxspool.delivery.dnscache import DnsCache
 from mxspool.delivery.reply import Reply
 from mxspool.delivery.routing import Router
 from mxspool.delivery.transport import AiosmtplibConnector, Connector, Transaction, open_any
-from mxspool.envelope import MailParams, Recipient
+from mxspool.envelope import MailParams, Recipient, domain_of
 from mxspool.store.base import RecipientRecord, RecipientState, Store, StoredMessage, TlsMode
 
 HEADER_LIMIT = 64 * 1024
@@ -167,7 +167,7 @@ async def send_dsn(
     the recipient's domain is one of ours, else by the MX of its domain (TLS opportunistic)."""
     if not recipient:
         raise BounceError("a DSN is never sent to the null reverse-path")
-    name = recipient.rpartition("@")[2].lower()
+    name = domain_of(recipient)
     domain = await store.get_domain(name)
     if domain is not None:
         hops, tls = await router.hops(domain), domain.tls

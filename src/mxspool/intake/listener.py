@@ -116,7 +116,6 @@ class SmtpSession(asyncio.Protocol):
         self.queue_id = ""
         self.counted = False
         self.waiting = False
-        self.closing = False
         self.last_activity = time.monotonic()
         self.idle_timer: asyncio.TimerHandle | None = None
         self.handshake: asyncio.Task[None] | None = None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from mxspool.envelope import MailParams, RcptParams, Recipient
+from mxspool.envelope import MailParams, RcptParams, Recipient, domain_of
 from mxspool.store.base import IncomingMessage, Route
 
 MESSAGE_COLUMNS = (
@@ -45,10 +45,6 @@ def message_row(message: IncomingMessage) -> dict[str, Any]:
         "tls_cipher": client.tls_cipher,
         "tags": ",".join(message.tags),
     }
-
-
-def domain_of(address: str) -> str:
-    return address.rpartition("@")[2].lower()
 
 
 def recipient_row(recipient: Recipient) -> tuple[str, str, str]:

@@ -50,6 +50,7 @@ from psycopg import AsyncConnection, sql
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
+from mxspool.envelope import domain_of
 from mxspool.store import codec
 from mxspool.store.base import (
     AcceptCallback,
@@ -1122,7 +1123,7 @@ def _connect_kwargs(url: str, listener: bool = False) -> dict[str, Any]:
 
 
 def _domains_of(message: IncomingMessage) -> set[str]:
-    return {codec.domain_of(recipient.address) for recipient in message.envelope.recipients}
+    return {domain_of(recipient.address) for recipient in message.envelope.recipients}
 
 
 def _like_escape(text: str) -> str:
