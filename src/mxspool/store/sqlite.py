@@ -17,6 +17,7 @@ proceed while the writer commits.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -348,15 +349,14 @@ class SqliteStore:
 
     # -- intake -------------------------------------------------------------------------
     async def accept_message(self, message: IncomingMessage) -> None:
-        await self._write(lambda conn: _insert_message(conn, message), message)
+        await self._write(functools.partial(_insert_message, message=message), message)
 
     def submit_message(self, message: IncomingMessage, on_done: AcceptCallback) -> None:
         if self._writer is None:
             raise StoreError("the store is not open")
-        job = _Job(lambda conn: _insert_message(conn, message), Future(), message)
-        job.on_done = on_done
-        job.loop = asyncio.get_running_loop()
-        self._jobs.put(job)
+        loop = asyncio.get_running_loop()
+        work = functools.partial(_insert_message, message=message)
+        self._jobs.put(_Job(work, Future(), message, on_done, loop))
 
     # -- domains ------------------------------------------------------------------------
     async def domains_generation(self) -> int:
