@@ -1,7 +1,10 @@
-"""The one compiled part: the DATA scanner's inner loops (src/mxspool/smtp/_scan.c).
+"""The compiled parts, both optional: where a C compiler (or SQLite's header) is missing the build
+goes on without them and mxspool uses the pure-Python equivalents (slower, otherwise identical).
 
-Optional: where no C compiler is available the build goes on without it and mxspool uses the
-pure-Python reference implementation (slower on large messages, otherwise identical).
+- ``mxspool.smtp._scan``: the DATA scanner's inner loops (src/mxspool/smtp/_scan.c);
+- ``mxspool.store._groupcommit``: the SQLite store's commit thread for accepted messages, which
+  never takes the GIL (src/mxspool/store/_groupcommit.c; needs sqlite3.h, Debian libsqlite3-dev).
+
 Everything else about the package is in pyproject.toml.
 """
 
@@ -10,5 +13,11 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension("mxspool.smtp._scan", ["src/mxspool/smtp/_scan.c"], optional=True),
+        Extension(
+            "mxspool.store._groupcommit",
+            ["src/mxspool/store/_groupcommit.c"],
+            libraries=["sqlite3"],
+            optional=True,
+        ),
     ]
 )

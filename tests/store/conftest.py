@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from mxspool.store import create_store
+from mxspool.store import create_store, sqlite
 from mxspool.store.base import Store
 
 PG_DEFAULT = "postgresql://postgres@127.0.0.1:5432/test"
@@ -61,14 +61,21 @@ def pg_url(pg_server: str) -> Iterator[str]:
         conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def backend(request: pytest.FixtureRequest) -> str:
+# SQLite runs twice where the C commit thread is built: with it (accepts committed in C) and
+# without (everything through the Python writer), so both keep the same contract.
+SQLITE_WRITERS = ["sqlite", "sqlite-python-writer"] if sqlite.ACCELERATED else ["sqlite"]
+
+
+@pytest.fixture(params=[*SQLITE_WRITERS, "postgres"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "sqlite-python-writer":
+        monkeypatch.setattr(sqlite, "ACCELERATED", False)
     return str(request.param)
 
 
 @pytest.fixture
 def store_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if backend == "sqlite":
+    if backend.startswith("sqlite"):
         return f"sqlite:///{tmp_path / 'spool.db'}"
     return str(request.getfixturevalue("pg_url"))
 

@@ -1,0 +1,180 @@
+"""The SQLite store's C commit thread (mxspool.store._groupcommit), on real database files.
+
+The store contract suite runs the SQLite store with and without it; these tests pin down what
+only the thread itself shows: it takes turns with the Python writer, one failing row fails
+alone, a failed transaction fails the whole batch and the thread recovers, and close()
+commits what is queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mxspool.store import sqlite
+from mxspool.store.base import DomainChanges, DomainMode
+from tests.store.test_contract import add_domain, make_message
+
+pytestmark = pytest.mark.skipif(
+    not sqlite.ACCELERATED, reason="mxspool.store._groupcommit is not built"
+)
+
+SETUP = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 100"
+INSERT = "INSERT INTO t (k, v, n, f) VALUES (?, ?, ?, ?)"
+
+
+def test_the_commit_thread_is_built_where_ci_requires_it() -> None:
+    if os.environ.get("MXSPOOL_REQUIRE_SPEEDUPS") == "1":
+        assert sqlite.ACCELERATED, "mxspool.store._groupcommit did not build (sqlite3.h?)"
+
+
+def _database(tmp_path: Path) -> Path:
+    path = tmp_path / "t.db"
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("CREATE TABLE t (k TEXT PRIMARY KEY, v BLOB, n INTEGER, f REAL)")
+    conn.close()
+    return path
+
+
+def _committer(path: Path) -> Any:
+    assert sqlite._groupcommit is not None
+    return sqlite._groupcommit.Committer(str(path), SETUP, INSERT, 64)
+
+
+def _wait_collect(committer: Any, count: int, timeout: float = 10.0) -> list[tuple[Any, Any]]:
+    got: list[tuple[Any, Any]] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count and time.monotonic() < deadline:
+        select.select([committer.fileno()], [], [], 0.5)
+        got += committer.collect()
+    return got
+
+
+def _rows(path: Path) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT k, v, n, f FROM t ORDER BY k").fetchall()
+    finally:
+        conn.close()
+
+
+def test_rows_are_committed_exactly_and_reported_in_order(tmp_path: Path) -> None:
+    path = _database(tmp_path)
+    committer = _committer(path)
+    values = [(f"k{i:03}", bytes([i]) * (i * 100), i, i / 4) for i in range(200)]
+    for i, row in enumerate(values):
+        committer.submit(row, i)
+    assert _wait_collect(committer, 200) == [(i, None) for i in range(200)]
+    committer.close()
+    assert _rows(path) == values
+
+
+def test_one_failing_row_fails_alone(tmp_path: Path) -> None:
+    path = _database(tmp_path)
+    committer = _committer(path)
+    committer.lock()  # hold the thread so that all three share one transaction
+    committer.submit(("a", b"1", 1, None), "first")
+    committer.submit(("a", b"2", 2, None), "duplicate")
+    committer.submit(("b", None, None, 0.5), "third")
+    committer.unlock()
+    outcomes = dict(_wait_collect(committer, 3))
+    committer.close()
+    assert outcomes["first"] is None and outcomes["third"] is None
+    assert outcomes["duplicate"].startswith("store write failed: UNIQUE constraint failed")
+    assert _rows(path) == [("a", b"1", 1, None), ("b", None, None, 0.5)]
+
+
+def test_a_failed_transaction_fails_the_batch_and_the_thread_recovers(tmp_path: Path) -> None:
+    path = _database(tmp_path)
+    committer = _committer(path)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another writer holds the database past busy_timeout
+    committer.submit(("x", b"", 0, None), "blocked")
+    (outcome,) = _wait_collect(committer, 1)
+    assert outcome[0] == "blocked"
+    assert outcome[1].startswith("commit failed: database is locked")
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    committer.submit(("y", b"", 0, None), "later")
+    assert _wait_collect(committer, 1) == [("later", None)]
+    committer.close()
+    assert [row[0] for row in _rows(path)] == ["y"]
+
+
+def test_lock_keeps_the_thread_out_until_unlock(tmp_path: Path) -> None:
+    path = _database(tmp_path)
+    committer = _committer(path)
+    committer.lock()
+    committer.submit(("held", b"", 0, None), "held")
+    time.sleep(0.3)
+    assert committer.collect() == []
+    assert _rows(path) == []
+    committer.unlock()
+    assert _wait_collect(committer, 1) == [("held", None)]
+    committer.close()
+
+
+def test_close_commits_what_is_queued(tmp_path: Path) -> None:
+    path = _database(tmp_path)
+    committer = _committer(path)
+    for i in range(50):
+        committer.submit((f"q{i:02}", b"x", i, None), i)
+    committer.close()
+    assert committer.collect() == [(i, None) for i in range(50)]
+    assert len(_rows(path)) == 50
+    with pytest.raises(RuntimeError, match="closed"):
+        committer.submit(("late", b"", 0, None), "late")
+
+
+def test_bad_values_are_refused_before_anything_is_queued(tmp_path: Path) -> None:
+    path = _database(tmp_path)
+    committer = _committer(path)
+    with pytest.raises(ValueError, match="takes 4 values"):
+        committer.submit(("k", b"v"), "short")
+    with pytest.raises(TypeError, match="list"):
+        committer.submit(("k", [1], 0, None), "list")
+    with pytest.raises(OverflowError):
+        committer.submit(("k", b"", 1 << 70, None), "huge")
+    committer.close()
+    assert committer.collect() == []
+    assert _rows(path) == []
+
+
+def test_a_bad_statement_or_path_fails_at_construction(tmp_path: Path) -> None:
+    assert sqlite._groupcommit is not None
+    with pytest.raises(OSError, match="no such table"):
+        sqlite._groupcommit.Committer(
+            str(_database(tmp_path)), SETUP, "INSERT INTO nope VALUES (?)", 8
+        )
+    with pytest.raises(OSError, match="unable to open"):
+        sqlite._groupcommit.Committer(str(tmp_path / "missing" / "x.db"), SETUP, INSERT, 8)
+
+
+async def test_accepts_and_python_writes_take_turns(tmp_path: Path) -> None:
+    """Accepts on the C thread and domain changes on the Python writer, at the same time."""
+    store = sqlite.SqliteStore(f"sqlite:///{tmp_path / 'spool.db'}")
+    await store.open()
+    try:
+        assert store._committer is not None
+        await add_domain(store, "relay.test", DomainMode.HOLD)
+        messages = [make_message([f"u{i}@relay.test"]) for i in range(300)]
+
+        async def flip_modes() -> None:
+            for i in range(40):
+                mode = DomainMode.HOLD if i % 2 else DomainMode.RELAY
+                await store.update_domain("relay.test", DomainChanges(mode=mode))
+
+        await asyncio.gather(flip_modes(), *(store.accept_message(m) for m in messages))
+        assert len(await store.list_queue(limit=1000)) == 300
+        domain = await store.get_domain("relay.test")
+        assert domain is not None and domain.mode is DomainMode.HOLD
+    finally:
+        await store.close()
