@@ -9,9 +9,12 @@ commits what is queued.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import select
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -178,3 +181,49 @@ async def test_accepts_and_python_writes_take_turns(tmp_path: Path) -> None:
         assert domain is not None and domain.mode is DomainMode.HOLD
     finally:
         await store.close()
+
+
+FULL_DISK_SCRIPT = """
+import json, resource, select, sys
+from mxspool.store._groupcommit import Committer
+
+path, setup, insert = sys.argv[1:4]
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # writes past 1 MiB: EFBIG
+
+def wait(committer, count):
+    got = []
+    while len(got) < count:
+        select.select([committer.fileno()], [], [], 5)
+        got += committer.collect()
+    return got
+
+committer = Committer(path, setup, insert, 64)
+committer.lock()  # one transaction for both
+committer.submit(("small", b"s", 1, None), "small")
+committer.submit(("big", b"b" * (3 << 20), 2, None), "big")
+committer.unlock()
+first = wait(committer, 2)
+committer.submit(("after", b"a", 3, None), "after")
+second = wait(committer, 1)
+committer.close()
+print(json.dumps([first, second]))
+"""
+
+
+def test_an_io_error_fails_the_whole_batch_and_the_next_one_succeeds(tmp_path: Path) -> None:
+    """A real I/O error (a file-size limit, like a full disk) in the middle of a batch."""
+    path = _database(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_SCRIPT, str(path), SETUP, INSERT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    first, second = json.loads(proc.stdout)
+    outcomes = dict(first)
+    assert set(outcomes) == {"small", "big"}
+    assert all(error is not None for error in outcomes.values()), outcomes
+    assert "disk I/O error" in outcomes["big"] or "full" in outcomes["big"], outcomes
+    assert second == [["after", None]]
+    assert [row[0] for row in _rows(path)] == ["after"]

@@ -196,10 +196,15 @@ run_batch(Committer *self, Job *batch)
             rc = sqlite3_step(self->insert);
         }
         if (rc != SQLITE_DONE) {
-            fail_job(job, "store write failed", sqlite3_errmsg(self->db));
+            snprintf(error, ERROR_SIZE, "%s", sqlite3_errmsg(self->db));
+            fail_job(job, "store write failed", error);
         }
         sqlite3_reset(self->insert);
         sqlite3_clear_bindings(self->insert);
+        if (job->failed && sqlite3_get_autocommit(self->db)) {
+            /* SQLite rolled the whole transaction back itself (I/O error, disk full). */
+            goto failed;
+        }
         if (job->failed && exec_sql(self, "ROLLBACK TO job") != SQLITE_OK) {
             goto abort;
         }
@@ -211,10 +216,13 @@ run_batch(Committer *self, Job *batch)
         return;
     }
 abort:
+    snprintf(error, ERROR_SIZE, "%s", sqlite3_errmsg(self->db));
+    if (!sqlite3_get_autocommit(self->db)) {
+        exec_sql(self, "ROLLBACK");
+    }
+failed:
     /* Nothing of the batch is stored. An I/O error can leave the connection unusable, so the
      * next batch starts on a new one. */
-    snprintf(error, ERROR_SIZE, "%s", sqlite3_errmsg(self->db));
-    exec_sql(self, "ROLLBACK");
     for (job = batch; job != NULL; job = job->next) {
         fail_job(job, "commit failed", error);
     }
