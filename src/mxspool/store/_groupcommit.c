@@ -23,6 +23,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <sqlite3.h>
 #include <stdio.h>
 #include <string.h>
@@ -355,7 +356,14 @@ Committer_init(Committer *self, PyObject *args, PyObject *kwds)
         return -1;
     }
     self->ready = 1;
-    if (pthread_create(&self->thread, NULL, commit_thread, self) != 0) {
+    /* The thread starts with every signal blocked, so signals go to the Python threads (the
+     * main thread runs the handlers) and never interrupt SQLite's I/O here. */
+    sigset_t all, previous;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &previous);
+    int failed = pthread_create(&self->thread, NULL, commit_thread, self);
+    pthread_sigmask(SIG_SETMASK, &previous, NULL);
+    if (failed) {
         PyErr_SetString(PyExc_RuntimeError, "cannot start the commit thread");
         return -1;
     }
