@@ -53,6 +53,15 @@ def recipient_row(recipient: Recipient) -> tuple[str, str, str]:
     return address, domain_of(address), dump_rcpt_params(recipient.params)
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
+def _compact_json(data: dict[str, Any]) -> str:
+    # Most envelopes have no parameters; json.dumps with separators builds a new encoder per
+    # call: about 4% of the event loop's samples per accepted message in a profile.
+    return _COMPACT.encode(data) if data else "{}"
+
+
 def dump_mail_params(params: MailParams) -> str:
     data: dict[str, Any] = {
         key: value
@@ -65,7 +74,7 @@ def dump_mail_params(params: MailParams) -> str:
         )
         if value is not None
     }
-    return json.dumps(data, separators=(",", ":"))
+    return _compact_json(data)
 
 
 def load_mail_params(text: str) -> MailParams:
@@ -85,7 +94,7 @@ def dump_rcpt_params(params: RcptParams) -> str:
         data["notify"] = list(params.notify)
     if params.orcpt is not None:
         data["orcpt"] = params.orcpt
-    return json.dumps(data, separators=(",", ":"))
+    return _compact_json(data)
 
 
 def load_rcpt_params(text: str) -> RcptParams:
