@@ -227,3 +227,13 @@ def test_an_io_error_fails_the_whole_batch_and_the_next_one_succeeds(tmp_path: P
     assert "disk I/O error" in outcomes["big"] or "full" in outcomes["big"], outcomes
     assert second == [["after", None]]
     assert [row[0] for row in _rows(path)] == ["after"]
+
+
+def test_the_thread_is_named_for_operators(tmp_path: Path) -> None:
+    """`top -H` and `ps -L` show it as mxspool-commit."""
+    committer = _committer(_database(tmp_path))
+    try:
+        names = {(task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()}
+        assert "mxspool-commit" in names
+    finally:
+        committer.close()

@@ -245,6 +245,9 @@ static void *
 commit_thread(void *arg)
 {
     Committer *self = arg;
+#ifdef __linux__
+    pthread_setname_np(pthread_self(), "mxspool-commit"); /* for top -H, ps -L, perf */
+#endif
     pthread_mutex_lock(&self->mutex);
     for (;;) {
         while (self->queue_head == NULL && !self->closing) {
