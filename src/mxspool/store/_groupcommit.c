@@ -245,9 +245,6 @@ static void *
 commit_thread(void *arg)
 {
     Committer *self = arg;
-#ifdef __linux__
-    pthread_setname_np(pthread_self(), "mxspool-commit"); /* for top -H, ps -L, perf */
-#endif
     pthread_mutex_lock(&self->mutex);
     for (;;) {
         while (self->queue_head == NULL && !self->closing) {
@@ -370,6 +367,9 @@ Committer_init(Committer *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_RuntimeError, "cannot start the commit thread");
         return -1;
     }
+#ifdef __linux__
+    pthread_setname_np(self->thread, "mxspool-commit"); /* for top -H, ps -L, perf */
+#endif
     self->started = 1;
     return 0;
 }
