@@ -15,6 +15,7 @@ import select
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -237,3 +238,34 @@ def test_the_thread_is_named_for_operators(tmp_path: Path) -> None:
         assert "mxspool-commit" in names
     finally:
         committer.close()
+
+
+def test_the_thread_gets_its_turn_while_python_keeps_writing(tmp_path: Path) -> None:
+    """A Python writer that takes the database back to back does not starve the accepts."""
+    path = _database(tmp_path)
+    committer = _committer(path)
+    stop = threading.Event()
+
+    def python_writer() -> None:
+        committer.lock()
+        while not stop.is_set():
+            time.sleep(0.002)  # a transaction of the Python writer
+            committer.unlock()
+            committer.lock()  # at once: the next one was already waiting
+        committer.unlock()
+
+    writer = threading.Thread(target=python_writer)
+    writer.start()
+    try:
+        time.sleep(0.05)
+        started = time.monotonic()
+        for i in range(20):
+            committer.submit((f"t{i:02}", b"x", i, None), i)
+            assert _wait_collect(committer, 1, timeout=2.0) == [(i, None)]
+        print(f"20 accepts against a busy Python writer: {time.monotonic() - started:.3f} s")
+        assert time.monotonic() - started < 2.0
+    finally:
+        stop.set()
+        writer.join()
+        committer.close()
+    assert len(_rows(path)) == 20

@@ -65,6 +65,10 @@ typedef struct {
     int busy;    /* the commit thread is in a transaction */
     int held;    /* a Python thread holds the database */
     int waiting; /* Python threads waiting for the database */
+    /* Fair turns when both sides have work: a Python thread that gives the database back
+     * while the commit thread waits for it hands it the next turn. */
+    int thread_waiting;
+    int thread_turn;
     Job *queue_head, *queue_tail;
     Job *done_head, *done_tail;
     int pipe_r, pipe_w;
@@ -253,9 +257,12 @@ commit_thread(void *arg)
         if (self->queue_head == NULL) {
             break; /* closing, and everything queued is done */
         }
-        while (self->held || self->waiting) {
+        self->thread_waiting = 1;
+        while (self->held || (self->waiting && !self->thread_turn)) {
             pthread_cond_wait(&self->db_free, &self->mutex);
         }
+        self->thread_waiting = 0;
+        self->thread_turn = 0;
         /* Everything waiting now shares this transaction and its fsync. */
         Job *batch = self->queue_head, *last = batch;
         for (int n = 1; last->next != NULL && n < self->max_batch; n++) {
@@ -522,7 +529,7 @@ Committer_lock(Committer *self, PyObject *Py_UNUSED(ignored))
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&self->mutex);
     self->waiting++;
-    while (self->busy || self->held) {
+    while (self->busy || self->held || self->thread_turn) {
         pthread_cond_wait(&self->db_free, &self->mutex);
     }
     self->waiting--;
@@ -540,6 +547,9 @@ Committer_unlock(Committer *self, PyObject *Py_UNUSED(ignored))
     }
     pthread_mutex_lock(&self->mutex);
     self->held = 0;
+    if (self->thread_waiting) {
+        self->thread_turn = 1;
+    }
     pthread_cond_broadcast(&self->db_free);
     pthread_mutex_unlock(&self->mutex);
     Py_RETURN_NONE;

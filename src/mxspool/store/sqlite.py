@@ -78,7 +78,11 @@ log = logging.getLogger(__name__)
 
 BLOB_CHUNK = 1 << 20
 MAX_BATCH = 512
-CHECKPOINT_INTERVAL = 0.2
+# The checkpoint thread looks every 0.2 s while nothing is written, every 20 ms while mail
+# flows: at 100 KiB a message that is ~2 MiB of WAL, so the writers' own checkpoints (see
+# _WRITER_PRAGMAS) find less left to copy on the commit path (~+6% at 100 KiB, noisy).
+CHECKPOINT_IDLE_INTERVAL = 0.2
+CHECKPOINT_BUSY_INTERVAL = 0.02
 WAL_RESTART_PAGES = 1024
 
 _OPEN_STATES = ("pending", "delivering")
@@ -206,11 +210,16 @@ class SqliteStore:
         has caught up, the next write transaction starts the WAL from its beginning again.
         """
         conn: sqlite3.Connection | None = None
-        while not self._closing.wait(CHECKPOINT_INTERVAL):
+        delay = CHECKPOINT_IDLE_INTERVAL
+        last: tuple[int, int, int] | None = None
+        while not self._closing.wait(delay):
             try:
                 if conn is None:
                     conn = _connect(self.path)
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                # (busy, frames in the WAL, frames copied): unchanged means nothing was written.
+                row = tuple(conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
+                delay = CHECKPOINT_IDLE_INTERVAL if row == last else CHECKPOINT_BUSY_INTERVAL
+                last = row
             except sqlite3.Error as exc:
                 log.warning("SQLite checkpoint failed (will retry): %s", exc)
                 if conn is not None:
