@@ -10,7 +10,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml setup.py src/mxspool/smtp/_scan.c src/mxspool/store/_groupcommit.c | $(BIN)/python
+$(STAMP): pyproject.toml setup.py src/mxspool/smtp/_scan.c src/mxspool/store/_groupcommit.c \
+		src/mxspool/store/_coalesce.c src/mxspool/store/_coalesce.h | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test,fast]'
 	touch $(STAMP)
 

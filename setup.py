@@ -3,7 +3,8 @@ goes on without them and mxspool uses the pure-Python equivalents (slower, other
 
 - ``mxspool.smtp._scan``: the DATA scanner's inner loops (src/mxspool/smtp/_scan.c);
 - ``mxspool.store._groupcommit``: the SQLite store's commit thread for accepted messages, which
-  never takes the GIL (src/mxspool/store/_groupcommit.c; needs sqlite3.h, Debian libsqlite3-dev).
+  never takes the GIL, and its write-coalescing VFS (src/mxspool/store/_groupcommit.c and
+  _coalesce.c; needs sqlite3.h, Debian libsqlite3-dev).
 
 Everything else about the package is in pyproject.toml.
 """
@@ -15,7 +16,8 @@ setup(
         Extension("mxspool.smtp._scan", ["src/mxspool/smtp/_scan.c"], optional=True),
         Extension(
             "mxspool.store._groupcommit",
-            ["src/mxspool/store/_groupcommit.c"],
+            ["src/mxspool/store/_groupcommit.c", "src/mxspool/store/_coalesce.c"],
+            depends=["src/mxspool/store/_coalesce.h"],
             libraries=["sqlite3"],
             optional=True,
         ),

@@ -17,6 +17,9 @@
  *
  * The Python writer thread (for every other write) and this thread share the database
  * through lock()/unlock(), so their transactions never meet in SQLite's busy handler.
+ *
+ * The thread's connection goes through a VFS that gathers SQLite's many small sequential
+ * writes into few large ones (_coalesce.c); that is why it insists on synchronous=FULL.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -28,6 +31,8 @@
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
+
+#include "_coalesce.h"
 
 #define ERROR_SIZE 400
 
@@ -110,9 +115,23 @@ close_db(Committer *self)
 static int
 open_db(Committer *self, char *error)
 {
-    int rc = sqlite3_open_v2(self->path, &self->db, SQLITE_OPEN_READWRITE, NULL);
+    sqlite3_stmt *check = NULL;
+    int rc = sqlite3_open_v2(self->path, &self->db, SQLITE_OPEN_READWRITE, COALESCING_VFS_NAME);
     if (rc == SQLITE_OK) {
         rc = sqlite3_exec(self->db, self->setup_sql, NULL, NULL, NULL);
+    }
+    if (rc == SQLITE_OK) {
+        /* The coalescing VFS relies on a sync before frames are published (see _coalesce.c). */
+        rc = sqlite3_prepare_v2(self->db, "PRAGMA synchronous", -1, &check, NULL);
+        if (rc == SQLITE_OK && sqlite3_step(check) == SQLITE_ROW
+            && sqlite3_column_int(check, 0) < 2) {
+            snprintf(error, ERROR_SIZE, "cannot open the store: the commit thread needs "
+                                        "PRAGMA synchronous = FULL (or EXTRA)");
+            sqlite3_finalize(check);
+            close_db(self);
+            return SQLITE_MISUSE;
+        }
+        sqlite3_finalize(check);
     }
     if (rc == SQLITE_OK) {
         rc = sqlite3_prepare_v3(self->db, self->insert_sql, -1, SQLITE_PREPARE_PERSISTENT,
@@ -633,6 +652,10 @@ static struct PyModuleDef groupcommit_module = {
 PyMODINIT_FUNC
 PyInit__groupcommit(void)
 {
+    if (coalescing_vfs_register() != SQLITE_OK) {
+        PyErr_SetString(PyExc_ImportError, "cannot register the coalescing SQLite VFS");
+        return NULL;
+    }
     if (PyType_Ready(&CommitterType) < 0) {
         return NULL;
     }

@@ -15,7 +15,8 @@ second, C thread when ``_groupcommit`` is built (see _groupcommit.c): same group
 savepoints, same synchronous=FULL, but without the GIL, whose hand-overs between the writer
 thread and the busy event loop were the commit's main cost. The two threads take turns on the
 database (``Committer.lock``), so there is still one writer at a time. Outcomes reach the loop
-through a pipe the loop watches.
+through a pipe the loop watches. Its connection gathers SQLite's small sequential writes (two
+per WAL frame) into large ones through a VFS of its own (_coalesce.c).
 
 Reads run in the default thread pool on per-thread read-only connections; WAL lets them
 proceed while the writer commits.
