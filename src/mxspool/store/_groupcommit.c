@@ -199,17 +199,10 @@ run_batch(Committer *self, Job *batch)
     char error[ERROR_SIZE];
     Job *job;
     if (self->db == NULL && open_db(self, error) != SQLITE_OK) {
-        for (job = batch; job != NULL; job = job->next) {
-            fail_job(job, "commit failed", error);
-        }
-        return;
+        goto failed;
     }
     if (exec_sql(self, "BEGIN IMMEDIATE") != SQLITE_OK) {
-        snprintf(error, ERROR_SIZE, "%s", sqlite3_errmsg(self->db));
-        for (job = batch; job != NULL; job = job->next) {
-            fail_job(job, "commit failed", error);
-        }
-        return;
+        goto abort;
     }
     for (job = batch; job != NULL; job = job->next) {
         if (exec_sql(self, "SAVEPOINT job") != SQLITE_OK) {

@@ -181,22 +181,19 @@ class SqliteStore:
         self._readers_lock = threading.Lock()
         self._checkpointer: threading.Thread | None = None
         self._closing = threading.Event()
-        self._accelerated = ACCELERATED
         self._committer: _groupcommit.Committer | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
     async def open(self) -> None:
         await asyncio.to_thread(self._prepare)
-        if self._accelerated:
+        if ACCELERATED:
             try:
                 self._committer = _groupcommit.Committer(
                     str(self.path), ";".join(_WRITER_PRAGMAS), _ACCEPT_ONE, MAX_BATCH
                 )
             except OSError as exc:
                 raise StoreError(f"cannot open the SQLite store at {self.path}: {exc}") from exc
-            self._loop = asyncio.get_running_loop()
-            self._loop.add_reader(self._committer.fileno(), self._deliver_commits)
+            asyncio.get_running_loop().add_reader(self._committer.fileno(), self._deliver_commits)
         self._writer = threading.Thread(target=self._write_loop, name="sqlite-writer", daemon=True)
         self._writer.start()
         self._closing.clear()
@@ -264,9 +261,9 @@ class SqliteStore:
             await asyncio.to_thread(self._writer.join)
             self._writer = None
         committer = self._committer
-        if committer is not None and self._loop is not None:
+        if committer is not None:
             # Commits what is queued, then answers everyone still waiting.
-            self._loop.remove_reader(committer.fileno())
+            asyncio.get_running_loop().remove_reader(committer.fileno())
             await asyncio.to_thread(committer.close)
             self._deliver_commits()
             self._committer = None
@@ -378,13 +375,11 @@ class SqliteStore:
         _settle(results)
         return True
 
-    async def _write(
-        self, work: Callable[[sqlite3.Connection], T], message: IncomingMessage | None = None
-    ) -> T:
+    async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         if self._writer is None:
             raise StoreError("the store is not open")
         future: Future[T] = Future()
-        self._jobs.put(_Job(work, future, message))
+        self._jobs.put(_Job(work, future))
         return await asyncio.wrap_future(future)
 
     # -- readers ------------------------------------------------------------------------
@@ -413,12 +408,9 @@ class SqliteStore:
 
     # -- intake -------------------------------------------------------------------------
     async def accept_message(self, message: IncomingMessage) -> None:
-        if self._committer is not None and not message.body.spilled:
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._committer.submit(_accept_row(message), functools.partial(_settle_future, future))
-            await future
-            return
-        await self._write(functools.partial(_insert_message, message=message), message)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.submit_message(message, functools.partial(_settle_future, future))
+        await future
 
     def submit_message(self, message: IncomingMessage, on_done: AcceptCallback) -> None:
         if self._writer is None:
@@ -1217,10 +1209,9 @@ def _settle(results: list[tuple[_Job, Any, BaseException | None]]) -> None:
 
 
 _ACCEPT_COLUMNS = (*codec.MESSAGE_COLUMNS, "data", "recipients")
-_ACCEPT_ONE = (
-    f"INSERT INTO accept_rows ({', '.join(_ACCEPT_COLUMNS)}) "
-    f"VALUES ({', '.join('?' * len(_ACCEPT_COLUMNS))})"
-)
+_ACCEPT_INSERT = f"INSERT INTO accept_rows ({', '.join(_ACCEPT_COLUMNS)}) VALUES "
+_ACCEPT_MARKS = "(" + ", ".join("?" * len(_ACCEPT_COLUMNS)) + ")"
+_ACCEPT_ONE = _ACCEPT_INSERT + _ACCEPT_MARKS
 
 
 def _accept_row(message: IncomingMessage) -> tuple[Any, ...]:
@@ -1248,10 +1239,8 @@ def _insert_accept_rows(conn: sqlite3.Connection, messages: list[IncomingMessage
     (and, with synchronous=FULL, fsyncs) when the statement ends, and a failure leaves nothing.
     """
     rows = [_accept_row(message) for message in messages]
-    row_marks = "(" + ", ".join("?" * len(_ACCEPT_COLUMNS)) + ")"
     conn.execute(
-        f"INSERT INTO accept_rows ({', '.join(_ACCEPT_COLUMNS)}) VALUES "
-        + ", ".join([row_marks] * len(rows)),
+        _ACCEPT_INSERT + ", ".join([_ACCEPT_MARKS] * len(rows)),
         [value for row in rows for value in row],
     )
 
