@@ -210,9 +210,11 @@ scan_process(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         }
     }
+    /* Like the reference, a line over the limit (or no check) leaves the carry as it was: it
+     * is only used while no line has been too long. */
     return Py_BuildValue("(NNNn)", out, PyBool_FromLong(res.bares > 0),
                          PyBool_FromLong(check_lines && res.too_long),
-                         check_lines ? res.carry : carry);
+                         check_lines && !res.too_long ? res.carry : carry);
 }
 
 static PyMethodDef scan_methods[] = {

@@ -7,7 +7,9 @@ one Postfix takes: spaces between ``FROM:``/``TO:`` and the ``<``.
 
 UTF-8 (RFC 6531) is accepted by the grammar; whether it is *allowed* depends on SMTPUTF8 on the
 MAIL command, which the server checks with :attr:`Path.ascii`. C0 and C1 control characters and
-DEL are never part of an address.
+DEL are never part of an address, nor are U+2028 and U+2029 (line and paragraph separators, which
+``str.splitlines`` and some log viewers take as line ends): addresses reach the Received: field,
+the store and DSNs, so nothing in one may start a new line.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from mxspool.smtp.replies import BAD_RECIPIENT_SYNTAX, BAD_SENDER_SYNTAX, Comman
 # RFC 5321 4.5.3.1.3: a path is at most 256 octets including the angle brackets.
 MAX_PATH_OCTETS = 256
 
-_U = "\u00a0-\U0010ffff"  # UTF8-non-ascii minus the C1 controls (RFC 6531 3.3)
+# UTF8-non-ascii (RFC 6531 3.3) minus the C1 controls and the line/paragraph separators
+_U = "\u00a0-\u2027\u202a-\U0010ffff"
 _ATOM = rf"[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~\-{_U}]+"
 _DOT_STRING = rf"{_ATOM}(?:\.{_ATOM})*"
 _QUOTED = rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_U}]|\\[\x20-\x7e])*"'

@@ -72,6 +72,11 @@ def timeout(hostname: str) -> Reply:
     return Reply(421, "4.4.2", f"{hostname} Error: timeout exceeded, closing connection")
 
 
+def too_many_errors(hostname: str) -> Reply:
+    """Sent when a session reaches ServerConfig.hard_error_limit (Postfix's exact text)."""
+    return Reply(421, "4.7.0", f"{hostname} Error: too many errors")
+
+
 # -- replies named by the interface contract (exact texts) ----------------------------------
 RELAY_DENIED = Reply(550, "5.7.1", "Relaying denied")
 RECIPIENT_UNKNOWN = Reply(550, "5.1.1", "Recipient unknown")
@@ -108,11 +113,16 @@ AUTH_NOT_OFFERED = Reply(502, "5.5.1", "AUTH not available")
 STARTTLS_NOT_OFFERED = Reply(502, "5.5.1", "STARTTLS not available")
 TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "TLS already active")
 NEED_HELO = Reply(503, "5.5.1", "Send HELO/EHLO first")
+HELO_CONTROL_CHARACTER = Reply(
+    501, "5.5.4", "Invalid HELO/EHLO hostname: control characters not allowed"
+)
 NESTED_MAIL = Reply(503, "5.5.1", "Nested MAIL command")
 NEED_MAIL = Reply(503, "5.5.1", "Need MAIL command")
 NEED_RCPT = Reply(503, "5.5.1", "Need RCPT command")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 TRANSACTION_IN_PROGRESS = Reply(503, "5.5.1", "MAIL transaction in progress")
+# RFC 3207 4: STARTTLS is an EHLO extension, so it is refused until EHLO has advertised it.
+STARTTLS_NEEDS_EHLO = Reply(503, "5.5.1", "Send EHLO first")
 BAD_SENDER_SYNTAX = Reply(501, "5.1.7", "Bad sender address syntax")
 BAD_RECIPIENT_SYNTAX = Reply(501, "5.1.3", "Bad recipient address syntax")
 NULL_RECIPIENT = Reply(501, "5.1.3", "Null recipient not allowed")
@@ -122,20 +132,43 @@ BAD_UTF8 = Reply(501, "5.5.4", "Invalid UTF-8 in command")
 ESMTP_PARAMS_AFTER_HELO = Reply(555, "5.5.4", "ESMTP parameters not allowed after HELO")
 
 
+# Client text echoed in a reply is cut to this many characters: a reply line stays far below
+# the 512-octet limit (RFC 5321 4.5.3.1.5) whatever the client sent.
+ECHO_MAX = 64
+
+
+def echo(text: str, limit: int = ECHO_MAX) -> str:
+    """Client text made safe to quote in a reply: printable US-ASCII only (anything else,
+    controls and non-ASCII alike, becomes "?"), at most ``limit`` characters, then "..."."""
+    safe = "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
+    return safe + "..." if len(text) > limit else safe
+
+
 def syntax(usage: str) -> Reply:
     return Reply(501, "5.5.4", f"Syntax: {usage}")
 
 
 def bad_parameter(what: str) -> Reply:
-    return Reply(501, "5.5.4", f"Bad parameter: {what}")
+    return Reply(501, "5.5.4", f"Bad parameter: {echo(what)}")
+
+
+def unprintable_parameter(keyword: str) -> Reply:
+    """RFC 3461 4.2, 4.4: the decoded ORCPT and ENVID values must be printable US-ASCII; a
+    control character there would become a line of its own in a DSN."""
+    return Reply(
+        501,
+        "5.5.4",
+        f"Bad {echo(keyword)} parameter: the decoded value must be printable US-ASCII "
+        "(no control characters)",
+    )
 
 
 def duplicate_parameter(keyword: str) -> Reply:
-    return Reply(501, "5.5.4", f"Duplicate parameter: {keyword}")
+    return Reply(501, "5.5.4", f"Duplicate parameter: {echo(keyword)}")
 
 
 def unsupported_parameter(keyword: str) -> Reply:
-    return Reply(555, "5.5.4", f"Unsupported parameter: {keyword}")
+    return Reply(555, "5.5.4", f"Unsupported parameter: {echo(keyword)}")
 
 
 class CommandError(Exception):

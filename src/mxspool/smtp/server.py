@@ -36,12 +36,27 @@ The application must write ``data_to_send()`` (the 220) and then start TLS befor
 more bytes.
 
 Command lines are limited to 512 octets with the CRLF, MAIL and RCPT to 512 + 500 (RFC 1870,
-RFC 3461 allowances). A line over the limit is answered 500 5.5.2 and skipped through its LF.
+RFC 3461 allowances). A line over the limit is answered 500 5.5.2 and skipped through its end
+(its LF; in "normalize" mode its CR, LF or CRLF).
 In "reject" mode a command line with a bare CR or LF is answered 500 5.5.2 Bare CR or LF not
 allowed; in "normalize" mode a bare CR or LF ends the line.
 
-``errors`` counts the 5xx replies to commands, from the core or the application, so the
-application can drop abusive clients.
+Error limit (Postfix smtpd_hard_error_limit). ``errors`` counts the 4xx and 5xx replies of the
+session, from the core or the application, to commands and to message content, as Postfix's
+error count does, except the 452 4.5.3 to recipients past ``max_recipients`` (Postfix lets those
+overshoot too); a message accepted with a 2xx forgives the errors before it. When ``errors``
+reaches ``hard_error_limit`` (0: no limit) the core sends ``421 4.7.0 <hostname> Error: too many
+errors`` right after the reply that reached it, sets ``closed_for_errors``, goes CLOSED (input
+buffered but not yet parsed, pipelined commands included, is dropped unexecuted) and emits
+``Quit``, so the application closes the connection as after QUIT.
+
+STARTTLS is an EHLO extension (RFC 3207 4): before EHLO, or after HELO, it is refused with
+503 5.5.1 Send EHLO first, as Exim does (Postfix accepts it).
+
+Nothing from the client that could start a line reaches an event: EHLO/HELO names with a control
+character (C0, DEL, C1) or U+2028/U+2029 are refused with 501, addresses by their grammar, and
+ENVID/ORCPT whose decoded value is not printable US-ASCII with 501 (see ``params``). Replies
+quote client text only through :func:`~mxspool.smtp.replies.echo` (64 printable characters).
 """
 
 from __future__ import annotations
@@ -84,6 +99,7 @@ COMMAND_LINE_MAX = 510  # octets before CRLF (RFC 5321 4.5.3.1.4)
 MAIL_RCPT_LINE_MAX = COMMAND_LINE_MAX + 500  # RFC 1870 6, RFC 3461 5
 _EOL = re.compile(rb"[\r\n]")
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+_CONTROL_TEXT = re.compile("[\x80-\x9f\u2028\u2029]")  # C1 and line separators, once decoded
 _NOT_IMPLEMENTED = frozenset({b"BDAT", b"ETRN", b"TURN", b"ATRN", b"SEND", b"SOML", b"SAML"})
 
 
@@ -96,6 +112,7 @@ class ServerConfig:
     tls_available: bool = False
     max_received_headers: int = 50
     header_limit: int = DEFAULT_LIMIT
+    hard_error_limit: int = 20  # 4xx/5xx replies before 421 and close; 0 = no limit
 
 
 class State(enum.Enum):
@@ -117,7 +134,8 @@ class ServerConnection:
         self.mail_path: Path | None = None
         self.mail_params = MailParams()
         self.recipients: list[Recipient] = []
-        self.errors = 0
+        self.errors = 0  # 4xx/5xx replies since the last accepted message
+        self.closed_for_errors = False  # the core closed the session at hard_error_limit
         self._rcpt_attempted = False
         self._normalize = config.bare_newlines == "normalize"
         self._rx = bytearray()  # unparsed command-stream bytes, always before _chunks
@@ -216,6 +234,8 @@ class ServerConnection:
         elif isinstance(event, MessageComplete):
             self._reset_transaction()
             self.state = State.READY
+            if ok:
+                self.errors = 0  # Postfix: a delivered message forgives earlier errors
         elif isinstance(event, StartTLS) and reply.code == 220:
             # CVE-2011-0411: nothing that arrived before the handshake may be interpreted.
             self._rx.clear()
@@ -225,8 +245,7 @@ class ServerConnection:
             self.extended = False
             self.helo_name = None
             self.state = State.INIT
-        if reply.code >= 500 and not isinstance(event, MessageComplete):
-            self.errors += 1
+        self._count_error(reply)
 
     # -- DATA -----------------------------------------------------------------------------
     def _step_data(self) -> bool:
@@ -265,6 +284,7 @@ class ServerConnection:
             self._reset_transaction()
             self.state = State.READY
             self._events.append(MessageRejected(reply))
+            self._count_error(reply)
             return
         self._events.append(
             MessageComplete(
@@ -282,10 +302,21 @@ class ServerConnection:
         while self._chunks:
             rx += self._chunks.popleft()
         if self._discarding:
-            i = rx.find(b"\n")
+            # Skip to the end of the over-long line: the next LF, or in "normalize" mode the
+            # next CR, LF or CRLF, since that is where such a line ends there too.
+            if self._normalize:
+                m = _EOL.search(rx)
+                i = -1 if m is None else m.start()
+            else:
+                i = rx.find(b"\n")
             if i < 0:
                 rx.clear()
                 return False
+            if rx[i] == 0x0D:
+                if i + 1 == len(rx):
+                    del rx[:i]  # CRLF or bare CR: cannot tell yet
+                    return False
+                i += rx[i + 1] == 0x0A
             del rx[: i + 1]
             self._discarding = False
         if not rx:
@@ -378,15 +409,19 @@ class ServerConnection:
 
     def _hello(self, line: bytes, arg: bytes, *, extended: bool) -> None:
         name = arg.strip(b" ")
-        if not name or _CONTROL.search(name):
+        if not name:
             self._error(R.syntax("EHLO hostname" if extended else "HELO hostname"), line)
+            return
+        text = name.decode("utf-8", "replace")
+        if _CONTROL.search(name) or _CONTROL_TEXT.search(text):
+            self._error(R.HELO_CONTROL_CHARACTER, line)
             return
         if self.state is State.MAIL:
             self._reset_transaction()
             self._events.append(Reset())
         self.state = State.READY
         self.extended = extended
-        self.helo_name = name.decode("utf-8", "replace")
+        self.helo_name = text
         config = self.config
         self._reply(
             _hello_reply(
@@ -476,6 +511,8 @@ class ServerConnection:
             self._error(R.TLS_ALREADY_ACTIVE, line)
         elif not self.config.tls_available:
             self._error(R.STARTTLS_NOT_OFFERED, line)
+        elif not self.extended:
+            self._error(R.STARTTLS_NEEDS_EHLO, line)
         elif self.state is State.MAIL:
             self._error(R.TRANSACTION_IN_PROGRESS, line)
         else:
@@ -487,9 +524,20 @@ class ServerConnection:
 
     def _error(self, reply: Reply, command: bytes) -> None:
         self._out += reply.to_bytes()
-        if reply.code >= 500:
-            self.errors += 1
         self._events.append(ProtocolError(reply, command[:64]))
+        self._count_error(reply)
+
+    def _count_error(self, reply: Reply) -> None:
+        """Count a 4xx/5xx reply just sent; at ``hard_error_limit``, 421 and close."""
+        if reply.code < 400 or reply == R.TOO_MANY_RECIPIENTS or self.state is State.CLOSED:
+            return
+        self.errors += 1
+        limit = self.config.hard_error_limit
+        if limit and self.errors >= limit:
+            self._out += R.too_many_errors(self.config.hostname).to_bytes()
+            self._close()
+            self.closed_for_errors = True
+            self._events.append(Quit())
 
     def _reset_transaction(self) -> None:
         self.mail_from = None
