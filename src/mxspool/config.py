@@ -70,11 +70,34 @@ class SmtpConfig(_Section):
     max_connections: int = Field(default=1000, ge=1)
     max_connections_per_ip: int = Field(default=50, ge=1)
     idle_timeout: Seconds = 300.0
+    """No byte from the client (or no reply read by it) for this long: 421 4.4.2 and close."""
+    command_timeout: Seconds = Field(default=300.0, gt=0)
+    """Deadline for one whole command line, from when the server is ready to read it (Postfix
+    smtpd_timeout): a client trickling bytes cannot hold a session open."""
+    min_data_rate: Bytes = 500
+    """Bytes per second a client must send during DATA, over each data_rate_window (Postfix
+    smtpd_min_data_rate); 0 = no minimum."""
+    data_rate_window: Seconds = Field(default=30.0, gt=0)
+    """The period min_data_rate is measured over; only a complete window counts."""
+    ipv6_prefix_length: int = Field(default=64, ge=48, le=128)
+    """max_connections_per_ip counts IPv6 clients per network of this prefix length."""
+    soft_error_limit: int = Field(default=10, ge=1)
+    """After this many 4xx/5xx replies in a session, each reply waits error_delay (Postfix)."""
+    hard_error_limit: int = Field(default=20, ge=0)
+    """At this many 4xx/5xx replies, 421 4.7.0 and close (Postfix); 0 = no limit."""
+    error_delay: Seconds = 1.0
+    """The delay of each reply past soft_error_limit (Postfix smtpd_error_sleep_time)."""
     tls_cert: str = ""
     tls_key: str = ""
     bare_newlines: Literal["reject", "normalize"] = "reject"
     spill_threshold: Bytes = parse_size("256KiB")
     """DATA beyond this many bytes goes to a temporary file instead of memory."""
+    allow_sender_literals: bool = False
+    """Accept MAIL FROM:<user@[192.0.2.1]>; refused by default (550 5.7.1), as a DSN to it would
+    go wherever the client wrote."""
+    spf_check_private: bool = False
+    """Check SPF also for clients on loopback/private addresses (normally skipped: they are
+    internal relays, and no SPF record lists them). For tests; leave false in production."""
 
     @field_validator("listen")
     @classmethod
@@ -108,6 +131,10 @@ class DeliveryConfig(_Section):
     retry_schedule: list[Seconds] = [60.0, 300.0, 900.0, 1800.0, 3600.0]
     max_age: Seconds = 14 * 86400.0
     connect_timeout: Seconds = 30.0
+    # Consecutive connection failures (refused, timeout, DNS, greeting not 220, TLS required
+    # and failed) after which a destination is dead: its whole queue is deferred at once and
+    # one connection probes it per retry_schedule step (Postfix's dead destination).
+    dead_after_failures: int = Field(default=3, ge=1)
     resolver: str = ""
     ca_file: str = ""
     # Claims on due mail and cluster connection slots last this long unless renewed (every
@@ -127,6 +154,10 @@ class AdminConfig(_Section):
     listen: str = "127.0.0.1:8025"
     token: str = ""
     token_file: str = ""
+    allowed_hosts: list[str] = []
+    """Extra Host header values the admin plane answers to ("name" any port, "name:port"),
+    e.g. a reverse proxy's public name; the listen address, loopback names and
+    [smtp] hostname are always allowed, anything else gets 421 (DNS rebinding defence)."""
 
 
 class Config(_Section):

@@ -56,6 +56,20 @@ PARKED = Counter(
     ["domain"],
     registry=REGISTRY,
 )
+DEAD_DESTINATIONS = Gauge(
+    "mxspool_destination_dead",
+    "1 while this node holds the domain's destination for dead (its queue deferred until the "
+    "next probe), 0 once a session opens again.",
+    ["domain"],
+    registry=REGISTRY,
+)
+DEFERRED_DEAD = Counter(
+    "mxspool_recipients_deferred_dead_destination",
+    "Recipients deferred without an attempt because their destination was dead "
+    "(one store update for the whole queue).",
+    ["domain"],
+    registry=REGISTRY,
+)
 SMTP_SESSIONS = Gauge(
     "mxspool_smtp_sessions",
     "SMTP sessions open now.",
@@ -122,6 +136,15 @@ def delivery_outcomes(domain: str, outcomes: Iterable[RecipientOutcome]) -> None
 
 def delivery_latency(domain: str, seconds: float) -> None:
     DELIVERY_SECONDS.labels(domain=domain).observe(seconds)
+
+
+def destination_dead(domain: str, dead: bool) -> None:
+    DEAD_DESTINATIONS.labels(domain=domain).set(1.0 if dead else 0.0)
+
+
+def destination_deferred(domain: str, recipients: int) -> None:
+    """A dead destination's queue was deferred in one go: ``recipients`` rows changed."""
+    DEFERRED_DEAD.labels(domain=domain).inc(recipients)
 
 
 # -- what the store says at scrape time ------------------------------------------------------

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from mxspool.config import Config, split_host_port
 from mxspool.intake.domains import DomainTable
 from mxspool.intake.listener import Intake, server_ssl_context
+from mxspool.intake.spf import SpfChecker
 from mxspool.store import Store, StoreError, create_store
 from mxspool.store.sqlite import sqlite_path
 
@@ -90,6 +91,7 @@ async def run(config: Config, ready: asyncio.Event | None = None) -> None:
             min_free_space=config.store.min_free_space,
             spill_dir=_spill_dir(config),
             ssl_context=ssl_context,
+            spf=SpfChecker.from_config(config),
         )
         tasks.append(asyncio.create_task(domains.follow(store), name="domains"))
         for component in extra_components:
@@ -111,6 +113,8 @@ async def run(config: Config, ready: asyncio.Event | None = None) -> None:
             # and a duplicate is possible, never a loss); everything else is cut.
             await asyncio.sleep(0)
             intake.close_all()
+            if intake.spf is not None:
+                intake.spf.close()  # queued SPF checks are dropped, not run at exit
         await store.close()
 
 

@@ -7,42 +7,133 @@ and the original headers (``text/rfc822-headers``; never the body). It is sent w
 ``MAIL FROM:<>`` so it can never cause another bounce, and never to the null reverse-path.
 Recipients whose sender asked for no failure notice (RFC 3461 ``NOTIFY=NEVER``, or a NOTIFY
 list without FAILURE) are left out.
+
+No backscatter, no reaching inside. Unless the operator forces it (``--force``), the DSN is
+withheld when the reverse-path is an address literal (``user@[127.0.0.1]``), when the sender's
+SPF result at arrival was ``fail`` (the ``spf=fail`` tag that ``intake.spf`` records: the
+sender is most likely forged), and when the sender's domain resolves only to addresses that are
+not global unicast (loopback, private, link-local, reserved...). That last check is made on the
+very addresses the connection goes to (``PublicOnly``), so a domain re-pointed at 127.0.0.1
+between two lookups (DNS rebinding) is caught too. A sender in one of our own domains goes by
+the configured route, which the operator chose, and is not checked. A withheld DSN still ends
+the recipients ``bounced`` (the operator asked to give up on them), with the reason in their
+last reply, the message tagged ``dsn=withheld``, and the reason in the result; ``queue bounce
+--force`` later sends the withheld DSN.
 """
 
 from __future__ import annotations
 
 import email.utils
+import ipaddress
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from mxspool.config import Config
 from mxspool.delivery.dnscache import DnsCache
+from mxspool.delivery.errors import ConnectFailed
 from mxspool.delivery.reply import Reply
-from mxspool.delivery.routing import Router
-from mxspool.delivery.transport import AiosmtplibConnector, Connector, Transaction, open_any
+from mxspool.delivery.routing import Hop, Router
+from mxspool.delivery.transport import (
+    AiosmtplibConnector,
+    Connector,
+    Session,
+    Transaction,
+    open_any,
+)
 from mxspool.envelope import MailParams, Recipient, domain_of
 from mxspool.store.base import RecipientRecord, RecipientState, Store, StoredMessage, TlsMode
 
 HEADER_LIMIT = 64 * 1024
 _OPEN = (RecipientState.PENDING, RecipientState.DELIVERING, RecipientState.PARKED)
 _ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
+SPF_FAIL_TAG = "spf=fail"
+"""Recorded at arrival by ``mxspool.intake.spf``."""
+WITHHELD_TAG = "dsn=withheld"
+SENT_TAG = "dsn=sent"
 
 
 class BounceError(Exception):
     """The DSN cannot be built or sent; the message says why and what to do."""
 
 
+class DsnWithheld(BounceError):
+    """The DSN must not go to this destination unless forced; the message says why."""
+
+
 @dataclass(frozen=True, slots=True)
 class BounceResult:
     recipient: str
-    """Where the DSN went: the original reverse-path."""
-    reply: Reply
-    """The accepting server's reply."""
+    """The DSN's recipient: the original reverse-path."""
+    reply: Reply | None
+    """The accepting server's reply; None when the DSN was withheld."""
     reported: int
-    """Recipients listed in the DSN."""
+    """Recipients listed in the DSN (or that it would have listed)."""
+    withheld: str = ""
+    """Why the DSN was not sent ("" when it was)."""
+    forced: bool = False
+
+    @property
+    def sent(self) -> bool:
+        return self.reply is not None
+
+
+def public_address(text: str) -> bool:
+    """Whether ``text`` is an IP address a DSN may connect to: global unicast only."""
+    try:
+        address = ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return False  # not an address: nothing to check it against, so no
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour or (address.teredo or (None, None))[1]
+        if embedded is not None and not public_address(str(embedded)):
+            return False
+    return address.is_global and not address.is_multicast
+
+
+class PublicOnly:
+    """A ``Connector`` that opens sessions only to public addresses (``public_address``).
+
+    The check is on ``Hop.address``, the resolved address the wrapped connector connects to.
+    """
+
+    def __init__(self, inner: Connector) -> None:
+        self.inner = inner
+
+    async def open(self, hop: Hop, tls: TlsMode) -> Session:
+        if not public_address(hop.address):
+            raise ConnectFailed(f"{hop}: not a public address; no DSN is sent there")
+        return await self.inner.open(hop, tls)
+
+
+def withhold_reason(message: StoredMessage) -> str:
+    """Why the DSN for ``message`` must not be sent without --force ("" when it may be), from
+    what the message says; the destination's addresses are checked when sending."""
+    domain = domain_of(message.mail_from)
+    if domain.startswith("["):
+        return (
+            f"the sender <{message.mail_from}> is an address literal: a DSN would go to "
+            "whatever address the client wrote"
+        )
+    if SPF_FAIL_TAG in message.tags:
+        return "SPF fail at arrival: the sender address is most likely forged (backscatter)"
+    return ""
+
+
+def _literal_hop(domain: str, port: int = 25) -> Hop | None:
+    """The hop of an address-literal domain ("[192.0.2.1]", "[IPv6:2001:db8::1]")."""
+    if not domain.startswith("["):
+        return None
+    inner = domain[1:-1]
+    if inner[:5].lower() == "ipv6:":
+        inner = inner[5:]
+    try:
+        address = str(ipaddress.ip_address(inner))
+    except ValueError:
+        raise BounceError(f"the sender's address literal {domain} is not an IP address") from None
+    return Hop(address, address, port)
 
 
 def notified(recipient: RecipientRecord) -> bool:
@@ -52,7 +143,17 @@ def notified(recipient: RecipientRecord) -> bool:
 
 
 def _xtext_decode(value: str) -> str:
-    return re.sub(r"\+([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), value)
+    """Decode RFC 3461 xtext for a DSN field; any decoded character that is not printable
+    US-ASCII stays "+XX"-encoded, so no stored value can add a line to the DSN (the SMTP
+    core already refuses such ENVID/ORCPT values; this covers older spools)."""
+
+    def one(m: re.Match[str]) -> str:
+        if m.group(1) is None:  # a raw control character: encode it
+            return f"+{ord(m.group()):02X}" if ord(m.group()) < 0x100 else "?"
+        code = int(m.group(1), 16)
+        return chr(code) if 0x20 <= code <= 0x7E else m.group().upper()
+
+    return re.sub(r"\+([0-9A-Fa-f]{2})|[\x00-\x1f\x7f-\x9f\u2028\u2029]", one, value)
 
 
 def _status(reply: str | None) -> str:
@@ -75,8 +176,10 @@ def build_dsn(
     reporting_mta: str,
     *,
     now: float | None = None,
+    states: Sequence[RecipientState] = _OPEN,
 ) -> bytes:
-    """The DSN for every recipient of ``message`` not yet delivered, discarded or bounced.
+    """The DSN for every recipient of ``message`` not yet delivered, discarded or bounced
+    (in ``states``: a withheld DSN sent later reports the bounced ones).
 
     Raises BounceError when the reverse-path is null or nobody is left to report on.
     """
@@ -85,7 +188,7 @@ def build_dsn(
             f"message {message.id} has a null reverse-path (MAIL FROM:<>); a DSN cannot be "
             "sent to it. Use 'mxspool queue discard' or 'queue retry' instead"
         )
-    failed = [r for r in message.recipients if r.state in _OPEN and notified(r)]
+    failed = [r for r in message.recipients if r.state in states and notified(r)]
     if not failed:
         raise BounceError(
             f"message {message.id} has no undelivered recipient whose sender wants a failure "
@@ -162,17 +265,34 @@ async def send_dsn(
     store: Store,
     router: Router,
     connector: Connector,
+    public_only: bool = True,
 ) -> Reply:
     """Deliver ``dsn`` with ``MAIL FROM:<>`` to ``recipient``: by the configured route when
-    the recipient's domain is one of ours, else by the MX of its domain (TLS opportunistic)."""
+    the recipient's domain is one of ours, else by the MX of its domain (TLS opportunistic).
+
+    With ``public_only``, a domain not ours gets the DSN only at public addresses; raises
+    DsnWithheld when it has none.
+    """
     if not recipient:
         raise BounceError("a DSN is never sent to the null reverse-path")
     name = domain_of(recipient)
-    domain = await store.get_domain(name)
+    literal = _literal_hop(name)
+    domain = None if literal else await store.get_domain(name)
     if domain is not None:
         hops, tls = await router.hops(domain), domain.tls
     else:
-        hops, tls = await router.mx_hops(name), TlsMode.OPPORTUNISTIC
+        hops = [literal] if literal else await router.mx_hops(name)
+        tls = TlsMode.OPPORTUNISTIC
+        if public_only:
+            public = [hop for hop in hops if public_address(hop.address)]
+            if not public:
+                found = ", ".join(dict.fromkeys(hop.address for hop in hops))
+                raise DsnWithheld(
+                    f"the sender's domain {name} resolves only to addresses that are not "
+                    f"public ({found}): a DSN there would reach a loopback, private or "
+                    "reserved network"
+                )
+            hops, connector = public, PublicOnly(connector)
     params = MailParams(
         size=len(dsn),
         body=None if dsn.isascii() else "8BITMIME",
@@ -198,33 +318,57 @@ async def bounce_message(
     store: Store,
     message_id: str,
     *,
+    force: bool = False,
     router: Router | None = None,
     connector: Connector | None = None,
 ) -> BounceResult:
     """``queue bounce ID``: build, send, then mark the recipients bounced (in that order, so a
-    failed send leaves the message as it was)."""
+    failed send leaves the message as it was).
+
+    A DSN that must not be sent (see the module docstring) is withheld unless ``force``: the
+    recipients are still marked bounced, and the result says why. With ``force``, a message
+    whose DSN was withheld earlier gets it now.
+    """
     message = await store.get_message(message_id)
     if message is None:
         raise BounceError(f"no message {message_id}; 'mxspool queue list' shows the queue")
+    resend = force and WITHHELD_TAG in message.tags and SENT_TAG not in message.tags
+    states = (RecipientState.BOUNCED,) if resend else _OPEN
     headers = await read_original_headers(store, message_id)
-    dsn = build_dsn(message, headers, config.smtp.hostname)
-    router = router or Router(DnsCache(config.delivery.resolver))
-    connector = connector or AiosmtplibConnector(
-        local_hostname=config.smtp.hostname,
-        connect_timeout=config.delivery.connect_timeout,
-        ca_file=config.delivery.ca_file,
-    )
-    try:
-        reply = await send_dsn(
-            dsn, message.mail_from, store=store, router=router, connector=connector
+    dsn = build_dsn(message, headers, config.smtp.hostname, states=states)
+    reported = sum(1 for r in message.recipients if r.state in states and notified(r))
+    reason = "" if force else withhold_reason(message)
+    reply: Reply | None = None
+    if not reason:
+        router = router or Router(DnsCache(config.delivery.resolver))
+        connector = connector or AiosmtplibConnector(
+            local_hostname=config.smtp.hostname,
+            connect_timeout=config.delivery.connect_timeout,
+            ca_file=config.delivery.ca_file,
         )
-    except BounceError:
-        raise
-    except Exception as exc:
-        raise BounceError(
-            f"the DSN for {message_id} could not be sent to <{message.mail_from}>: {exc}; "
-            "the message is unchanged"
-        ) from exc
-    reported = sum(1 for r in message.recipients if r.state in _OPEN and notified(r))
-    await store.mark_bounced(message_id, f"bounced by operator; DSN accepted: {reply}")
-    return BounceResult(message.mail_from, reply, reported)
+        try:
+            reply = await send_dsn(
+                dsn,
+                message.mail_from,
+                store=store,
+                router=router,
+                connector=connector,
+                public_only=not force,
+            )
+        except DsnWithheld as exc:
+            reason = str(exc)
+        except BounceError:
+            raise
+        except Exception as exc:
+            raise BounceError(
+                f"the DSN for {message_id} could not be sent to <{message.mail_from}>: {exc}; "
+                "the message is unchanged"
+            ) from exc
+    if reply is None:
+        await store.mark_bounced(message_id, f"bounced by operator; no DSN sent: {reason}")
+        await store.add_tag(message_id, WITHHELD_TAG)
+        return BounceResult(message.mail_from, None, reported, withheld=reason)
+    if not resend:
+        await store.mark_bounced(message_id, f"bounced by operator; DSN accepted: {reply}")
+    await store.add_tag(message_id, SENT_TAG)
+    return BounceResult(message.mail_from, reply, reported, forced=force)

@@ -9,6 +9,10 @@ A domain with a recipient list (``mxspool recipients import``) also refuses, at 
 address not on it with ``550 5.1.1``: refusing in the session costs nothing, while accepting and
 bouncing later would send backscatter to forged senders. The comparison is case-insensitive on
 the whole address, local part included, as Exchange Online treats addresses.
+
+A reverse-path with an address literal (``MAIL FROM:<user@[192.0.2.1]>``) is refused unless
+``[smtp] allow_sender_literals``: legitimate mail comes from domain names, and a DSN to a
+literal would connect wherever the client wrote (``127.0.0.1``, an internal host).
 """
 
 from __future__ import annotations
@@ -16,7 +20,12 @@ from __future__ import annotations
 from collections.abc import Container, Mapping
 from typing import Protocol
 
+from mxspool.config import SmtpConfig
 from mxspool.smtp.replies import RECIPIENT_UNKNOWN, RELAY_DENIED, Reply
+
+SENDER_LITERAL_REFUSED = Reply(
+    550, "5.7.1", "Address literals are not accepted in MAIL FROM; use a domain name"
+)
 
 
 class RecipientPath(Protocol):
@@ -34,6 +43,16 @@ class RecipientPath(Protocol):
 
     @property
     def address_literal(self) -> bool: ...
+
+
+def sender_refusal(path: RecipientPath, config: SmtpConfig) -> Reply | None:
+    """The 550 reply when the reverse-path ``path`` must not be accepted, or None when it may.
+
+    The null reverse-path ``<>`` (bounces) is always accepted.
+    """
+    if path.address_literal and not config.allow_sender_literals:
+        return SENDER_LITERAL_REFUSED
+    return None
 
 
 def relay_refusal(path: RecipientPath, domains: Container[str]) -> Reply | None:

@@ -1,0 +1,55 @@
+"""Connection slots: how many SMTP sessions are open, in all and per client network.
+
+``max_connections_per_ip`` counts an IPv4 client per address, but an IPv6 client per prefix
+(``ipv6_prefix_length``, a /64 by default): one host usually holds a whole /64 and can pick a new
+source address for every connection, so counting exact IPv6 addresses would let it fill every
+slot. An IPv4-mapped IPv6 address (``::ffff:192.0.2.1``, what a dual-stack socket reports for an
+IPv4 client) counts as the IPv4 address it carries.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+
+
+def client_key(address: str, ipv6_prefix_length: int) -> str:
+    """The name under which ``address`` is counted: itself for IPv4, its network for IPv6."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])  # no zone index (fe80::1%eth0)
+    except ValueError:
+        return address  # not an IP address (a Unix socket, "unknown"): counted as it is
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        network = ipaddress.IPv6Network((ip, ipv6_prefix_length), strict=False)
+        return str(network)
+    return str(ip)
+
+
+class Slots:
+    """Open sessions, in all and per :func:`client_key`."""
+
+    def __init__(self, total: int, per_client: int, ipv6_prefix_length: int) -> None:
+        self.total = total
+        self.per_client = per_client
+        self.ipv6_prefix_length = ipv6_prefix_length
+        self.open = 0
+        self.per_key: Counter[str] = Counter()
+
+    def key(self, address: str) -> str:
+        return client_key(address, self.ipv6_prefix_length)
+
+    def take(self, key: str) -> bool:
+        """Take a slot for a client counted as ``key``; False when a limit is reached."""
+        if self.open >= self.total or self.per_key[key] >= self.per_client:
+            return False
+        self.open += 1
+        self.per_key[key] += 1
+        return True
+
+    def give_back(self, key: str) -> None:
+        self.open -= 1
+        self.per_key[key] -= 1
+        if self.per_key[key] <= 0:
+            del self.per_key[key]
