@@ -24,6 +24,7 @@ from rich.table import Table
 
 from mxspool import operations as ops
 from mxspool.config import Config, ConfigError, load_config
+from mxspool.csvsafe import csv_cells
 from mxspool.store import create_store
 from mxspool.store.base import QUEUE_STATES, Conflict, Domain, Store, StoreError
 from mxspool.units import format_duration
@@ -607,15 +608,31 @@ def queue_discard(ctx: click.Context, message_id: str) -> None:
 @queue.command("bounce")
 @config_option
 @click.argument("message_id", metavar="ID")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Send the DSN even to an address literal, a non-public address or a sender whose "
+    "SPF failed at arrival (or send one withheld earlier).",
+)
+@click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def queue_bounce(ctx: click.Context, message_id: str) -> None:
+def queue_bounce(ctx: click.Context, message_id: str, force: bool, as_json: bool) -> None:
     """Send an RFC 3464 DSN to the message's reverse-path (never to <>)."""
     config = _load_config(ctx)
-    result = _run(ctx, lambda store: ops.queue_bounce(store, config, message_id))
-    click.echo(
-        f"DSN for {message_id} sent to <{result.recipient}> ({result.reply}); "
-        f"{_count(result.reported, 'recipient')} reported, the message is now bounced"
-    )
+    result = _run(ctx, lambda store: ops.queue_bounce(store, config, message_id, force=force))
+    if as_json:
+        _print_json(ops.bounce_result_to_dict(message_id, result))
+    elif result.sent:
+        click.echo(
+            f"DSN for {message_id} sent to <{result.recipient}> ({result.reply}); "
+            f"{_count(result.reported, 'recipient')} reported, the message is now bounced"
+        )
+    else:
+        click.echo(
+            f"DSN for {message_id} NOT sent to <{result.recipient}>: {result.withheld}. "
+            f"The message is bounced without a DSN; to send the DSN anyway: "
+            f"mxspool queue bounce --force {message_id}"
+        )
 
 
 # -- status, report, audit -----------------------------------------------------------------
@@ -699,7 +716,7 @@ class _CsvRows:
         self._writer.writerow(ops.REPORT_COLUMNS)
 
     def write(self, row: dict[str, Any]) -> None:
-        self._writer.writerow(["" if row[key] is None else row[key] for key in ops.REPORT_COLUMNS])
+        self._writer.writerow(csv_cells(row[key] for key in ops.REPORT_COLUMNS))
 
     def close(self) -> None:
         pass

@@ -488,20 +488,40 @@ async def queue_discard(store: Store, message_id: str, *, actor: str = "cli") ->
 
 
 async def queue_bounce(
-    store: Store, config: Config, message_id: str, *, actor: str = "cli"
+    store: Store, config: Config, message_id: str, *, force: bool = False, actor: str = "cli"
 ) -> BounceResult:
-    """Send an RFC 3464 DSN to the reverse-path (never to <>), then mark the message bounced."""
+    """Send an RFC 3464 DSN to the reverse-path (never to <>), then mark the message bounced.
+
+    The DSN is withheld (the message is still bounced; the result and the audit entry say why)
+    when it would be backscatter or reach an internal address, unless ``force``
+    (``mxspool.delivery.bounce``).
+    """
     from mxspool.delivery.bounce import BounceError, bounce_message
 
     queue_id = _check_message_id(message_id)
     try:
-        result = await bounce_message(config, store, queue_id)
+        result = await bounce_message(config, store, queue_id, force=force)
     except BounceError as exc:
         raise OperationError(str(exc), exit_code=1) from None
-    await store.record_audit(
-        actor, "queue.bounce", queue_id, f"dsn_to=<{result.recipient}> reply={result.reply}"
-    )
+    if result.sent:
+        detail = f"dsn_to=<{result.recipient}> reply={result.reply}"
+        detail += " forced" if result.forced else ""
+    else:
+        detail = f"dsn_withheld to=<{result.recipient}> reason={result.withheld}"
+    await store.record_audit(actor, "queue.bounce", queue_id, detail)
     return result
+
+
+def bounce_result_to_dict(message_id: str, result: BounceResult) -> dict[str, Any]:
+    return {
+        "id": message_id,
+        "dsn_to": result.recipient,
+        "sent": result.sent,
+        "reply": None if result.reply is None else str(result.reply),
+        "withheld": result.withheld or None,
+        "forced": result.forced,
+        "reported": result.reported,
+    }
 
 
 async def queue_retry(

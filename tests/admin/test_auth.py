@@ -84,10 +84,10 @@ async def test_open_api_answers_only_to_loopback_host_names(store: SqliteStore) 
             response = await client.get("/api/v1/status", headers={"Host": host})
             assert response.status_code == 200, host
         rebound = await client.get("/api/v1/status", headers={"Host": "evil.example:8025"})
-        assert rebound.status_code == 400
+        assert rebound.status_code == 421
         assert rebound.json()["error"]["code"] == "bad_host"
         page = await client.get("/", headers={"Host": "evil.example"})
-        assert page.status_code == 400
+        assert page.status_code == 421
         # Without a token the dashboard needs no sign-in, and its actions are audited.
         home = await client.get("/")
         assert home.status_code == 200

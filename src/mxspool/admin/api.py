@@ -25,7 +25,16 @@ from mxspool import operations as ops
 from mxspool.admin.auth import Principal
 from mxspool.admin.context import AdminContext, context_of
 from mxspool.admin.errors import ApiError, as_api_error, error_response
-from mxspool.admin.requests import Fields, query_int, query_str, read_json
+from mxspool.admin.requests import (
+    Fields,
+    path_text,
+    query_choice,
+    query_flag,
+    query_int,
+    query_str,
+    read_json,
+)
+from mxspool.csvsafe import csv_cells
 
 MAX_PAGE = 1000
 WRITE_METHODS = frozenset({"POST", "PATCH", "DELETE"})
@@ -43,7 +52,7 @@ class Call:
         return self.principal.actor
 
     def path(self, key: str) -> str:
-        return str(self.request.path_params[key])
+        return path_text(self.request, key)
 
 
 Handler = Callable[[Call], Awaitable[Response]]
@@ -55,7 +64,6 @@ def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
     async def run(request: Request) -> Response:
         try:
             admin = context_of(request)
-            admin.auth.check_host(request)
             principal = admin.auth.api_principal(request)
             body = await read_json(request) if request.method in WRITE_METHODS else {}
             return await handler(Call(request, admin, principal, body))
@@ -121,11 +129,7 @@ async def patch_domain(call: Call) -> Response:
 
 async def delete_domain(call: Call) -> Response:
     fields = Fields(call.body, ("force",))
-    force = bool(fields.flag("force", False)) or call.request.query_params.get("force") in (
-        "1",
-        "true",
-        "yes",
-    )
+    force = bool(fields.flag("force", False)) or query_flag(call.request, "force")
     name = ops.normalize_domain(call.path("domain"))
     await ops.remove_domain(call.admin.store, name, force, actor=call.actor)
     return _json({"removed": name})
@@ -234,9 +238,7 @@ async def retry_parked(call: Call) -> Response:
 
 async def get_report(call: Call) -> Response:
     """The reconciliation report, streamed: a JSON array (as ``report --format json``) or CSV."""
-    fmt = (query_str(call.request, "format") or "json").lower()
-    if fmt not in ("json", "csv"):
-        raise ApiError(422, "invalid", f"unknown format {fmt!r}; use csv or json")
+    fmt = query_choice(call.request, "format", ("json", "csv"), "json")
     domain = query_str(call.request, "domain")
     rows = ops.report(call.admin.store, domain)
     first = await anext(rows, None)  # bad domain names fail here, as a 422
@@ -273,7 +275,7 @@ def _dumps(row: dict[str, Any]) -> bytes:
 
 
 def _csv_cells(row: dict[str, Any]) -> list[str]:
-    return ["" if row[key] is None else str(row[key]) for key in ops.REPORT_COLUMNS]
+    return csv_cells(row[key] for key in ops.REPORT_COLUMNS)
 
 
 def _csv_line(cells: list[str]) -> bytes:

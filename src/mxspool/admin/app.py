@@ -8,6 +8,7 @@ from importlib import resources
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -16,8 +17,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mxspool import metrics
 from mxspool.admin import api, dashboard
+from mxspool.admin.auth import host_policy
 from mxspool.admin.context import AdminContext, context_of
 from mxspool.admin.errors import ApiError, error_response
+from mxspool.admin.hosts import HostPolicy
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -61,10 +64,45 @@ def _load_static() -> dict[str, bytes]:
     }
 
 
+class HostCheck:
+    """Refuse (421) every request whose Host is not one of the listener's own names."""
+
+    def __init__(self, app: ASGIApp, policy: HostPolicy) -> None:
+        self.app = app
+        self.policy = policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        hosts = [value.decode("latin-1") for name, value in scope["headers"] if name == b"host"]
+        host = hosts[0] if hosts else None
+        if len(hosts) <= 1 and self.policy.allows(host):
+            await self.app(scope, receive, send)
+            return
+        refusal = ApiError(421, "bad_host", self.policy.refusal(host or ""))
+        await error_response(refusal)(scope, receive, send)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (unknown path, wrong method) in the API's error envelope."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    code = _HTTP_CODES.get(status, "bad_request" if status < 500 else "internal")
+    message = (
+        f"{request.method} {request.url.path} is not an endpoint of the admin plane"
+        if status in _HTTP_CODES
+        else str(getattr(exc, "detail", "") or "the request cannot be served")
+    )
+    headers = dict(getattr(exc, "headers", None) or {})
+    return error_response(ApiError(status, code, message, headers))
+
+
 def _unprotected(request: Request) -> None:
     """/healthz and /metrics: open on a loopback listener, token (or session) elsewhere."""
     admin = context_of(request)
-    admin.auth.check_host(request)
     if not admin.auth.loopback:
         admin.auth.api_principal(request)
 
@@ -116,6 +154,13 @@ def create_app(admin: AdminContext) -> Starlette:
         *api.routes,
         *dashboard.routes,
     ]
-    app = Starlette(routes=routes, middleware=[Middleware(SecurityHeaders)])
+    app = Starlette(
+        routes=routes,
+        middleware=[
+            Middleware(SecurityHeaders),
+            Middleware(HostCheck, policy=host_policy(admin.config)),
+        ],
+        exception_handlers={HTTPException: http_error},
+    )
     app.state.admin = admin
     return app

@@ -12,8 +12,8 @@ server never grants), so the cookie alone never changes anything. Dashboard acti
 audited as "dashboard".
 
 With no token configured (allowed only on a loopback listener) the API is open, as
-INTERFACE.md says; then the Host header must name a loopback host, so a web page cannot reach
-the open API through DNS rebinding.
+INTERFACE.md says. Whatever the tokens, only the listener's own names may appear in the Host
+header (``mxspool.admin.hosts``), so a web page cannot reach the API through DNS rebinding.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from pathlib import Path
 from starlette.requests import Request
 
 from mxspool.admin.errors import ApiError, unauthorized
-from mxspool.config import AdminConfig, is_loopback, split_host_port
+from mxspool.admin.hosts import HostPolicy
+from mxspool.config import AdminConfig, Config, is_loopback, split_host_port
 
 SESSION_COOKIE = "mxspool_session"
 CSRF_HEADER = "x-csrf-token"
@@ -84,6 +85,14 @@ def admin_address(admin: AdminConfig, tokens: tuple[Token, ...]) -> tuple[str, i
             'listen on a loopback address such as "127.0.0.1:8025"'
         )
     return host, port
+
+
+def host_policy(config: Config) -> HostPolicy:
+    """The Host names the admin plane answers to; AdminConfigError for a bad allowed_hosts."""
+    try:
+        return HostPolicy.of(config)
+    except ValueError as exc:
+        raise AdminConfigError(str(exc)) from None
 
 
 @dataclass(slots=True)
@@ -156,24 +165,6 @@ class Auth:
             if hmac.compare_digest(token.secret, candidate):
                 name = token.name
         return name
-
-    def check_host(self, request: Request) -> None:
-        """Without a token, only loopback host names may be used (no DNS rebinding)."""
-        if not self.open:
-            return
-        host = request.headers.get("host", "")
-        try:
-            name, _port = split_host_port(host, default_port=80)
-        except ValueError:
-            name = ""
-        if not is_loopback(name):
-            raise ApiError(
-                400,
-                "bad_host",
-                f"Host {host!r} is not a loopback name; this admin listener has no token, so "
-                "it answers only to localhost or 127.0.0.1. Configure [admin] token to use "
-                "another name",
-            )
 
     def session_of(self, request: Request) -> Session | None:
         return self.sessions.get(request.cookies.get(SESSION_COOKIE))

@@ -36,7 +36,7 @@ from mxspool.admin.render import (
     table,
     when,
 )
-from mxspool.admin.requests import media_type, query_int, query_str, read_body
+from mxspool.admin.requests import media_type, path_text, query_int, query_str, read_body
 from mxspool.store.base import QUEUE_STATES, AuditEntry, Domain, DomainMode, QueueEntry
 from mxspool.units import format_duration
 
@@ -72,10 +72,6 @@ def _set_cookie(response: Response, session: Session) -> None:
 def page(handler: PageHandler, active: str) -> Callable[[Request], Awaitable[Response]]:
     async def run(request: Request) -> Response:
         admin = context_of(request)
-        try:
-            admin.auth.check_host(request)
-        except ApiError as exc:
-            return HTMLResponse(bare_page("Refused", f"<p>{esc(exc.message)}</p>"), exc.status)
         session = admin.auth.session_of(request)
         created: Session | None = None
         if session is None:
@@ -144,14 +140,16 @@ async def login_page(request: Request) -> Response:
     admin = context_of(request)
     if admin.auth.open:
         return RedirectResponse("/", status_code=303)
-    next_url = _local_path(request.query_params.get("next", "/"))
+    try:
+        next_url = _local_path(query_str(request, "next", "/") or "/")
+    except ApiError:
+        next_url = "/"  # a mangled "next" only loses the way back after sign-in
     return HTMLResponse(bare_page("Sign in", _login_form(next_url)))
 
 
 async def login(request: Request) -> Response:
     admin = context_of(request)
     try:
-        admin.auth.check_host(request)
         if not _same_origin(request):
             raise ApiError(403, "csrf", "sign-in from another site is refused")
         if media_type(request) != "application/x-www-form-urlencoded":
@@ -309,7 +307,7 @@ async def overview(request: Request, admin: AdminContext) -> Page:
 
 async def domain_page(request: Request, admin: AdminContext) -> Page:
     now = time.time()
-    detail = await ops.show_domain(admin.store, str(request.path_params["domain"]), now)
+    detail = await ops.show_domain(admin.store, path_text(request, "domain"), now)
     domain, status = detail.domain, detail.status
     name = domain.name
     audit = await ops.audit_list(admin.store, 1000)
@@ -471,7 +469,7 @@ async def _headers_of(admin: AdminContext, queue_id: str) -> str:
 
 
 async def message_page(request: Request, admin: AdminContext) -> Page:
-    queue_id = str(request.path_params["id"])
+    queue_id = path_text(request, "id")
     detail = await ops.queue_show(admin.store, queue_id)
     data = ops.message_detail_to_dict(detail)
     headers = await _headers_of(admin, detail.message.id)

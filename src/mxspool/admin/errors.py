@@ -61,8 +61,10 @@ def as_api_error(exc: Exception) -> ApiError:
 
 
 def error_response(error: ApiError) -> JSONResponse:
+    # A message may quote the request; what cannot be UTF-8 (a lone surrogate) is escaped.
+    message = error.message.encode("utf-8", "backslashreplace").decode("utf-8")
     return JSONResponse(
-        {"error": {"code": error.code, "message": error.message}},
+        {"error": {"code": error.code, "message": message}},
         status_code=error.status,
         headers=error.headers,
     )

@@ -17,7 +17,13 @@ from collections.abc import Iterator
 import uvicorn
 
 from mxspool.admin.app import create_app
-from mxspool.admin.auth import AdminConfigError, Auth, admin_address, load_tokens
+from mxspool.admin.auth import (
+    AdminConfigError,
+    Auth,
+    admin_address,
+    host_policy,
+    load_tokens,
+)
 from mxspool.admin.context import AdminContext
 from mxspool.admin.history import History, run_sampler
 from mxspool.config import Config, is_loopback
@@ -35,6 +41,7 @@ class _Server(uvicorn.Server):
 def check_config(config: Config) -> None:
     """Raise AdminConfigError when the [admin] section is unsafe or unusable."""
     admin_address(config.admin, load_tokens(config.admin))
+    host_policy(config)
 
 
 def _bind(host: str, port: int, listen: str) -> socket.socket:
@@ -58,6 +65,7 @@ async def admin_component(config: Config, store: Store, domains: object = None) 
     """``service.extra_components`` entry: serve the admin HTTP plane until cancelled."""
     tokens = load_tokens(config.admin)
     host, port = admin_address(config.admin, tokens)
+    host_policy(config)
     sock = _bind(host, port, config.admin.listen)
     history = History()
     context = AdminContext(config, store, Auth(tokens, is_loopback(host)), history)

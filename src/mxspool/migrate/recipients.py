@@ -20,6 +20,8 @@ import io
 import re
 from dataclasses import dataclass, field
 
+from mxspool.csvsafe import read_cell
+
 _PROXY_SPLIT = re.compile(r"[;\s,]+")
 _LOCAL_OK = re.compile(r"^[^\s@<>()\[\]\\,;:\"]+$")
 _UNEXPANDED = "Microsoft.Exchange.Data"
@@ -88,9 +90,9 @@ def _parse_csv(text: str, domain: str) -> ParsedRecipients:
         rows += 1
         candidates: list[str] = []
         if primary_col is not None:
-            candidates.append((row.get(primary_col) or "").strip())
+            candidates.append(read_cell(row.get(primary_col) or "").strip())
         if proxies_col is not None:
-            value = (row.get(proxies_col) or "").strip()
+            value = read_cell(row.get(proxies_col) or "").strip()
             if value.startswith(_UNEXPANDED):
                 unexpanded = True
             for item in _PROXY_SPLIT.split(value):
