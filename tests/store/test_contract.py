@@ -21,6 +21,7 @@ from mxspool.store.base import (
     ClientInfo,
     Conflict,
     DeliveryJob,
+    DestinationDeferral,
     Domain,
     DomainChanges,
     DomainMode,
@@ -820,3 +821,136 @@ async def test_add_tag_and_list_queue_by_tag(store: Store) -> None:
     assert await store.list_queue(tag="rob") == []
     with pytest.raises(NotFound):
         await store.add_tag("no-such-id", "probe")
+
+
+# -- dead destinations -----------------------------------------------------------------------
+DEAD_REPLY = "4.4.1 destination dead: refused (3 consecutive connection failures)"
+
+
+def _dead(now: float, until: float, **kwargs: Any) -> DestinationDeferral:
+    return DestinationDeferral(until=until, reply=DEAD_REPLY, now=now, **kwargs)
+
+
+async def _rows(store: Store, message_ids: list[str]) -> list[Any]:
+    found = []
+    for message_id in message_ids:
+        message = await store.get_message(message_id)
+        assert message is not None
+        found += message.recipients
+    return found
+
+
+async def test_defer_destination_defers_the_whole_queue_but_not_live_claims(
+    open_store: StoreFactory,
+) -> None:
+    store = await open_store()
+    other = await open_store()  # another node
+    await add_domain(store, RELAY)
+    await add_domain(store, HELD, DomainMode.HOLD)
+    now = time.time()
+    ids = [await put(store, [f"u{n}@{RELAY}"]) for n in range(6)]
+    held = await put(store, [f"h@{HELD}"])
+    # u0: claimed by a live node; u1: tried once, its own retry time an hour away;
+    # u2: claimed by a node whose lease has expired.
+    (live,) = await other.claim_due("node-b", now, LEASE, 1, RELAY)
+    (tried,) = await store.claim_due("node-a", now, LEASE, 1, RELAY)
+    (tried_rcpt,) = tried.recipients
+    later = RecipientOutcome(
+        tried_rcpt.id, RecipientState.PENDING, "451 4.2.0 later", "mx:25", now + 3600
+    )
+    await store.record_outcomes("node-a", [later])
+    (stale,) = await store.claim_due("node-gone", now - 100, 1.0, 1, RELAY)
+
+    until = now + 600
+    assert await store.defer_destination(RELAY, _dead(now, until)) == 5
+    rows = {r.address: r for r in await _rows(store, ids)}
+    assert rows[f"u0@{RELAY}"].state is RecipientState.DELIVERING  # left to its live worker
+    assert rows[f"u0@{RELAY}"].last_reply is None
+    for n in range(1, 6):
+        row = rows[f"u{n}@{RELAY}"]
+        assert (row.state, row.last_reply) == (RecipientState.PENDING, DEAD_REPLY)
+        assert row.next_attempt_at == pytest.approx(until)  # also u1's later own retry time
+        # No attempt is counted or logged for a destination-level deferral.
+        assert row.attempts == (1 if n == 1 else 0)
+    assert [a.reply for a in await store.attempts(ids[1])] == ["451 4.2.0 later"]
+    assert await store.attempts(ids[3]) == []
+    (held_row,) = await _rows(store, [held])
+    assert (held_row.last_reply, held_row.next_attempt_at) == (None, 0.0)  # held: untouched
+    # Again with the same probe time: nothing to rewrite. An unknown domain: nothing.
+    assert await store.defer_destination(RELAY, _dead(now, until)) == 0
+    assert await store.defer_destination("nowhere.test", _dead(now, until)) == 0
+
+    # The live claim was never disturbed: its worker's outcome still lands.
+    (live_rcpt,) = live.recipients
+    delivered = RecipientOutcome(live_rcpt.id, RecipientState.DELIVERED, "250 ok", "mx:25")
+    await other.record_outcomes("node-b", [delivered])
+    (u0,) = await _rows(store, [ids[0]])
+    assert (u0.id, u0.state) == (live_rcpt.id, RecipientState.DELIVERED)
+    assert stale.recipients[0].address == f"u2@{RELAY}"
+
+    assert await store.due_domains(now + 1) == []
+    assert await store.next_due_at(RELAY) == pytest.approx(until)
+    assert await claim(store, RELAY, now=until - 1) == []
+    # At the probe time the whole queue is due at once, oldest first.
+    due = await claim(store, RELAY, now=until)
+    assert [r.address for job in due for r in job.recipients] == [
+        f"u{n}@{RELAY}" for n in range(1, 6)
+    ]
+
+
+async def test_defer_destination_parks_what_is_past_max_age(store: Store) -> None:
+    await add_domain(store, RELAY)
+    now = time.time()
+    old = await put(store, [f"old@{RELAY}"], received_at=now - 1000)
+    young = await put(store, [f"young@{RELAY}"], received_at=now - 10)
+    deferral = _dead(
+        now, now + 60, expire_received_before=now - 500, expired_reply="expired: " + DEAD_REPLY
+    )
+    assert await store.defer_destination(RELAY, deferral) == 2
+    (old_row,) = await _rows(store, [old])
+    (young_row,) = await _rows(store, [young])
+    assert (old_row.state, old_row.last_reply) == (RecipientState.PARKED, "expired: " + DEAD_REPLY)
+    assert (young_row.state, young_row.last_reply) == (RecipientState.PENDING, DEAD_REPLY)
+    assert old_row.attempts == young_row.attempts == 0
+    assert await store.defer_destination(RELAY, deferral) == 0  # parked is not pending
+
+
+async def test_defer_destination_in_a_held_domain_takes_only_canaries(store: Store) -> None:
+    await add_domain(store, HELD, DomainMode.HOLD)
+    message_id = await put(store, [f"canary@{HELD}", f"other@{HELD}"])
+    await store.release_recipient(HELD, f"canary@{HELD}")
+    now = time.time()
+    assert await store.defer_destination(HELD, _dead(now, now + 60)) == 1
+    rows = {r.address: r for r in await _rows(store, [message_id])}
+    assert rows[f"canary@{HELD}"].last_reply == DEAD_REPLY
+    assert rows[f"other@{HELD}"].last_reply is None
+    assert rows[f"other@{HELD}"].held
+
+
+async def test_defer_destination_and_a_concurrent_claim_never_share_a_row(
+    open_store: StoreFactory,
+) -> None:
+    """Another node claims while this one defers: every row is either the claim's (left
+    alone, its outcome lands) or deferred, never both."""
+    one = await open_store()
+    two = await open_store()
+    await add_domain(one, RELAY)
+    await asyncio.gather(*(one.accept_message(make_message([f"u{n}@{RELAY}"])) for n in range(300)))
+    now = time.time()
+    until = now + 600
+    for _ in range(3):
+        claimed, _changed = await asyncio.gather(
+            two.claim_due("node-b", now, LEASE, 100, RELAY),
+            one.defer_destination(RELAY, _dead(now, until)),
+        )
+        mine = {r.id for job in claimed for r in job.recipients}
+        outcomes = [
+            RecipientOutcome(rid, RecipientState.DELIVERED, "250 ok", "mx:25") for rid in mine
+        ]
+        await two.record_outcomes("node-b", outcomes)
+        for row in await one.list_queue(domain=RELAY, limit=1000):
+            if row.recipient_id in mine:
+                assert row.state == "delivered", row
+            elif row.state != "delivered":  # delivered in an earlier round
+                assert (row.state, row.last_reply) == ("pending", DEAD_REPLY), row
+        now, until = until, until + 600  # everything left is due again: race once more

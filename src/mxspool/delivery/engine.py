@@ -18,11 +18,16 @@ emptied the queue and the recorder has committed the last outcomes.
 
 Failures: a reply is a per-recipient result (see ``outcomes``). A broken session costs only the
 message in flight (deferred); the next message reconnects. When no hop can be reached and no
-other worker has a session, the destination is "dead" for this drain: what is queued is deferred
-without trying, instead of timing out message after message. When other workers do have
-sessions (the hop's connection limit, say), the worker gives its message back and stops. The
-domain is re-read twice a second, so a ``hold`` stops the drain after the messages in flight and
-gives the rest back, and a new ``--rate`` applies at once.
+other worker has a session, that is a connection failure of the destination (``health``); after
+``dead_after_failures`` in a row it is dead: the drain stops claiming, what it holds is deferred
+without trying, and when its workers are done one ``Store.defer_destination`` defers the whole
+queue to the next probe (``retry_schedule``, stepped by the probed message's attempts). Until
+then a drain started for this domain (new mail) connects nowhere and only defers; at the probe
+time one worker tries one connection, and if it opens, the drain fans out over the whole queue,
+which is all due at that moment. When other workers do have sessions (the hop's connection
+limit, say), the worker gives its message back and stops. The domain is re-read twice a second,
+so a ``hold`` stops the drain after the messages in flight and gives the rest back, and a new
+``--rate`` applies at once.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from mxspool import metrics
 from mxspool.delivery import exchange, outcomes
 from mxspool.delivery.bodies import BodySource
 from mxspool.delivery.errors import ConnectFailed, ConnectionLost, DeliveryError, RoutingError
+from mxspool.delivery.health import Dead, DestinationHealth
 from mxspool.delivery.leases import LeaseKeeper, give_back, recipient_ids
 from mxspool.delivery.outcomes import AttemptContext, RetryPolicy
 from mxspool.delivery.pacing import LocalPacer, Pacer, SharedPacer
@@ -50,6 +56,7 @@ from mxspool.envelope import Recipient
 from mxspool.store.base import (
     ClaimedRecipient,
     DeliveryJob,
+    DestinationDeferral,
     Domain,
     DomainMode,
     RecipientOutcome,
@@ -83,6 +90,8 @@ class DrainSettings:
     shared_pacing: bool = False
     """Rate and connection limits through the store, for the whole cluster (PostgreSQL);
     False keeps them in this process (one node: the same limits, no round trips)."""
+    dead_after_failures: int = 3
+    """Consecutive connection failures that make the destination dead (``health``)."""
 
 
 class _DomainGone(Exception):
@@ -111,6 +120,7 @@ class Drain:
         connector: Connector,
         settings: DrainSettings,
         *,
+        health: DestinationHealth | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.name = name
@@ -145,11 +155,22 @@ class Drain:
         self._workers = 0
         self._idle = 0
         self._live_sessions = 0
-        self._dead: str | None = None
+        self._health = health or DestinationHealth(settings.dead_after_failures)
+        self._dead: Dead | None = None
+        """Set once this drain holds the destination for dead: nothing more is attempted."""
+        self._defer_all = False
+        """When the drain ends, defer the destination's whole queue in one store update."""
+        self._worst_attempts = 0
+        """The most earlier attempts among recipients whose connection failed: the retry step
+        that spaces the next probe."""
         self._stop_claiming = False
         self._group: asyncio.TaskGroup | None = None
 
     async def run(self) -> None:
+        dead = self._health.dead(self.name)
+        if dead is not None and self._clock() < dead.until:
+            # Dead and its probe not due: whatever was found due (new mail) is deferred too.
+            self._dead = dead
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
@@ -163,6 +184,9 @@ class Drain:
                     await self._recorder.flush()
             await self._give_back_on_exit()
             raise
+        else:
+            if self._defer_all:
+                await self._defer_queue()
         finally:
             self._group = None
             await self._leases.stop()
@@ -178,7 +202,10 @@ class Drain:
         self._domain_read_at = -DOMAIN_REFRESH
 
     def _spawn(self) -> None:
-        if self._group is not None and self._workers < self._settings.concurrency:
+        # Until a session opens, at most a cohort of connection attempts (one probe when
+        # the destination is dead): a dead destination costs a few attempts, not one a worker.
+        limit = self._health.connections(self.name, self._settings.concurrency)
+        if self._group is not None and self._workers < limit:
             self._workers += 1
             self._group.create_task(self._run_worker(), name=f"deliver-{self.name}")
 
@@ -252,7 +279,7 @@ class Drain:
 
     async def _claim_until_empty(self) -> None:
         settings = self._settings
-        while not self._stop_claiming and self._dead is None:
+        while not self._stop_claiming:
             mode = (await self._current_domain()).mode
             # Store writes are shielded: once asked, a claim or a result is committed even if
             # this task is cancelled meanwhile (and the store's writer never sees a cancelled
@@ -273,11 +300,24 @@ class Drain:
                 return
             self._more_mail = False
             self._leases.hold(jobs)
-            await self._bodies.prefetch(jobs)
-            for job in jobs:
+            if self._dead is None:
+                await self._bodies.prefetch(jobs)
+            for index, job in enumerate(jobs):
+                if self._dead is not None:
+                    for rest in jobs[index:]:
+                        self._defer_unattempted(rest, self._dead)
+                    break
                 if self._idle == 0 or self._workers == 0:
                     self._spawn()
                 await self._queue.put((job, mode))
+            if self._dead is not None:
+                # The rest of the queue is deferred in one store update when the drain ends:
+                # always when this drain found the destination dead (the whole queue is due
+                # at a probe), else only when there is more than this batch (a release while
+                # dead); new mail trickling in costs its own rows, not a pass over the queue.
+                if sum(len(job.recipients) for job in jobs) >= settings.claim_limit:
+                    self._defer_all = True
+                return
 
     # -- a worker -------------------------------------------------------------------------------
     async def _run_worker(self) -> None:
@@ -337,8 +377,7 @@ class Drain:
             await self._return([job], "not attempted: domain put on hold", 0.0)
             return True
         if self._dead is not None:
-            due = self._clock() + self._settings.policy.delay(0)
-            await self._return([job], self._dead, due)
+            self._defer_unattempted(job, self._dead)
             return True
         try:
             results = await self._deliver(job, domain, worker)
@@ -347,6 +386,47 @@ class Drain:
             return False
         self._recorder.add(results)
         return True
+
+    def _defer_unattempted(self, job: DeliveryJob, dead: Dead) -> None:
+        """The destination is dead: this claimed message waits for the probe, unattempted."""
+        self._bodies.forget(job.message_id)
+        self._recorder.add(
+            [outcomes.not_attempted(r, dead.reply, dead.until) for r in job.recipients]
+        )
+
+    async def _defer_queue(self) -> None:
+        """Defer the dead destination's whole queue to its next probe, in one store update."""
+        dead = self._health.dead(self.name)
+        if dead is None:
+            return  # a session opened meanwhile: alive again, nothing to defer
+        try:
+            domain = await self._current_domain()
+        except _DomainGone:
+            return
+        policy = self._settings.policy
+        now = self._clock()
+        deferral = DestinationDeferral(
+            until=dead.until,
+            reply=dead.reply,
+            now=now,
+            expire_received_before=outcomes.expiry_cutoff(policy, domain.released_at, now),
+            expired_reply=outcomes.expired_reply(policy, dead.reply),
+        )
+        changed = await asyncio.shield(self._store.defer_destination(self.name, deferral))
+        metrics.destination_deferred(self.name, changed)
+        if changed:
+            log.info("%s: deferred %d recipients: %s", self.name, changed, dead.reply)
+
+    def _connection_failed(self, reason: str, chunk: tuple[ClaimedRecipient, ...]) -> None:
+        """No session could be opened and none is open: count it; dead after a few."""
+        self._worst_attempts = max(self._worst_attempts, *(r.attempts for r in chunk))
+        failures = self._health.failed(self.name)
+        if self._dead is not None or not self._health.is_dead_after(failures):
+            return
+        until = self._clock() + self._settings.policy.delay(self._worst_attempts)
+        self._dead = self._health.declare_dead(self.name, reason, failures, until)
+        self._defer_all = True
+        log.warning("%s: %s", self.name, self._dead.reply)
 
     async def _return(self, jobs: list[DeliveryJob], reason: str, due_at: float) -> None:
         ids = recipient_ids(jobs)
@@ -368,7 +448,8 @@ class Drain:
             chunk = recipients[start : start + MAX_RECIPIENTS_PER_TRANSACTION]
             destination = _describe_route(domain)
             if self._dead is not None:
-                results += self._failed(chunk, self._dead, destination, age_start, False)
+                dead = self._dead
+                results += [outcomes.not_attempted(r, dead.reply, dead.until) for r in chunk]
                 continue
             tx = Transaction(
                 mail_from=job.mail_from,
@@ -388,14 +469,16 @@ class Drain:
                 metrics.delivery_latency(self.name, time.monotonic() - started)
             except ConnectFailed as exc:  # includes TlsFailed: nothing was sent
                 if self._live_sessions == 0:
-                    self._dead = str(exc)
+                    self._connection_failed(str(exc), chunk)
                 elif not results:
                     raise _GiveUp(f"not attempted: {exc}") from exc
                 results += self._failed(chunk, str(exc), destination, age_start, False)
                 continue
             except DeliveryError as exc:  # RoutingError, ConnectionLost, Unsupported
-                if isinstance(exc, RoutingError) and not exc.permanent:
-                    self._dead = str(exc)
+                # A temporary DNS failure with no session open: the destination is unreachable.
+                routing = isinstance(exc, RoutingError) and not exc.permanent
+                if routing and self._live_sessions == 0:
+                    self._connection_failed(str(exc), chunk)
                 if isinstance(exc, ConnectionLost):
                     await self._drop_session(worker)
                 results += self._failed(chunk, str(exc), destination, age_start, exc.permanent)
@@ -454,6 +537,7 @@ class Drain:
         hops = await self._router.hops(domain)
         worker.session = await open_any(self._connector, hops, domain.tls)
         self._live_sessions += 1
+        self._health.opened(self.name)
         return worker.session
 
     async def _drop_session(self, worker: _Worker) -> None:

@@ -52,11 +52,7 @@ def for_failure(
         return RecipientOutcome(recipient.id, RecipientState.PARKED, reason, ctx.destination)
     if ctx.now - ctx.age_start >= ctx.policy.max_age:
         return RecipientOutcome(
-            recipient.id,
-            RecipientState.PARKED,
-            f"expired: not delivered within {format_duration(ctx.policy.max_age)} of release; "
-            f"last error: {reason}",
-            ctx.destination,
+            recipient.id, RecipientState.PARKED, expired_reply(ctx.policy, reason), ctx.destination
         )
     return RecipientOutcome(
         recipient.id,
@@ -65,3 +61,30 @@ def for_failure(
         ctx.destination,
         next_attempt_at=ctx.now + ctx.policy.delay(recipient.attempts),
     )
+
+
+def not_attempted(recipient: ClaimedRecipient, reason: str, due_at: float) -> RecipientOutcome:
+    """Deferred without an attempt (its destination is dead): no attempt is counted, so the
+    recipient's own retry step stays where it was."""
+    return RecipientOutcome(
+        recipient.id,
+        RecipientState.PENDING,
+        reason,
+        "",
+        next_attempt_at=due_at,
+        count_attempt=False,
+    )
+
+
+def expired_reply(policy: RetryPolicy, reason: str) -> str:
+    return (
+        f"expired: not delivered within {format_duration(policy.max_age)} of release; "
+        f"last error: {reason}"
+    )
+
+
+def expiry_cutoff(policy: RetryPolicy, released_at: float | None, now: float) -> float | None:
+    """Messages received at or before this are past ``max_age`` (which counts from the
+    release, or from arrival when later); None while the release itself is younger."""
+    cutoff = now - policy.max_age
+    return cutoff if (released_at or 0.0) <= cutoff else None

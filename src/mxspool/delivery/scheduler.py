@@ -24,6 +24,7 @@ import time
 from mxspool.config import Config
 from mxspool.delivery.dnscache import DnsCache
 from mxspool.delivery.engine import Drain, DrainSettings
+from mxspool.delivery.health import DestinationHealth
 from mxspool.delivery.outcomes import RetryPolicy
 from mxspool.delivery.routing import Router
 from mxspool.delivery.smtpclient import SmtpConnector
@@ -58,6 +59,8 @@ class Scheduler:
         self._wakeup = asyncio.Event()
         self._drains: dict[str, asyncio.Task[None]] = {}
         self._running: dict[str, Drain] = {}
+        self.health = DestinationHealth(settings.dead_after_failures)
+        """Which destinations this process holds for dead; shared by every drain."""
 
     @classmethod
     def from_config(cls, config: Config, store: Store) -> Scheduler:
@@ -68,6 +71,7 @@ class Scheduler:
             default_rate=delivery.rate,
             policy=RetryPolicy(tuple(delivery.retry_schedule), delivery.max_age),
             lease_seconds=delivery.lease,
+            dead_after_failures=delivery.dead_after_failures,
             # SQLite is one node: the same limits kept in memory, without store round trips.
             shared_pacing=not config.store.url.startswith("sqlite:"),
         )
@@ -141,7 +145,9 @@ class Scheduler:
         task = self._drains.get(name)
         if task is not None and not task.done():
             return False
-        drain = Drain(name, self._store, self._router, self._connector, self._settings)
+        drain = Drain(
+            name, self._store, self._router, self._connector, self._settings, health=self.health
+        )
         self._running[name] = drain
         self._drains[name] = asyncio.create_task(self._drain(name, drain), name=f"drain-{name}")
         return True

@@ -254,6 +254,21 @@ class RecipientOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class DestinationDeferral:
+    """How ``Store.defer_destination`` defers a dead destination's whole queue."""
+
+    until: float
+    """The next probe: every deferred recipient becomes due at this moment."""
+    reply: str
+    """Shown as each recipient's last reply (why it waits)."""
+    now: float
+    expire_received_before: float | None = None
+    """Recipients of messages received at or before this are past ``max_age``: parked with
+    ``expired_reply`` instead of deferred. None: nothing has expired."""
+    expired_reply: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class DomainChanges:
     """Fields of a domain to change; None leaves a field as it is."""
 
@@ -435,6 +450,18 @@ class Store(Protocol):
 
     async def next_due_at(self, domain: str) -> float | None:
         """When the earliest pending recipient of ``domain`` becomes due, if any."""
+
+    async def defer_destination(self, domain: str, deferral: DestinationDeferral) -> int:
+        """The domain's destination is dead: defer its whole queue in one update.
+
+        Every recipient ``claim_due`` could hand out (pending in a relaying domain, or a
+        released canary; delivering with a lease expired before ``deferral.now``) becomes
+        pending, due at ``deferral.until``, with ``deferral.reply`` as its last reply, also when
+        its own retry time was later, so the whole queue goes at once when a probe finds the
+        destination back. Rows leased to a live worker are left alone. No attempt is counted or
+        logged. Recipients past ``expire_received_before`` are parked instead. Returns the
+        number of rows changed (rows already due at ``until`` are not rewritten).
+        """
 
     # -- wake-ups and cluster-wide pacing -----------------------------------------------
     def notifications(self) -> AsyncIterator[str]:

@@ -60,6 +60,7 @@ from mxspool.store.base import (
     ClientInfo,
     Conflict,
     DeliveryJob,
+    DestinationDeferral,
     Domain,
     DomainChanges,
     DomainMode,
@@ -861,6 +862,36 @@ class PostgresStore:
             (domain.lower(),),
         )
         return None if row is None or row[0] is None else float(row[0])
+
+    async def defer_destination(self, domain: str, deferral: DestinationDeferral) -> int:
+        # One statement. A row another node claims meanwhile is locked by that claim: this
+        # update waits, re-checks it (no longer pending, lease live) and leaves it alone; a
+        # row this update took first is skipped by the claim (SKIP LOCKED).
+        expire = deferral.expire_received_before
+        async with self._connection() as conn:
+            cursor = await conn.execute(
+                "UPDATE recipients r SET"
+                " state = CASE WHEN m.received_at <= %(cutoff)s THEN 'parked' ELSE 'pending' END,"
+                " last_reply = CASE WHEN m.received_at <= %(cutoff)s THEN %(expired)s"
+                "  ELSE %(reply)s END,"
+                " next_attempt_at = %(until)s, lease_owner = NULL, lease_until = NULL,"
+                " updated_at = %(now)s"
+                " FROM messages m, domains d"
+                " WHERE r.domain = %(domain)s AND d.name = %(domain)s AND m.seq = r.message_seq"
+                " AND r.state IN ('pending', 'delivering') AND (d.mode = 'relay' OR r.released)"
+                " AND ((r.state = 'pending'"
+                "   AND (r.next_attempt_at <> %(until)s OR m.received_at <= %(cutoff)s))"
+                "  OR (r.state = 'delivering' AND r.lease_until < %(now)s))",
+                {
+                    "domain": domain.lower(),
+                    "until": deferral.until,
+                    "reply": deferral.reply,
+                    "now": deferral.now,
+                    "cutoff": expire if expire is not None else -1.0,
+                    "expired": deferral.expired_reply,
+                },
+            )
+            return cursor.rowcount
 
     async def claim_due(
         self, owner: str, now: float, lease_seconds: float, limit: int, domain: str

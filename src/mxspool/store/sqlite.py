@@ -49,6 +49,7 @@ from mxspool.store.base import (
     ClientInfo,
     Conflict,
     DeliveryJob,
+    DestinationDeferral,
     Domain,
     DomainChanges,
     DomainMode,
@@ -105,6 +106,11 @@ class _Job:
     # Set by submit_message: called on the loop instead of settling the future.
     on_done: AcceptCallback | None = None
     loop: asyncio.AbstractEventLoop | None = None
+
+
+DEFER_SLICE = 5_000
+"""Rows per write of ``defer_destination``: tens of milliseconds of the writer's time each.
+A million-row deferral then delays an accept by ~0.1 s at most instead of ~10 s (measured)."""
 
 
 def sqlite_path(url: str) -> Path:
@@ -984,6 +990,57 @@ class SqliteStore:
             return float(row[0])
 
         return await self._read(work)
+
+    async def defer_destination(self, domain: str, deferral: DestinationDeferral) -> int:
+        # One UPDATE, run over the domain's open rows in id slices (the recipients_open
+        # index), each slice its own write: a million-row queue never holds the single
+        # writer (and with it every intake commit) for seconds. No row is read into Python.
+        # A slice is a consistent unit; between slices only claims can run, and a row a
+        # claim takes is simply left to it, as in one statement.
+        expire = deferral.expire_received_before
+        params: dict[str, Any] = {
+            "domain": domain.lower(),
+            "until": deferral.until,
+            "reply": deferral.reply,
+            "now": deferral.now,
+            "cutoff": expire if expire is not None else -1.0,
+            "expired": deferral.expired_reply,
+            "slice": DEFER_SLICE,
+        }
+
+        def work(conn: sqlite3.Connection, after: int) -> tuple[int, int | None]:
+            (upto,) = conn.execute(
+                "SELECT max(id) FROM (SELECT id FROM recipients WHERE domain = :domain"
+                " AND state IN ('pending', 'delivering') AND id > :after"
+                " ORDER BY id LIMIT :slice)",
+                {**params, "after": after},
+            ).fetchone()
+            if upto is None:
+                return 0, None
+            cursor = conn.execute(
+                "UPDATE recipients SET"
+                " state = CASE WHEN m.received_at <= :cutoff THEN 'parked' ELSE 'pending' END,"
+                " last_reply = CASE WHEN m.received_at <= :cutoff THEN :expired ELSE :reply END,"
+                " next_attempt_at = :until, lease_owner = NULL, lease_until = NULL,"
+                " updated_at = :now"
+                " FROM domains d, messages m"
+                " WHERE recipients.domain = :domain AND recipients.id > :after"
+                " AND recipients.id <= :upto AND recipients.state IN ('pending', 'delivering')"
+                " AND d.name = :domain AND (d.mode = 'relay' OR recipients.released = 1)"
+                " AND m.seq = recipients.message_seq"
+                " AND ((recipients.state = 'pending'"
+                "   AND (recipients.next_attempt_at <> :until OR m.received_at <= :cutoff))"
+                "  OR (recipients.state = 'delivering' AND recipients.lease_until < :now))",
+                {**params, "after": after, "upto": upto},
+            )
+            return cursor.rowcount, int(upto)
+
+        changed = 0
+        after: int | None = 0
+        while after is not None:
+            count, after = await self._write(functools.partial(work, after=after))
+            changed += count
+        return changed
 
     async def claim_due(
         self, owner: str, now: float, lease_seconds: float, limit: int, domain: str
