@@ -363,6 +363,11 @@ def main(argv: list[str] | None = None) -> int:
             for c in cases
             if any(c.label == s if s in labels else s in c.label for s in args.case)
         ]
+        if not cases:  # else an empty table and exit status 0, as if all had gone well
+            parser.error(
+                f"no case matches --case {' / '.join(args.case)}; the cases are: "
+                + "; ".join(sorted(labels))
+            )
     results = [CaseResult(c) for c in cases]
 
     spool = PostfixSpool(port=free_port(), sink_port=free_port())

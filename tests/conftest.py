@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.waiting import wait_until
 
 BIN = Path(sys.executable).parent
 MXSPOOL = str(BIN / "mxspool") if (BIN / "mxspool").exists() else shutil.which("mxspool") or ""
@@ -109,6 +112,33 @@ class Spooler:
             if row["domain"] == domain:
                 return dict(row)
         raise KeyError(domain)
+
+    def deliver_control(self, port: int, received: Any, within: float = 30.0) -> None:
+        """Positive control for "nothing happened" checks: send one message for a relay domain
+        routed to 127.0.0.1:``port`` through the running server and wait until ``received()``
+        (that target's count of messages) grows. Once this returns, the server has accepted,
+        polled, claimed and sent since the call."""
+        if "control.test" not in self.cli("domain", "list").stdout:
+            route = f"127.0.0.1:{port}"
+            self.cli("domain", "add", "control.test", "--route", route, "--tls", "off")
+        before = received()
+
+        def send() -> bool:  # refused until the intake has read the new domain (within 1 s)
+            with smtplib.SMTP("127.0.0.1", self.port, timeout=10) as client:
+                refused = client.sendmail(
+                    "control@src.test", [f"c{before}@control.test"], b"Subject: control\r\n\r\n."
+                )
+                return not refused
+
+        wait_until(lambda: _accepted(send), within, "the control message accepted")
+        wait_until(lambda: received() > before, within, "the control message at its target")
+
+
+def _accepted(send: Any) -> bool:
+    try:
+        return bool(send())
+    except smtplib.SMTPRecipientsRefused:
+        return False
 
 
 def _toml(config: dict[str, dict[str, Any]]) -> str:

@@ -357,7 +357,7 @@ def test_status_json_shape(spool: Spool) -> None:
         "discarded",
         "oldest_pending_age_s",
         "delivery_rate_per_min",
-        "stage",  # the migration stage (mxspool.migrate.stage)
+        "stage",  # the migration stage (mxspool.stage)
     }
     assert all(set(row) == fields for row in rows.values())
     assert rows["example.test"]["mode"] == "hold"

@@ -19,6 +19,7 @@ from mxspool.store.base import (
     DomainMode,
     IncomingMessage,
     NotFound,
+    QueueFilter,
     RecipientOutcome,
     RecipientState,
     Route,
@@ -314,12 +315,12 @@ async def test_queue_list_show_export(store: Store) -> None:
         (first, "b@example.org", "pending"),
         (second, "c@example.test", "held"),
     ]
-    held = await ops.queue_list(store, domain="EXAMPLE.test", state="held")
+    held = await ops.queue_list(store, QueueFilter(domain="EXAMPLE.test", state="held"))
     assert [e.rcpt for e in held] == ["a@example.test", "c@example.test"]
     page = await ops.queue_list(store, limit=1, after=entries[0].recipient_id)
     assert [e.rcpt for e in page] == ["b@example.org"]
     with pytest.raises(ops.OperationError, match="unknown state"):
-        await ops.queue_list(store, state="stuck")
+        await ops.queue_list(store, QueueFilter(state="stuck"))
     with pytest.raises(ops.OperationError, match="limit"):
         await ops.queue_list(store, limit=0)
 
@@ -342,14 +343,14 @@ async def test_discard_and_retry(store: Store) -> None:
     await ops.add_domain(store, "example.test", ["mx.example.net"])
     parked_id = await put_message(store, "a@example.test", "b@example.test")
     assert await finish(store, "example.test", RecipientState.PARKED, "550 5.1.1 no") == 2
-    parked = await ops.queue_list(store, state="parked")
+    parked = await ops.queue_list(store, QueueFilter(state="parked"))
     assert len(parked) == 2
     assert await ops.queue_retry(store, parked_id) == 2
-    assert await ops.queue_list(store, state="parked") == []
+    assert await ops.queue_list(store, QueueFilter(state="parked")) == []
     assert await finish(store, "example.test", RecipientState.PARKED, "550 5.1.1 no") == 2
     assert await ops.queue_retry(store, parked=True, domain="other.test") == 0
     assert await ops.queue_retry(store, parked=True, domain="example.test") == 2
-    assert len(await ops.queue_list(store, state="pending")) == 2
+    assert len(await ops.queue_list(store, QueueFilter(state="pending"))) == 2
     with pytest.raises(ops.OperationError, match="exactly one"):
         await ops.queue_retry(store)
     with pytest.raises(ops.OperationError, match="exactly one"):
@@ -401,7 +402,7 @@ async def test_status_shape_and_totals(store: Store) -> None:
         "discarded",
         "oldest_pending_age_s",
         "delivery_rate_per_min",
-        "stage",  # the migration stage (mxspool.migrate.stage)
+        "stage",  # the migration stage (mxspool.stage)
     }
     for row in rows.values():
         assert set(row) == keys

@@ -14,8 +14,7 @@ import asyncio
 import csv
 import json
 import sys
-from collections.abc import Awaitable, Callable
-from typing import IO, Any, NoReturn, TypeVar
+from typing import IO, Any
 
 import click
 from rich.console import Console
@@ -23,94 +22,26 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from mxspool import operations as ops
-from mxspool.config import Config, ConfigError, load_config
+from mxspool.cli_support import (
+    config_option,
+    console,
+    dash,
+    fail,
+    load_config,
+    plural,
+    print_json,
+    run,
+)
 from mxspool.csvsafe import csv_cells
-from mxspool.store import create_store
-from mxspool.store.base import QUEUE_STATES, Conflict, Domain, Store, StoreError
+from mxspool.migrate.commands import register as register_migration_commands
+from mxspool.store.base import QUEUE_STATES, Conflict, Domain, QueueFilter, Store
 from mxspool.units import format_duration
 
-T = TypeVar("T")
-F = TypeVar("F", bound=Callable[..., Any])
-
-_CONFIG_KEY = "mxspool.config"
 WAIT_INTERVAL = 1.0
 """Seconds between polls of ``domain release --wait``."""
 
 
-# -- plumbing ------------------------------------------------------------------------------
-
-
-def _remember_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
-    # ctx.meta is shared by the whole context chain, so a --config given after the
-    # subcommand (parsed later) overrides one given before it.
-    if value is not None:
-        ctx.meta[_CONFIG_KEY] = value
-
-
-def config_option(func: F) -> F:
-    """Accept ``--config FILE`` on this command too (not only before the subcommand)."""
-    option = click.option(
-        "--config",
-        metavar="FILE",
-        expose_value=False,
-        callback=_remember_config,
-        help="Configuration file (default: $MXSPOOL_CONFIG, else ./mxspool.toml, else defaults).",
-    )
-    return option(func)
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"mxspool: {message}", err=True)
-    raise click.exceptions.Exit(code)
-
-
-def _load_config(ctx: click.Context) -> Config:
-    try:
-        return load_config(ctx.meta.get(_CONFIG_KEY))
-    except ConfigError as exc:
-        _fail(f"{exc}\nfix the configuration file, or point --config at another one", 2)
-
-
-def _run(ctx: click.Context, action: Callable[[Store], Awaitable[T]]) -> T:
-    """Open the configured store, run ``action`` on it, close it; map errors to exit codes."""
-    config = _load_config(ctx)
-    try:
-        store = create_store(config.store.url)
-    except StoreError as exc:
-        _fail(str(exc), 2)
-
-    async def go() -> T:
-        await store.open()
-        try:
-            return await action(store)
-        finally:
-            await store.close()
-
-    try:
-        return asyncio.run(go())
-    except ops.OperationError as exc:
-        _fail(str(exc), exc.exit_code)
-    except StoreError as exc:
-        _fail(str(exc), 1)
-
-
-def _console() -> Console:
-    # Created per call: the stream is looked up when printing, so tests' captured stdout works.
-    # Piped output gets room to spare: rich would otherwise cut every cell to fit 80 columns.
-    width = None if sys.stdout.isatty() else 250
-    return Console(highlight=False, width=width)
-
-
-def _print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
-
-
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}{'' if number == 1 else 's'}"
-
-
-def _dash(value: object) -> str:
-    return "-" if value is None or value == "" else str(value)
+# -- table cells -----------------------------------------------------------------------------
 
 
 def _rate_text(rate: float | None) -> str:
@@ -143,7 +74,7 @@ def cli() -> None:
 @click.pass_context
 def serve(ctx: click.Context) -> None:
     """Run the SMTP intake, the delivery engine and the admin API until SIGTERM/SIGINT."""
-    config = _load_config(ctx)
+    config = load_config(ctx)
     # Imported here so management commands never pay for the server's imports.
     from mxspool.service import serve as run_server
 
@@ -189,14 +120,14 @@ def domain_add(
     as_json: bool,
 ) -> None:
     """Accept mail for DOMAIN and deliver it to the given routes (or keep it, with --hold)."""
-    added = _run(
+    added = run(
         ctx,
         lambda store: ops.add_domain(
             store, name, list(routes), use_mx=use_mx, tls=tls, hold=hold, profile=profile
         ),
     )
     if as_json:
-        _print_json(ops.domain_to_dict(added))
+        print_json(ops.domain_to_dict(added))
     else:
         _print_domain_line("added", added)
 
@@ -207,9 +138,9 @@ def domain_add(
 @click.pass_context
 def domain_list(ctx: click.Context, as_json: bool) -> None:
     """The configured domains."""
-    domains = _run(ctx, ops.list_domains)
+    domains = run(ctx, ops.list_domains)
     if as_json:
-        _print_json([ops.domain_to_dict(item) for item in domains])
+        print_json([ops.domain_to_dict(item) for item in domains])
         return
     if not domains:
         click.echo("no domains yet; add one with 'mxspool domain add DOMAIN --route HOST'")
@@ -222,10 +153,10 @@ def domain_list(ctx: click.Context, as_json: bool) -> None:
             _routing_text(item),
             item.tls.value,
             _rate_text(item.rate),
-            _dash(item.profile),
-            _dash(ops.iso_time(item.released_at)),
+            dash(item.profile),
+            dash(ops.iso_time(item.released_at)),
         )
-    _console().print(table)
+    console().print(table)
 
 
 @domain.command("show")
@@ -235,9 +166,9 @@ def domain_list(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def domain_show(ctx: click.Context, name: str, as_json: bool) -> None:
     """One domain's configuration and its mail counts."""
-    detail = _run(ctx, lambda store: ops.show_domain(store, name))
+    detail = run(ctx, lambda store: ops.show_domain(store, name))
     if as_json:
-        _print_json(ops.domain_detail_to_dict(detail))
+        print_json(ops.domain_detail_to_dict(detail))
         return
     item, status = detail.domain, detail.status
     table = Table(show_header=False, box=None)
@@ -249,9 +180,9 @@ def domain_show(ctx: click.Context, name: str, as_json: bool) -> None:
         ("route", _routing_text(item)),
         ("tls", item.tls.value),
         ("rate", _rate_text(item.rate)),
-        ("profile", _dash(item.profile)),
-        ("created", _dash(ops.iso_time(item.created_at))),
-        ("released", _dash(ops.iso_time(item.released_at))),
+        ("profile", dash(item.profile)),
+        ("created", dash(ops.iso_time(item.created_at))),
+        ("released", dash(ops.iso_time(item.released_at))),
     ]
     rows += [(key, str(getattr(status, key))) for key in ops.STATUS_COUNTS]
     oldest = status.oldest_pending_age_s
@@ -259,7 +190,7 @@ def domain_show(ctx: click.Context, name: str, as_json: bool) -> None:
     rows.append(("delivered/min", str(status.delivered_last_minute)))
     for key, value in rows:
         table.add_row(key, value)
-    _console().print(table)
+    console().print(table)
 
 
 @domain.command("route")
@@ -282,14 +213,14 @@ def domain_route(
     as_json: bool,
 ) -> None:
     """Change where DOMAIN's mail goes (the routes given replace the current ones)."""
-    updated = _run(
+    updated = run(
         ctx,
         lambda store: ops.route_domain(
             store, name, list(routes) or None, use_mx=use_mx, tls=tls, profile=profile
         ),
     )
     if as_json:
-        _print_json(ops.domain_to_dict(updated))
+        print_json(ops.domain_to_dict(updated))
     else:
         _print_domain_line("changed", updated)
 
@@ -300,7 +231,7 @@ def domain_route(
 @click.pass_context
 def domain_hold(ctx: click.Context, name: str) -> None:
     """Keep DOMAIN's mail (accept and store it, deliver nothing) until released."""
-    held = _run(ctx, lambda store: ops.hold_domain(store, name))
+    held = run(ctx, lambda store: ops.hold_domain(store, name))
     click.echo(
         f"{held.name} is in hold: mail is accepted and kept; "
         f"'mxspool domain release {held.name}' lets it go"
@@ -327,10 +258,10 @@ def domain_release(
         return result
 
     try:
-        _run(ctx, action)
+        run(ctx, action)
     except KeyboardInterrupt:
         # Only the waiting stops: the release was committed before the wait began.
-        _fail(
+        fail(
             f"stopped waiting; the release of {name} stays in effect ('mxspool status' follows it)",
             1,
         )
@@ -340,7 +271,7 @@ def _print_release(result: ops.ReleaseResult) -> None:
     item = result.domain
     if result.canary is not None:
         click.echo(
-            f"released {_count(result.released_recipients, 'recipient')} for {result.canary}; "
+            f"released {plural(result.released_recipients, 'recipient')} for {result.canary}; "
             f"{item.name} stays in {item.mode.value}"
         )
         if result.released_recipients == 0:
@@ -368,9 +299,8 @@ async def _drain_counts(store: Store, result: ops.ReleaseResult) -> dict[str, fl
     counts = {"delivered": 0.0, "parked": 0.0, "remaining": 0.0, "rate": 0.0}
     after: int | None = None
     while True:
-        page = await ops.queue_list(
-            store, domain=name, limit=1000, after=after, search=result.canary
-        )
+        canary = QueueFilter(domain=name, search=result.canary)
+        page = await ops.queue_list(store, canary, limit=1000, after=after)
         for entry in page:
             if entry.rcpt.lower() != result.canary.lower():
                 continue
@@ -442,7 +372,7 @@ def domain_remove(ctx: click.Context, name: str, force: bool) -> None:
                 text += "; use --force to remove it anyway"
             raise Conflict(text) from None
 
-    _run(ctx, action)
+    run(ctx, action)
     click.echo(f"removed {ops.normalize_domain(name)}; its mail is no longer accepted")
 
 
@@ -477,14 +407,17 @@ def queue_list(
     as_json: bool,
 ) -> None:
     """Recipients in the queue, oldest first."""
-    entries = _run(
+    entries = run(
         ctx,
         lambda store: ops.queue_list(
-            store, domain=domain, state=state, limit=limit, after=after, search=search, tag=tag
+            store,
+            QueueFilter(domain=domain, state=state, search=search, tag=tag),
+            limit=limit,
+            after=after,
         ),
     )
     if as_json:
-        _print_json([ops.queue_entry_to_dict(entry) for entry in entries])
+        print_json([ops.queue_entry_to_dict(entry) for entry in entries])
         return
     if not entries:
         click.echo("nothing queued matches")
@@ -497,10 +430,10 @@ def queue_list(
             entry.state,
             str(entry.attempts),
             str(entry.size),
-            _dash(ops.iso_time(entry.received_at)),
-            _dash(entry.last_reply),
+            dash(ops.iso_time(entry.received_at)),
+            dash(entry.last_reply),
         )
-    _console().print(table)
+    console().print(table)
     if len(entries) == limit:
         click.echo(
             f"showing the first {limit}; more with --after {entries[-1].recipient_id}", err=True
@@ -514,12 +447,12 @@ def queue_list(
 @click.pass_context
 def queue_show(ctx: click.Context, message_id: str, as_json: bool) -> None:
     """One message: envelope, client, recipients and delivery attempts."""
-    detail = _run(ctx, lambda store: ops.queue_show(store, message_id))
+    detail = run(ctx, lambda store: ops.queue_show(store, message_id))
     data = ops.message_detail_to_dict(detail)
     if as_json:
-        _print_json(data)
+        print_json(data)
         return
-    console = _console()
+    out = console()
     info = Table(show_header=False, box=None)
     info.add_column(style="bold")
     info.add_column()
@@ -536,18 +469,18 @@ def queue_show(ctx: click.Context, message_id: str, as_json: bool) -> None:
         ("client", f"{client['helo']} [{client['address']}] {client['tls_version'] or ''}"),
         ("tags", ", ".join(data["tags"])),
     ):
-        info.add_row(key, _dash(value))
-    console.print(info)
+        info.add_row(key, dash(value))
+    out.print(info)
     recipients = Table("Recipient", "State", "Tries", "Delivered", "Last reply")
     for rcpt in data["recipients"]:
         recipients.add_row(
             rcpt["rcpt"],
             rcpt["state"],
             str(rcpt["attempts"]),
-            _dash(rcpt["delivered_at"]),
-            _dash(rcpt["last_reply"]),
+            dash(rcpt["delivered_at"]),
+            dash(rcpt["last_reply"]),
         )
-    console.print(recipients)
+    out.print(recipients)
     if data["attempts"]:
         attempts = Table("At", "Recipient", "Destination", "Outcome", "Reply")
         for attempt in data["attempts"]:
@@ -558,7 +491,7 @@ def queue_show(ctx: click.Context, message_id: str, as_json: bool) -> None:
                 attempt["outcome"],
                 attempt["reply"],
             )
-        console.print(attempts)
+        out.print(attempts)
 
 
 @queue.command("export")
@@ -575,7 +508,7 @@ def queue_export(ctx: click.Context, message_id: str) -> None:
             out.write(piece)
         out.flush()
 
-    _run(ctx, action)
+    run(ctx, action)
 
 
 @queue.command("retry")
@@ -588,11 +521,11 @@ def queue_retry(
     ctx: click.Context, message_id: str | None, parked: bool, domain: str | None
 ) -> None:
     """Put parked recipients back in the queue for another attempt."""
-    count = _run(
+    count = run(
         ctx,
         lambda store: ops.queue_retry(store, message_id, parked=parked, domain=domain),
     )
-    click.echo(f"{_count(count, 'recipient')} back in the queue")
+    click.echo(f"{plural(count, 'recipient')} back in the queue")
 
 
 @queue.command("discard")
@@ -601,8 +534,8 @@ def queue_retry(
 @click.pass_context
 def queue_discard(ctx: click.Context, message_id: str) -> None:
     """Give up on a message: its undelivered recipients become discarded (kept, not sent)."""
-    count = _run(ctx, lambda store: ops.queue_discard(store, message_id))
-    click.echo(f"discarded {_count(count, 'recipient')} of {message_id}")
+    count = run(ctx, lambda store: ops.queue_discard(store, message_id))
+    click.echo(f"discarded {plural(count, 'recipient')} of {message_id}")
 
 
 @queue.command("bounce")
@@ -618,14 +551,14 @@ def queue_discard(ctx: click.Context, message_id: str) -> None:
 @click.pass_context
 def queue_bounce(ctx: click.Context, message_id: str, force: bool, as_json: bool) -> None:
     """Send an RFC 3464 DSN to the message's reverse-path (never to <>)."""
-    config = _load_config(ctx)
-    result = _run(ctx, lambda store: ops.queue_bounce(store, config, message_id, force=force))
+    config = load_config(ctx)
+    result = run(ctx, lambda store: ops.queue_bounce(store, config, message_id, force=force))
     if as_json:
-        _print_json(ops.bounce_result_to_dict(message_id, result))
+        print_json(ops.bounce_result_to_dict(message_id, result))
     elif result.sent:
         click.echo(
             f"DSN for {message_id} sent to <{result.recipient}> ({result.reply}); "
-            f"{_count(result.reported, 'recipient')} reported, the message is now bounced"
+            f"{plural(result.reported, 'recipient')} reported, the message is now bounced"
         )
     else:
         click.echo(
@@ -644,9 +577,9 @@ def queue_bounce(ctx: click.Context, message_id: str, force: bool, as_json: bool
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """Mail counts per domain: held, pending, delivered, parked..."""
-    data = _run(ctx, ops.status)
+    data = run(ctx, ops.status)
     if as_json:
-        _print_json(data)
+        print_json(data)
         return
     if not data["domains"]:
         click.echo("no domains and no mail yet")
@@ -669,7 +602,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
         table.add_row(row["domain"], row["mode"], *cells(row))
     if len(data["domains"]) > 1:
         table.add_row("total", "", *cells(data["totals"]), style="bold")
-    _console().print(table)
+    console().print(table)
 
 
 @cli.command()
@@ -696,17 +629,17 @@ def report(ctx: click.Context, domain: str | None, fmt: str, check: bool) -> Non
         writer.close()
         return total, open_rows
 
-    total, open_rows = _run(ctx, action)
+    total, open_rows = run(ctx, action)
     if not check:
         return
     if open_rows:
-        _fail(
-            f"{open_rows} of {_count(total, 'recipient')} not final (held, pending, "
+        fail(
+            f"{open_rows} of {plural(total, 'recipient')} not final (held, pending, "
             "delivering or parked); release, retry or discard them, then check again",
             1,
         )
     click.echo(
-        f"all {_count(total, 'recipient')} final (delivered, bounced or discarded)", err=True
+        f"all {plural(total, 'recipient')} final (delivered, bounced or discarded)", err=True
     )
 
 
@@ -746,9 +679,9 @@ class _JsonRows:
 @click.pass_context
 def audit(ctx: click.Context, limit: int, as_json: bool) -> None:
     """Operator actions, newest first."""
-    entries = _run(ctx, lambda store: ops.audit_list(store, limit))
+    entries = run(ctx, lambda store: ops.audit_list(store, limit))
     if as_json:
-        _print_json([ops.audit_to_dict(entry) for entry in entries])
+        print_json([ops.audit_to_dict(entry) for entry in entries])
         return
     if not entries:
         click.echo("no operator actions recorded yet")
@@ -756,20 +689,46 @@ def audit(ctx: click.Context, limit: int, as_json: bool) -> None:
     table = Table("At", "Actor", "Action", "Target", "Detail")
     for entry in entries:
         table.add_row(
-            _dash(ops.iso_time(entry.at)), entry.actor, entry.action, entry.target, entry.detail
+            dash(ops.iso_time(entry.at)), entry.actor, entry.action, entry.target, entry.detail
         )
-    _console().print(table)
+    console().print(table)
 
 
-def _add_migration_commands() -> None:
-    # The migration toolkit's commands live with the toolkit and use the plumbing above, so
-    # they are imported once everything they need here is defined.
-    from mxspool.migrate.commands import register
+@click.command("store")
+@config_option
+@click.option("--repair", is_flag=True, help="Reset the counters that drifted to the recount.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def check_store(ctx: click.Context, repair: bool, as_json: bool) -> None:
+    """Recount the recipients and compare with the counters status reads (exit 1 on drift)."""
+    result = run(ctx, lambda store: ops.check_store(store, repair=repair))
+    if as_json:
+        print_json(ops.store_check_to_dict(result))
+    elif result.drift:
+        table = Table("Domain", "State", "Released", "Counted", "Actual")
+        for item in result.drift:
+            table.add_row(
+                item.domain, item.state, "yes" if item.released else "no", str(item.counted),
+                str(item.actual),
+            )  # fmt: skip
+        console().print(table)
+    if not result.drift:
+        click.echo("store counters match the recipient rows", err=True)
+    elif result.repaired:
+        click.echo(f"reset {plural(len(result.drift), 'counter')} to the recount", err=True)
+    else:
+        fail(
+            f"{plural(len(result.drift), 'recipient counter')} disagree with the rows, so "
+            "status shows wrong numbers; run 'mxspool check store --repair' to reset them to "
+            "the recount (safe while the server runs)",
+            1,
+        )
 
-    register(cli)
 
-
-_add_migration_commands()
+register_migration_commands(cli)
+_check_group = cli.commands["check"]
+assert isinstance(_check_group, click.Group)
+_check_group.add_command(check_store)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Typed, validated configuration (TOML), per INTERFACE.md.
+"""Typed, validated configuration (TOML), per docs/interface.md.
 
 Found by ``--config FILE``, else ``$MXSPOOL_CONFIG``, else ``./mxspool.toml`` if present, else
 defaults. Unknown keys are an error that names the key; values in human units are parsed here
@@ -181,7 +181,7 @@ def _describe(error: ValidationError, source: str) -> str:
 
 
 def config_path(explicit: str | None) -> Path | None:
-    """The file to read, following INTERFACE.md's search order."""
+    """The file to read, following docs/interface.md's search order."""
     if explicit:
         return Path(explicit)
     env = os.environ.get("MXSPOOL_CONFIG")

@@ -21,18 +21,21 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from mxspool.config import Config, split_host_port
-from mxspool.migrate.stage import stage
+from mxspool.stage import stage
 from mxspool.store.base import (
+    EVERY_ROW,
     FINAL_STATES,
     QUEUE_STATES,
     AttemptRecord,
     AuditEntry,
+    CounterDrift,
     Domain,
     DomainChanges,
     DomainMode,
     DomainStatus,
     NotFound,
     QueueEntry,
+    QueueFilter,
     ReportRow,
     Route,
     Store,
@@ -62,7 +65,7 @@ REPORT_COLUMNS = (
     "delivered_at",
     "remote_reply",
 )
-"""The reconciliation report's columns, in INTERFACE.md's order."""
+"""The reconciliation report's columns, in docs/interface.md's order."""
 
 STATUS_COUNTS = (
     "held",
@@ -424,31 +427,24 @@ async def remove_domain(
 
 
 async def queue_list(
-    store: Store,
-    *,
-    domain: str | None = None,
-    state: str | None = None,
-    limit: int = 100,
-    after: int | None = None,
-    search: str | None = None,
-    tag: str | None = None,
+    store: Store, filter: QueueFilter = EVERY_ROW, *, limit: int = 100, after: int | None = None
 ) -> list[QueueEntry]:
-    """Recipient rows, oldest first; ``after`` is the last ``recipient_id`` already seen.
-
-    ``tag`` keeps only messages with that tag (``probe``: the flow probe's messages).
+    """Recipient rows matching ``filter``, oldest first; ``after`` is the last
+    ``recipient_id`` already seen. The filter's fields are checked and normalised here (a
+    bad state or domain is an OperationError); empty fields match everything.
     """
     if limit < 1:
         raise OperationError(f"limit must be at least 1, not {limit}")
     if after is not None and after < 0:
         raise OperationError(f"after must be a recipient id (0 or more), not {after}")
-    return await store.list_queue(
-        domain=normalize_domain(domain) if domain else None,
-        state=parse_state(state) if state else None,
-        limit=limit,
-        after=after,
-        search=search or None,
-        tag=tag.strip().lower() or None if tag else None,
+    tag = filter.tag.strip().lower() if filter.tag else None
+    checked = QueueFilter(
+        domain=normalize_domain(filter.domain) if filter.domain else None,
+        state=parse_state(filter.state) if filter.state else None,
+        search=filter.search or None,
+        tag=tag or None,
     )
+    return await store.list_queue(checked, limit=limit, after=after)
 
 
 @dataclass(frozen=True, slots=True)
@@ -562,11 +558,11 @@ def status_entry_to_dict(entry: DomainStatus) -> dict[str, Any]:
 
 
 STAGE_AUDIT_LIMIT = 10_000
-"""Audit entries read to derive each domain's migration stage (``mxspool.migrate.stage``)."""
+"""Audit entries read to derive each domain's migration stage (``mxspool.stage``)."""
 
 
 async def status(store: Store, now: float | None = None) -> dict[str, Any]:
-    """Counts per domain and in total, in INTERFACE.md's ``status --json`` shape.
+    """Counts per domain and in total, in docs/interface.md's ``status --json`` shape.
 
     Each configured domain also has its migration ``stage`` (planned ... done).
     """
@@ -582,6 +578,46 @@ async def status(store: Store, now: float | None = None) -> dict[str, Any]:
     totals["oldest_pending_age_s"] = max(ages) if ages else None
     totals["delivery_rate_per_min"] = sum(row["delivery_rate_per_min"] for row in domains)
     return {"domains": domains, "totals": totals}
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCheck:
+    """``check store``: the recipient counters against a recount of the rows."""
+
+    drift: list[CounterDrift]
+    repaired: bool
+
+    @property
+    def ok(self) -> bool:
+        return not self.drift or self.repaired
+
+
+async def check_store(store: Store, *, repair: bool = False, actor: str = "cli") -> StoreCheck:
+    """Recount every recipient row by (domain, state) and compare with the counters that
+    ``status`` reads; with ``repair``, reset the counters that drifted to the recount."""
+    drift = await store.check_counters(repair=repair)
+    if repair and drift:
+        await store.record_audit(
+            actor, "store.repair", "recipient_counts", f"counters reset={len(drift)}"
+        )
+    return StoreCheck(drift, repaired=repair and bool(drift))
+
+
+def store_check_to_dict(check: StoreCheck) -> dict[str, Any]:
+    return {
+        "ok": check.ok,
+        "repaired": check.repaired,
+        "drift": [
+            {
+                "domain": item.domain,
+                "state": item.state,
+                "released": item.released,
+                "counted": item.counted,
+                "actual": item.actual,
+            }
+            for item in check.drift
+        ],
+    }
 
 
 def iso_time(value: float | None) -> str | None:

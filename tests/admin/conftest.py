@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests import waiting
 from tests.conftest import MXSPOOL, Spooler, wait_for_port
 from tests.delivery.target import Target
 
@@ -101,11 +102,7 @@ def admin_node(tmp_path: Path) -> Iterator[AdminNode]:
 
 
 def wait_until(predicate: Any, within: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+    waiting.wait_until(predicate, within, what)
 
 
 __all__ = ["TOKEN", "AdminNode", "message", "wait_until"]

@@ -104,7 +104,6 @@ def test_release_from_the_dashboard(admin_node: AdminNode, target: Target, brows
             [f"user{number}@{DOMAIN}"],
             message(number, f"user{number}@{DOMAIN}"),
         )
-    time.sleep(6)  # one sample of the dashboard's sampler, so the accept chart has a bar
 
     driver = browser
     driver.get(f"{admin_node.url}/")
@@ -116,6 +115,14 @@ def test_release_from_the_dashboard(admin_node: AdminNode, target: Target, brows
     def count(state: str) -> str:
         cell = driver.find_element(By.CSS_SELECTOR, f'tr[data-domain="{DOMAIN}"] .n.{state}')
         return str(cell.text)
+
+    def charted(chart: str) -> bool:
+        """Whether the chart shows the 12 recipients (the sampler looks every 5 s)."""
+        driver.refresh()
+        caption = driver.find_element(By.CSS_SELECTOR, f"figure.chart.{chart} figcaption")
+        return "12 in the last hour" in caption.text
+
+    wait_for(lambda: charted("accepted"), what="the accepted mail on the chart")
 
     assert count("held") == "12"
     assert "hold" in driver.find_element(By.CSS_SELECTOR, f'tr[data-domain="{DOMAIN}"] .mode').text
@@ -132,8 +139,8 @@ def test_release_from_the_dashboard(admin_node: AdminNode, target: Target, brows
     assert count("pending") == "0"
     assert len(target.recorder.received) == 12
     assert "relay" in driver.find_element(By.CSS_SELECTOR, f'tr[data-domain="{DOMAIN}"] .mode').text
-    time.sleep(5.5)  # the next sample puts the deliveries on the chart
     driver.get(f"{admin_node.url}/")
+    wait_for(lambda: charted("delivered"), what="the deliveries on the chart")
     wait_for(lambda: count("delivered") == "12", what="overview after reload")
     screenshot(driver, "overview.png")
 

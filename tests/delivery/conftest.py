@@ -17,7 +17,7 @@ from mxspool.delivery.outcomes import RetryPolicy
 from mxspool.delivery.routing import Router
 from mxspool.delivery.scheduler import Scheduler, new_owner_id
 from mxspool.delivery.smtpclient import SmtpConnector
-from mxspool.delivery.transport import AiosmtplibConnector, Connector
+from mxspool.delivery.transport import Connector
 from mxspool.envelope import Envelope, MailParams, RcptParams, Recipient
 from mxspool.ids import new_queue_id
 from mxspool.store.base import (
@@ -31,7 +31,9 @@ from mxspool.store.base import (
     TlsMode,
 )
 from mxspool.store.sqlite import SqliteStore
+from tests.delivery.reference_client import AiosmtplibConnector
 from tests.delivery.target import Target
+from tests.waiting import eventually
 
 DOMAIN = "example.test"
 
@@ -126,7 +128,8 @@ async def release(store: SqliteStore, name: str = DOMAIN) -> None:
 
 
 async def rows(store: SqliteStore) -> list[ReportRow]:
-    return [row async for row in store.report()]
+    """The report's rows, without the positive controls' mail (see ``delivered_control``)."""
+    return [row async for row in store.report() if not row.rcpt.endswith(f"@{CONTROL}")]
 
 
 async def states(store: SqliteStore) -> dict[str, int]:
@@ -139,22 +142,38 @@ async def states(store: SqliteStore) -> dict[str, int]:
 async def wait_for(
     check: Callable[[], Awaitable[bool]] | Callable[[], bool], within: float = 15.0
 ) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached in time")
-        await asyncio.sleep(0.02)
+    await eventually(check, within)
+
+
+CONTROL = "control.test"
+"""A relay domain routed to the ``control`` target: the positive control of "nothing happened"."""
+
+
+@pytest.fixture
+def control() -> Iterator[Target]:
+    """A second target, for ``delivered_control``."""
+    server = Target().start()
+    yield server
+    server.stop()
+
+
+async def delivered_control(store: SqliteStore, control: Target, within: float = 15.0) -> None:
+    """Positive control for "nothing happened" checks: put a message for a relay domain routed
+    to ``control`` and wait until the running engine delivered it. Once this returns, the engine
+    has polled, claimed and sent since the call, so mail it should have left alone but did not
+    leave alone would have gone too."""
+    if await store.get_domain(CONTROL) is None:
+        await add_domain(store, control.port, name=CONTROL, hold=False)
+    before = len(control.recorder.received)
+    await put_message(store, [f"c{before}@{CONTROL}"])
+    await eventually(lambda: len(control.recorder.received) > before, within, "the control mail")
 
 
 EngineFactory = Callable[..., Scheduler]
 
 CLIENTS = ("own", "aiosmtplib")
-"""Transport implementations: our client (the default) and aiosmtplib (the reference)."""
+"""Transport implementations: our client (the default) and aiosmtplib (the test-only reference,
+``tests/delivery/reference_client``)."""
 
 
 @pytest.fixture

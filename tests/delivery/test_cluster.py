@@ -4,13 +4,19 @@ at once."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import pytest
 
-from mxspool.store.base import Store
-from tests.delivery.conftest import DOMAIN, EngineFactory, add_domain, put_message, release
+from mxspool.store.base import QueueFilter, Store
+from tests.delivery.conftest import (
+    DOMAIN,
+    EngineFactory,
+    add_domain,
+    delivered_control,
+    put_message,
+    release,
+)
 from tests.delivery.conftest import wait_for as wait_until
 from tests.delivery.target import Target
 from tests.store.conftest import StoreFactory, open_store, pg_server, pg_url  # noqa: F401
@@ -23,7 +29,8 @@ def store_url(pg_url: str) -> str:  # noqa: F811
 
 
 async def _pending(store: Store) -> int:
-    return sum(1 for _ in await store.list_queue(domain=DOMAIN, state="pending", limit=10_000))
+    pending = QueueFilter(domain=DOMAIN, state="pending")
+    return len(await store.list_queue(pending, limit=10_000))
 
 
 async def test_two_nodes_share_the_connection_limit(
@@ -86,7 +93,15 @@ async def test_notification_wakes_the_other_node_at_once(
     await put_message(one, [f"a@{DOMAIN}"])  # type: ignore[arg-type]
     scheduler = engine(on=two, helo="node2.test")
     scheduler._poll_interval = 30.0  # polling would take far too long: only a wake-up helps
-    await asyncio.sleep(0.5)  # the listener is connected
+    notes: list[str] = []
+    notified = scheduler._notified
+
+    def record(note: str) -> None:
+        notes.append(note)
+        notified(note)
+
+    scheduler._notified = record  # type: ignore[method-assign]
+    await wait_until(lambda: "resync" in notes, within=10)  # the listener is connected
     released_at = time.time()
     await release(one)  # type: ignore[arg-type]  # on the other node's connection
     await wait_until(lambda: len(target.recorder.received) == 1, within=5)
@@ -98,14 +113,17 @@ async def test_slots_of_a_dead_node_expire(
     open_store: StoreFactory,  # noqa: F811
     target: Target,
     engine: EngineFactory,
+    control: Target,
 ) -> None:
     one = await open_store()
     await add_domain(one, target.port, hold=False)  # type: ignore[arg-type]
     # A node took every connection slot of the destination, then died without a word.
+    taken_at = time.monotonic()
     for number in range(2):
-        assert await one.acquire_slot(DOMAIN, f"dead-node/{number}", 2, 1.5)
+        assert await one.acquire_slot(DOMAIN, f"dead-node/{number}", 2, 3.0)
     await put_message(one, [f"a@{DOMAIN}"])  # type: ignore[arg-type]
     engine(on=one, concurrency=2, shared_pacing=True)
-    await asyncio.sleep(0.8)
-    assert target.recorder.sessions == 0  # the cluster's limit is still taken
-    await wait_until(lambda: len(target.recorder.received) == 1, within=5)
+    await delivered_control(one, control)  # type: ignore[arg-type]  # the engine sends...
+    assert target.recorder.sessions == 0  # ...but not here: the cluster's limit is still taken
+    assert time.monotonic() - taken_at < 3.0, "too slow to tell: the slots expired meanwhile"
+    await wait_until(lambda: len(target.recorder.received) == 1, within=10)

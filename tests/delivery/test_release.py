@@ -10,6 +10,7 @@ from tests.delivery.conftest import (
     DOMAIN,
     EngineFactory,
     add_domain,
+    delivered_control,
     message_bytes,
     put_message,
     release,
@@ -21,7 +22,7 @@ from tests.delivery.target import Target
 
 
 async def test_hold_then_release_delivers_each_message_once_with_exact_bytes(
-    store: SqliteStore, target: Target, engine: EngineFactory
+    store: SqliteStore, target: Target, engine: EngineFactory, control: Target
 ) -> None:
     await add_domain(store, target.port, hold=True)
     sent: dict[str, bytes] = {}
@@ -31,17 +32,19 @@ async def test_hold_then_release_delivers_each_message_once_with_exact_bytes(
         )
         sent[f"user{number}@{DOMAIN}"] = data
     engine(concurrency=4)
-    await asyncio.sleep(1.0)
-    assert target.recorder.received == [], "held mail must not leave"
+    await delivered_control(store, control)  # the engine runs and sends relay mail...
+    assert target.recorder.received == [], "held mail must not leave"  # ...but not held mail
     assert target.recorder.mail_commands == 0
 
     await release(store)
     await wait_for(lambda: len(target.recorder.received) >= 200, within=30)
-    await asyncio.sleep(0.3)  # anything extra (a duplicate) would show up now
+    await wait_for(lambda: _all_delivered(store, 200))
+    # Every row is final: a duplicate would need a claim, and there is nothing left to claim;
+    # one more poll round (the control) shows nothing extra was on its way.
+    await delivered_control(store, control)
     got = target.recorder.deliveries()
     assert len(got) == 200
     assert dict(got) == sent  # each recipient once, bytes as stored
-    await wait_for(lambda: _all_delivered(store, 200))
     for row in await rows(store):
         assert row.remote_reply is not None
         assert row.remote_reply.startswith("250 2.0.0 Ok: queued as T")
@@ -59,19 +62,19 @@ async def test_relay_mode_mail_leaves_within_one_second(
     await add_domain(store, target.port, hold=False)
     scheduler = engine()
     scheduler._poll_interval = 0.25  # the production interval, not the tests' faster one
-    await asyncio.sleep(0.3)
     latencies = []
     for number in range(5):
         accepted_at = time.time()
         await put_message(store, [f"r{number}@{DOMAIN}"])
         await wait_for(lambda n=number: len(target.recorder.received) > n, within=5)
         latencies.append(target.recorder.received[number].at - accepted_at)
+        # Scenario pacing: the next message arrives at another point of the poll cycle.
         await asyncio.sleep(0.15)
     assert max(latencies) < 1.0, latencies
 
 
 async def test_canary_delivers_only_that_recipient_while_domain_holds(
-    store: SqliteStore, target: Target, engine: EngineFactory
+    store: SqliteStore, target: Target, engine: EngineFactory, control: Target
 ) -> None:
     await add_domain(store, target.port, hold=True)
     for number in range(5):
@@ -80,7 +83,7 @@ async def test_canary_delivers_only_that_recipient_while_domain_holds(
     engine()
     assert await store.release_recipient(DOMAIN, f"Canary@{DOMAIN}") == 5
     await wait_for(lambda: len(target.recorder.deliveries()) >= 5)
-    await asyncio.sleep(0.5)
+    await delivered_control(store, control)  # a later poll round: the others stayed held
     assert [rcpt for rcpt, _ in target.recorder.deliveries()] == [f"canary@{DOMAIN}"] * 5
     counts = await states(store)
     assert counts == {"delivered": 5, "held": 6}

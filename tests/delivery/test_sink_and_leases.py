@@ -18,6 +18,7 @@ from tests.delivery.conftest import (
     DOMAIN,
     EngineFactory,
     add_domain,
+    delivered_control,
     put_message,
     release,
     rows,
@@ -78,23 +79,29 @@ async def test_release_to_postfix_smtp_sink(
     assert got == sorted(data.replace(b"\r\n", b"\n").rstrip(b"\n") for data in sent)
 
 
+async def _none_delivering(store: SqliteStore) -> bool:
+    return "delivering" not in await states(store)
+
+
 async def _delivered(store: SqliteStore, count: int) -> bool:
     return (await states(store)).get("delivered", 0) == count
 
 
 async def test_claims_of_a_dead_worker_come_back_after_the_lease(
-    store: SqliteStore, target: Target, engine: EngineFactory
+    store: SqliteStore, target: Target, engine: EngineFactory, control: Target
 ) -> None:
     await add_domain(store, target.port, hold=False)
     for number in range(10):
         await put_message(store, [f"u{number}@{DOMAIN}"])
     # A worker of another process claims everything, then dies without a word.
-    claimed = await store.claim_due("dead-node:1:x", time.time(), 1.0, 100, DOMAIN)
+    leased_at = time.monotonic()
+    claimed = await store.claim_due("dead-node:1:x", time.time(), 3.0, 100, DOMAIN)
     assert sum(len(job.recipients) for job in claimed) == 10
     engine()
-    await asyncio.sleep(0.5)
-    assert target.recorder.received == []  # still leased to the dead worker
-    await wait_for(lambda: len(target.recorder.received) == 10, within=5)
+    await delivered_control(store, control)  # the engine polls and sends...
+    assert target.recorder.received == []  # ...but not mail still leased to the dead worker
+    assert time.monotonic() - leased_at < 3.0, "too slow to tell: the lease ran out meanwhile"
+    await wait_for(lambda: len(target.recorder.received) == 10, within=10)
     await wait_for(lambda: _delivered(store, 10))
 
 
@@ -112,8 +119,8 @@ async def test_shutdown_gives_unattempted_claims_back(
     for task in asyncio.all_tasks():
         if task.get_coro().__qualname__.startswith("Scheduler.run"):  # type: ignore[union-attr]
             task.cancel()
-    await asyncio.sleep(0.5)
+    # Nothing waits for a lease to expire (30 s): the claims come back within seconds.
+    await wait_for(lambda: _none_delivering(store), within=10)
     counts = await states(store)
-    assert "delivering" not in counts, counts  # nothing waits for a lease to expire
     assert counts.get("delivered", 0) + counts.get("pending", 0) == 30
     del scheduler_task_engine

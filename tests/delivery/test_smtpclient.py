@@ -145,6 +145,7 @@ async def test_refused_greeting_is_a_connect_failure() -> None:
 
 async def test_data_after_the_starttls_220_is_refused_and_nothing_is_sent() -> None:
     received: list[bytes] = []
+    closed = asyncio.Event()
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 hi\r\n")
@@ -155,11 +156,13 @@ async def test_data_after_the_starttls_220_is_refused_and_nothing_is_sent() -> N
             elif line.startswith(b"STARTTLS"):
                 # A man in the middle appends a reply meant to be read after the handshake.
                 writer.write(b"220 go ahead\r\n250 injected\r\n")
+        closed.set()
 
     server, port = await _scripted(handler)
     with pytest.raises(TlsFailed, match="injection"):
         await _connector().open(_hop(port), TlsMode.REQUIRE)
-    await asyncio.sleep(0.1)
+    # Everything the client sent is read once the server sees it close the connection.
+    await asyncio.wait_for(closed.wait(), 10)
     assert [line.split(b" ")[0].strip() for line in received] == [b"EHLO", b"STARTTLS"]
     server.close()
 

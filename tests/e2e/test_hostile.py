@@ -14,6 +14,7 @@ import trustme
 
 from tests.conftest import Spooler
 from tests.smtp_client import RawClient
+from tests.waiting import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,15 @@ def session(node: Spooler) -> RawClient:
     assert client.reply()[0] == 220
     assert client.command("EHLO hostile.client")[0] == 250
     return client
+
+
+def _greeted(port: int) -> RawClient | None:
+    """A new connection if the server greets it with 220; None (closed) if it refuses it."""
+    client = RawClient(port)
+    if client.reply()[0] == 220:
+        return client
+    client.close()
+    return None
 
 
 def senders(node: Spooler) -> list[str]:
@@ -272,7 +282,9 @@ def test_starttls_discards_pipelined_plaintext(
     assert code == 220
     context = ssl.create_default_context()
     ca.configure_trust(context)
-    time.sleep(0.2)  # let the injected line arrive before the handshake
+    # Scenario timing, not a wait: give the injected line time to reach the server's buffer
+    # before the handshake (it was sent with STARTTLS, so it is normally there already).
+    time.sleep(0.2)
     client.buffer = b""
     client.starttls(context, "mx.test.local")
     code, text = client.command("EHLO tls.client")
@@ -320,8 +332,6 @@ def test_connection_limits(spooler_factory: Any) -> None:
     assert extra.reply() == (421, "4.7.0 Too many connections")
     assert extra.closed_by_peer()
     clients.pop().close()
-    time.sleep(0.3)
-    again = RawClient(node.port)
-    assert again.reply()[0] == 220
+    again = wait_until(lambda: _greeted(node.port), 10, "a slot freed by the closed client")
     for client in [*clients, again]:
         client.close()

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import trustme
 
+from tests import waiting
 from tests.conftest import Spooler
 from tests.delivery.target import Target
 from tests.smtp_client import RawClient, split_received
@@ -99,12 +100,12 @@ def send_many(port: int, count: int, clients: int, seed: int = 1) -> dict[str, b
 
 
 def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    waiting.wait_until(predicate, timeout, what)
+
+
+def _attempts(node: Spooler, domain: str) -> int:
+    entries = json.loads(node.cli("queue", "list", "--domain", domain, "--json").stdout)
+    return sum(entry["attempts"] for entry in entries)
 
 
 def _message_id(data: bytes) -> str:
@@ -127,8 +128,12 @@ def test_hold_then_release_delivers_each_message_exactly_once(
 ) -> None:
     node = _node(spooler_factory, target, hold=True)
     sent = send_many(node.port, 1000, clients=8)
-    time.sleep(1.5)
-    assert target.recorder.received == [], "a held domain delivered mail"
+    control = Target().start()
+    try:  # the server delivers relay mail (the positive control)...
+        node.deliver_control(control.port, lambda: len(control.recorder.received))
+    finally:
+        control.stop()
+    assert target.recorder.received == [], "a held domain delivered mail"  # ...but not held mail
     assert node.domain_status("example.test")["held"] == 1000
 
     node.cli("domain", "release", "example.test")
@@ -146,7 +151,7 @@ def test_hold_then_release_delivers_each_message_exactly_once(
         assert rest == body
         assert queue_id.encode() in header
     # The ledger: every row delivered, and its reply names the target's record.
-    rows = json.loads(node.cli("report", "--format", "json").stdout)
+    rows = json.loads(node.cli("report", "--domain", "example.test", "--format", "json").stdout)
     assert len(rows) == 1000
     target_by_number = {f"T{n + 1}": item for n, item in enumerate(received)}
     for row in rows:
@@ -227,7 +232,7 @@ def test_verified_tls_to_the_target_under_the_real_server(
             client.sendmail("a@src.test", ["u@example.org"], "Subject: tls\r\n\r\nno\r\n")
         wait_until(lambda: len(good.recorder.received) == 1, 10, "the TLS delivery")
         assert good.recorder.received[0].tls
-        time.sleep(2.0)  # several attempts at the wrong name
+        wait_until(lambda: _attempts(node, "example.org") >= 2, 30, "attempts at the wrong name")
         assert wrong.recorder.mail_commands == 0, "mail went to a host with the wrong name"
         # Still queued, never delivered (an attempt may be in flight: "delivering").
         refused = node.domain_status("example.org")

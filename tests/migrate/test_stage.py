@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from mxspool.admin.checklist import checklist
-from mxspool.migrate.stage import stage
+from mxspool.stage import stage
 from mxspool.store.base import AuditEntry, Domain, DomainMode, DomainStatus, Route
 from tests.migrate.conftest import SPOOLER, Cli
 

@@ -146,6 +146,9 @@ def _check_store(db: Path, acknowledged: Mapping[str, SentMessage]) -> list[str]
                     problems.append(f"store: {queue_id} body does not match its sha256")
                 if [r.address for r in message.recipients] != item.recipients:
                     problems.append(f"store: {queue_id} recipients differ")
+            drift = await store.check_counters()
+            if drift:
+                problems.append(f"store: recipient counters differ from the rows: {drift[:5]}")
         finally:
             await store.close()
         return problems

@@ -161,7 +161,19 @@ RECIPIENTS = st.sampled_from(
         (b"<u@example.com", "unclosed"),
     ]
 )
-# (parameter words, expected code when it decides the outcome, or None for accepted)
+
+
+def declared_size(words: bytes) -> int:
+    """The SIZE= a MAIL parameter list declares (0 without one): over the limit is 552."""
+    for word in words.split():
+        key, _, value = word.partition(b"=")
+        if key.upper() == b"SIZE" and value.isdigit():
+            return int(value)
+    return 0
+
+
+# (parameter words, expected code when it decides the outcome, or None for accepted;
+# SIZE=N is 552 when N is over the configured max_message_size, see declared_size)
 MAIL_PARAMS = st.sampled_from(
     [
         (b"", None),
@@ -376,7 +388,7 @@ class SmtpSession(RuleBasedStateMachine):
                 m.reply(501)
             elif kind == "utf8" and not utf8:
                 m.reply(553)
-            elif code == 552 and m.config.max_message_size < 999999999:
+            elif declared_size(words) > m.config.max_message_size:
                 m.reply(552)
             else:
                 reply = self._decide(ev.MailFrom, answer)

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import time
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import pytest
 
 from mxspool.body import BodyBuffer
 from mxspool.envelope import Envelope, MailParams, RcptParams, Recipient
 from mxspool.ids import new_queue_id
+from mxspool.store import create_store
 from mxspool.store.base import (
     ClientInfo,
     Conflict,
@@ -27,6 +30,7 @@ from mxspool.store.base import (
     DomainMode,
     IncomingMessage,
     NotFound,
+    QueueFilter,
     RecipientOutcome,
     RecipientState,
     Route,
@@ -35,6 +39,7 @@ from mxspool.store.base import (
     TlsMode,
 )
 from tests.store.conftest import StoreFactory
+from tests.waiting import eventually
 
 RELAY = "relay.test"
 HELD = "held.test"
@@ -380,13 +385,19 @@ async def test_list_queue_filters_and_cursor(store: Store) -> None:
     assert entry.last_reply == "451 later"
     assert entry.size > 0
 
-    assert [e.message_id for e in await store.list_queue(state="held")] == held_ids
-    assert [e.message_id for e in await store.list_queue(state="pending")] == [relay_id]
-    assert [e.message_id for e in await store.list_queue(state="parked")] == [parked_id]
-    assert await store.list_queue(state="delivered") == []
-    assert len(await store.list_queue(domain="HELD.test")) == 5
-    assert [e.message_id for e in await store.list_queue(search="findme")] == [relay_id]
-    assert [e.rcpt for e in await store.list_queue(search="h3@")] == ["h3@held.test"]
+    assert [e.message_id for e in await store.list_queue(QueueFilter(state="held"))] == held_ids
+    assert [e.message_id for e in await store.list_queue(QueueFilter(state="pending"))] == [
+        relay_id
+    ]
+    assert [e.message_id for e in await store.list_queue(QueueFilter(state="parked"))] == [
+        parked_id
+    ]
+    assert await store.list_queue(QueueFilter(state="delivered")) == []
+    assert len(await store.list_queue(QueueFilter(domain="HELD.test"))) == 5
+    assert [e.message_id for e in await store.list_queue(QueueFilter(search="findme"))] == [
+        relay_id
+    ]
+    assert [e.rcpt for e in await store.list_queue(QueueFilter(search="h3@"))] == ["h3@held.test"]
 
     page1 = await store.list_queue(limit=3)
     page2 = await store.list_queue(limit=3, after=page1[-1].recipient_id)
@@ -728,15 +739,11 @@ async def test_claims_from_two_instances_never_overlap(open_store: StoreFactory)
     assert len(set(everything)) == 300
 
 
-# -- cluster-wide pacing (PostgreSQL now; SQLite once it has the methods, see the report) ----
-def _pacing(store: Store) -> Any:
-    if not hasattr(store, "take_tokens"):
-        pytest.skip(f"{type(store).__name__} has no take_tokens/acquire_slot yet")
-    return store
+# -- cluster-wide pacing (both stores) ---------------------------------------------------------
 
 
 async def test_take_tokens_is_a_token_bucket(store: Store) -> None:
-    pacing = _pacing(store)
+    pacing = store
     now = 1_000_000.0
     assert await pacing.take_tokens("mx.test", 2.0, 5.0, 3, now) == 3  # starts full
     assert await pacing.take_tokens("mx.test", 2.0, 5.0, 3, now) == 2
@@ -749,7 +756,7 @@ async def test_take_tokens_is_a_token_bucket(store: Store) -> None:
 
 
 async def test_slots_limit_concurrency(store: Store) -> None:
-    pacing = _pacing(store)
+    pacing = store
     assert await pacing.acquire_slot("mx.test", "n1-1", 2, 30.0)
     assert await pacing.acquire_slot("mx.test", "n2-1", 2, 30.0)
     assert not await pacing.acquire_slot("mx.test", "n1-2", 2, 30.0)
@@ -761,8 +768,9 @@ async def test_slots_limit_concurrency(store: Store) -> None:
     # A slot not renewed within its ttl expires (its node died).
     assert await pacing.acquire_slot("exp.test", "dead", 1, 0.2)
     assert not await pacing.acquire_slot("exp.test", "alive", 1, 30.0)
-    await asyncio.sleep(0.3)
-    assert await pacing.acquire_slot("exp.test", "alive", 1, 30.0)
+    await eventually(
+        lambda: pacing.acquire_slot("exp.test", "alive", 1, 30.0), 10, "the dead slot to expire"
+    )
 
 
 # -- migration toolkit: recipient lists and tags ---------------------------------------------
@@ -814,13 +822,52 @@ async def test_add_tag_and_list_queue_by_tag(store: Store) -> None:
     await store.add_tag(probe, "probed-again")
     message = await store.get_message(probe)
     assert message is not None and message.tags == ("probe", "probed-again")
-    tagged = await store.list_queue(tag="probe")
+    tagged = await store.list_queue(QueueFilter(tag="probe"))
     assert [entry.message_id for entry in tagged] == [probe]
     assert {entry.message_id for entry in await store.list_queue()} == {plain, probe}
     # A tag is matched whole: "probe" does not match "probed-again" alone, nor "rob".
-    assert await store.list_queue(tag="rob") == []
+    assert await store.list_queue(QueueFilter(tag="rob")) == []
     with pytest.raises(NotFound):
         await store.add_tag("no-such-id", "probe")
+
+
+async def test_queue_search_takes_like_wildcards_literally(store: Store) -> None:
+    """``%``, ``_``, backslash and ``!`` in a search are text, not LIKE syntax, on every
+    backend (SQLite once matched ``a_b`` to ``axb``); ASCII case is still ignored."""
+    await add_domain(store, RELAY, DomainMode.HOLD)
+    locals_ = ["axb", "a_b", "a%b", "ab", "a\\b", "a!b", "a!!b", "aXXb"]
+    for local in locals_:
+        await put(store, [f"{local}@{RELAY}"])
+
+    async def found(text: str) -> set[str]:
+        entries = await store.list_queue(QueueFilter(search=text), limit=1000)
+        return {entry.rcpt.split("@")[0] for entry in entries}
+
+    assert await found(f"b@{RELAY}") == set(locals_)  # positive control: search works at all
+    assert await found("a_b") == {"a_b"}
+    assert await found("A_B@") == {"a_b"}
+    assert await found("a%b") == {"a%b"}
+    assert await found("a\\b") == {"a\\b"}
+    assert await found("a!b") == {"a!b"}
+    assert await found("a!!b") == {"a!!b"}
+    assert await found("%") == {"a%b"}
+    assert await found("_") == {"a_b"}
+    assert await found("axb") == {"axb"}
+    # The sender and the Message-ID are searched the same way.
+    sender = await put(store, [f"s@{RELAY}"], mail_from="x_y@src.test", message_id="<p%q@src>")
+    assert {e.message_id for e in await store.list_queue(QueueFilter(search="x_y@"))} == {sender}
+    assert await store.list_queue(QueueFilter(search="xzy@")) == []
+    assert {e.message_id for e in await store.list_queue(QueueFilter(search="<p%q"))} == {sender}
+    assert await store.list_queue(QueueFilter(search="<pzq")) == []
+
+
+async def test_queue_tag_filter_takes_like_wildcards_literally(store: Store) -> None:
+    await add_domain(store, RELAY)
+    tagged = await put(store, [f"a@{RELAY}"])
+    await store.add_tag(tagged, "probe")
+    assert [e.message_id for e in await store.list_queue(QueueFilter(tag="probe"))] == [tagged]
+    assert await store.list_queue(QueueFilter(tag="pr_be")) == []
+    assert await store.list_queue(QueueFilter(tag="pr%")) == []
 
 
 # -- dead destinations -----------------------------------------------------------------------
@@ -948,9 +995,55 @@ async def test_defer_destination_and_a_concurrent_claim_never_share_a_row(
             RecipientOutcome(rid, RecipientState.DELIVERED, "250 ok", "mx:25") for rid in mine
         ]
         await two.record_outcomes("node-b", outcomes)
-        for row in await one.list_queue(domain=RELAY, limit=1000):
+        for row in await one.list_queue(QueueFilter(domain=RELAY), limit=1000):
             if row.recipient_id in mine:
                 assert row.state == "delivered", row
             elif row.state != "delivered":  # delivered in an earlier round
                 assert (row.state, row.last_reply) == ("pending", DEAD_REPLY), row
         now, until = until, until + 600  # everything left is due again: race once more
+
+
+# -- counters: after every operation of every scenario above, they equal a recount -----------
+
+
+class _Recounting:
+    """A store that, after each of its operations, asserts its recipient counters equal a
+    recount of the rows (``check_counters``): every scenario of this suite checks them."""
+
+    _UNCHECKED = frozenset({"open", "close", "check_counters", "submit_message", "free_bytes"})
+
+    def __init__(self, inner: Store) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._inner, name)
+        if name in self._UNCHECKED or name.startswith("_"):
+            return value
+        if not inspect.iscoroutinefunction(value):
+            return value  # async iterators (report, read_body, notifications), attributes
+
+        async def checked(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await value(*args, **kwargs)
+            finally:
+                drift = await self._inner.check_counters()
+                assert drift == [], f"counters drifted after {name}: {drift}"
+
+        return checked
+
+
+@pytest.fixture
+async def open_store(open_store: StoreFactory, store_url: str) -> AsyncIterator[StoreFactory]:
+    """The conftest factory, its stores checking the counters after each operation; and once
+    the test is done, a fresh instance recounts the whole store."""
+
+    async def make() -> Store:
+        return cast(Store, _Recounting(await open_store()))
+
+    yield make
+    after = create_store(store_url)
+    await after.open()
+    try:
+        assert await after.check_counters() == []
+    finally:
+        await after.close()

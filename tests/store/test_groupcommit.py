@@ -25,18 +25,27 @@ import pytest
 from mxspool.store import sqlite
 from mxspool.store.base import DomainChanges, DomainMode
 from tests.store.test_contract import add_domain, make_message
+from tests.waiting import stays
 
-pytestmark = pytest.mark.skipif(
+needs_thread = pytest.mark.skipif(
     not sqlite.ACCELERATED, reason="mxspool.store._groupcommit is not built"
 )
+"""Every test but the build guard below needs the thread; the guard must run to fail."""
 
 SETUP = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 100"
 INSERT = "INSERT INTO t (k, v, n, f) VALUES (?, ?, ?, ?)"
 
 
 def test_the_commit_thread_is_built_where_ci_requires_it() -> None:
+    """With MXSPOOL_REQUIRE_SPEEDUPS=1 (CI), a missing C thread fails here instead of skipping."""
+    if sqlite.ACCELERATED:
+        return
     if os.environ.get("MXSPOOL_REQUIRE_SPEEDUPS") == "1":
-        assert sqlite.ACCELERATED, "mxspool.store._groupcommit did not build (sqlite3.h?)"
+        pytest.fail(
+            "mxspool.store._groupcommit did not build (no C compiler or no sqlite3.h?): "
+            "install them and reinstall the package, or unset MXSPOOL_REQUIRE_SPEEDUPS"
+        )
+    pytest.skip("mxspool.store._groupcommit is not built (MXSPOOL_REQUIRE_SPEEDUPS=1 fails here)")
 
 
 def _database(tmp_path: Path) -> Path:
@@ -70,6 +79,7 @@ def _rows(path: Path) -> list[tuple[Any, ...]]:
         conn.close()
 
 
+@needs_thread
 def test_rows_are_committed_exactly_and_reported_in_order(tmp_path: Path) -> None:
     path = _database(tmp_path)
     committer = _committer(path)
@@ -81,6 +91,7 @@ def test_rows_are_committed_exactly_and_reported_in_order(tmp_path: Path) -> Non
     assert _rows(path) == values
 
 
+@needs_thread
 def test_one_failing_row_fails_alone(tmp_path: Path) -> None:
     path = _database(tmp_path)
     committer = _committer(path)
@@ -96,6 +107,7 @@ def test_one_failing_row_fails_alone(tmp_path: Path) -> None:
     assert _rows(path) == [("a", b"1", 1, None), ("b", None, None, 0.5)]
 
 
+@needs_thread
 def test_a_failed_transaction_fails_the_batch_and_the_thread_recovers(tmp_path: Path) -> None:
     path = _database(tmp_path)
     committer = _committer(path)
@@ -113,19 +125,25 @@ def test_a_failed_transaction_fails_the_batch_and_the_thread_recovers(tmp_path: 
     assert [row[0] for row in _rows(path)] == ["y"]
 
 
+@needs_thread
 def test_lock_keeps_the_thread_out_until_unlock(tmp_path: Path) -> None:
     path = _database(tmp_path)
     committer = _committer(path)
+    # Positive control: unlocked, the thread commits a row; how long it took sizes the wait.
+    started = time.monotonic()
+    committer.submit(("free", b"", 0, None), "free")
+    assert _wait_collect(committer, 1) == [("free", None)]
+    quiet = max(0.3, 10 * (time.monotonic() - started))
     committer.lock()
     committer.submit(("held", b"", 0, None), "held")
-    time.sleep(0.3)
-    assert committer.collect() == []
-    assert _rows(path) == []
+    stays(lambda: committer.collect() == [], quiet, "no outcome while locked")
+    assert [row[0] for row in _rows(path)] == ["free"]
     committer.unlock()
     assert _wait_collect(committer, 1) == [("held", None)]
     committer.close()
 
 
+@needs_thread
 def test_close_commits_what_is_queued(tmp_path: Path) -> None:
     path = _database(tmp_path)
     committer = _committer(path)
@@ -138,6 +156,7 @@ def test_close_commits_what_is_queued(tmp_path: Path) -> None:
         committer.submit(("late", b"", 0, None), "late")
 
 
+@needs_thread
 def test_bad_values_are_refused_before_anything_is_queued(tmp_path: Path) -> None:
     path = _database(tmp_path)
     committer = _committer(path)
@@ -152,6 +171,7 @@ def test_bad_values_are_refused_before_anything_is_queued(tmp_path: Path) -> Non
     assert _rows(path) == []
 
 
+@needs_thread
 def test_a_bad_statement_or_path_fails_at_construction(tmp_path: Path) -> None:
     assert sqlite._groupcommit is not None
     with pytest.raises(OSError, match="no such table"):
@@ -162,6 +182,7 @@ def test_a_bad_statement_or_path_fails_at_construction(tmp_path: Path) -> None:
         sqlite._groupcommit.Committer(str(tmp_path / "missing" / "x.db"), SETUP, INSERT, 8)
 
 
+@needs_thread
 async def test_accepts_and_python_writes_take_turns(tmp_path: Path) -> None:
     """Accepts on the C thread and domain changes on the Python writer, at the same time."""
     store = sqlite.SqliteStore(f"sqlite:///{tmp_path / 'spool.db'}")
@@ -211,6 +232,7 @@ print(json.dumps([first, second]))
 """
 
 
+@needs_thread
 def test_an_io_error_fails_the_whole_batch_and_the_next_one_succeeds(tmp_path: Path) -> None:
     """A real I/O error (a file-size limit, like a full disk) in the middle of a batch."""
     path = _database(tmp_path)
@@ -230,6 +252,7 @@ def test_an_io_error_fails_the_whole_batch_and_the_next_one_succeeds(tmp_path: P
     assert [row[0] for row in _rows(path)] == ["after"]
 
 
+@needs_thread
 def test_the_thread_is_named_for_operators(tmp_path: Path) -> None:
     """`top -H` and `ps -L` show it as mxspool-commit."""
     committer = _committer(_database(tmp_path))
@@ -240,14 +263,17 @@ def test_the_thread_is_named_for_operators(tmp_path: Path) -> None:
         committer.close()
 
 
+@needs_thread
 def test_the_thread_gets_its_turn_while_python_keeps_writing(tmp_path: Path) -> None:
     """A Python writer that takes the database back to back does not starve the accepts."""
     path = _database(tmp_path)
     committer = _committer(path)
     stop = threading.Event()
+    writing = threading.Event()
 
     def python_writer() -> None:
         committer.lock()
+        writing.set()
         while not stop.is_set():
             time.sleep(0.002)  # a transaction of the Python writer
             committer.unlock()
@@ -257,7 +283,7 @@ def test_the_thread_gets_its_turn_while_python_keeps_writing(tmp_path: Path) -> 
     writer = threading.Thread(target=python_writer)
     writer.start()
     try:
-        time.sleep(0.05)
+        assert writing.wait(10), "the Python writer did not start"
         started = time.monotonic()
         for i in range(20):
             committer.submit((f"t{i:02}", b"x", i, None), i)
@@ -271,6 +297,7 @@ def test_the_thread_gets_its_turn_while_python_keeps_writing(tmp_path: Path) -> 
     assert len(_rows(path)) == 20
 
 
+@needs_thread
 def test_the_commit_thread_needs_synchronous_full(tmp_path: Path) -> None:
     """Its write-coalescing VFS relies on a sync before frames are published."""
     assert sqlite._groupcommit is not None
@@ -279,6 +306,7 @@ def test_the_commit_thread_needs_synchronous_full(tmp_path: Path) -> None:
         sqlite._groupcommit.Committer(str(_database(tmp_path)), relaxed, INSERT, 8)
 
 
+@needs_thread
 def test_coalesced_writes_read_back_exactly_while_the_thread_writes(tmp_path: Path) -> None:
     """Rows of many sizes (up to several write pieces each), checkpointed often, are whole
     for another connection after every group, and the file passes integrity_check."""

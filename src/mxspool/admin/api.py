@@ -35,6 +35,7 @@ from mxspool.admin.requests import (
     read_json,
 )
 from mxspool.csvsafe import csv_cells
+from mxspool.store.base import QueueFilter
 
 MAX_PAGE = 1000
 WRITE_METHODS = frozenset({"POST", "PATCH", "DELETE"})
@@ -167,14 +168,13 @@ async def list_messages(call: Call) -> Response:
     """Recipient rows, oldest first; ``next_cursor`` is the ``cursor`` of the next page."""
     request = call.request
     limit = query_int(request, "limit", 100, low=1, high=MAX_PAGE) or 100
-    rows = await ops.queue_list(
-        call.admin.store,
+    wanted = QueueFilter(
         domain=query_str(request, "domain"),
         state=query_str(request, "state"),
-        limit=limit + 1,
-        after=query_int(request, "cursor", None),
         search=query_str(request, "q"),
     )
+    after = query_int(request, "cursor", None)
+    rows = await ops.queue_list(call.admin.store, wanted, limit=limit + 1, after=after)
     page = rows[:limit]
     more = len(rows) > limit
     return _json(
@@ -291,7 +291,8 @@ async def get_audit(call: Call) -> Response:
 
 
 async def not_found(call: Call) -> Response:
-    raise ApiError(404, "not_found", f"no endpoint {call.request.url.path}; see INTERFACE.md")
+    path = call.request.url.path
+    raise ApiError(404, "not_found", f"no endpoint {path}; see docs/interface.md for the API")
 
 
 routes = [

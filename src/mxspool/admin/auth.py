@@ -12,7 +12,7 @@ server never grants), so the cookie alone never changes anything. Dashboard acti
 audited as "dashboard".
 
 With no token configured (allowed only on a loopback listener) the API is open, as
-INTERFACE.md says. Whatever the tokens, only the listener's own names may appear in the Host
+docs/interface.md says. Whatever the tokens, only the listener's own names may appear in the Host
 header (``mxspool.admin.hosts``), so a web page cannot reach the API through DNS rebinding.
 """
 

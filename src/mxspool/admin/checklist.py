@@ -1,10 +1,10 @@
-"""The migration checklist of one domain: DESIGN.md's operator story, with what is done so far.
+"""The migration checklist of one domain: the operator's story (docs/design.md), with progress.
 
 Each step is judged from what mxspool knows: the domain's state and counts, and the audit log
 (actions on the domain, oldest first). DNS changes are tracked through ``mxspool check dns``,
 which records where MX pointed; planning through ``mxspool runbook``. Steps mxspool cannot see
 are shown as "not tracked" rather than guessed, with the command that helps. The first line is
-the domain's migration stage (``mxspool.migrate.stage``), the same as ``status`` shows.
+the domain's migration stage (``mxspool.stage``), the same as ``status`` shows.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mxspool.migrate.stage import STAGES, mx_seen, stage
+from mxspool.stage import STAGES, mx_seen, stage
 from mxspool.store.base import AuditEntry, Domain, DomainMode, DomainStatus
 
 

@@ -37,7 +37,14 @@ from mxspool.admin.render import (
     when,
 )
 from mxspool.admin.requests import media_type, path_text, query_int, query_str, read_body
-from mxspool.store.base import QUEUE_STATES, AuditEntry, Domain, DomainMode, QueueEntry
+from mxspool.store.base import (
+    QUEUE_STATES,
+    AuditEntry,
+    Domain,
+    DomainMode,
+    QueueEntry,
+    QueueFilter,
+)
 from mxspool.units import format_duration
 
 OVERVIEW_REFRESH_MS = 2000
@@ -427,9 +434,8 @@ async def messages_page(request: Request, admin: AdminContext) -> Page:
     state = query_str(request, "state")
     domain = query_str(request, "domain")
     cursor = query_int(request, "cursor", None)
-    rows = await ops.queue_list(
-        admin.store, domain=domain, state=state, limit=PAGE_SIZE + 1, after=cursor, search=q
-    )
+    wanted = QueueFilter(domain=domain, state=state, search=q)
+    rows = await ops.queue_list(admin.store, wanted, limit=PAGE_SIZE + 1, after=cursor)
     page_rows = rows[:PAGE_SIZE]
     direct = ""
     if q and await admin.store.get_message(q.strip()) is not None:
@@ -533,7 +539,7 @@ async def message_page(request: Request, admin: AdminContext) -> Page:
 
 async def parked_page(request: Request, admin: AdminContext) -> Page:
     domain = query_str(request, "domain")
-    rows = await ops.queue_list(admin.store, domain=domain, state="parked", limit=500)
+    rows = await ops.queue_list(admin.store, QueueFilter(domain=domain, state="parked"), limit=500)
     retry_all = action_button(
         "Retry all parked" + (f" of {domain}" if domain else ""),
         "/api/v1/parked/retry",

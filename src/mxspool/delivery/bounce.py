@@ -1,6 +1,6 @@
 """``queue bounce ID``: an RFC 3464 delivery status notification to the reverse-path.
 
-Bounces are never automatic (DESIGN.md): this runs only when an operator asks. The DSN is a
+Bounces are never automatic (docs/design.md): this runs only when an operator asks. The DSN is a
 ``multipart/report; report-type=delivery-status`` with a human part, a ``message/delivery-status``
 part (one block per recipient not delivered, its Diagnostic-Code the next hop's last reply),
 and the original headers (``text/rfc822-headers``; never the body). It is sent with
@@ -34,16 +34,11 @@ from dataclasses import dataclass
 from mxspool.config import Config
 from mxspool.delivery.dnscache import DnsCache
 from mxspool.delivery.errors import ConnectFailed
-from mxspool.delivery.reply import Reply
 from mxspool.delivery.routing import Hop, Router
-from mxspool.delivery.transport import (
-    AiosmtplibConnector,
-    Connector,
-    Session,
-    Transaction,
-    open_any,
-)
+from mxspool.delivery.smtpclient import SmtpConnector
+from mxspool.delivery.transport import Connector, Session, Transaction, open_any
 from mxspool.envelope import MailParams, Recipient, domain_of
+from mxspool.smtp.replies import Reply
 from mxspool.store.base import RecipientRecord, RecipientState, Store, StoredMessage, TlsMode
 
 HEADER_LIMIT = 64 * 1024
@@ -341,7 +336,7 @@ async def bounce_message(
     reply: Reply | None = None
     if not reason:
         router = router or Router(DnsCache(config.delivery.resolver))
-        connector = connector or AiosmtplibConnector(
+        connector = connector or SmtpConnector(
             local_hostname=config.smtp.hostname,
             connect_timeout=config.delivery.connect_timeout,
             ca_file=config.delivery.ca_file,

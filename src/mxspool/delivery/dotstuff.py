@@ -3,8 +3,8 @@
 The stored bytes go out unchanged except for one extra "." before every "." that starts a
 line, and the terminating "<CRLF>.<CRLF>". A line starts after LF, so a "." after a bare LF is
 stuffed too: a next hop that (wrongly) ends lines at bare LF can never see an early end of
-data. We do not use aiosmtplib's data(): it also rewrites bare CR and LF to CRLF, which would
-change the bytes we promised to keep.
+data. Nothing else is rewritten (some SMTP libraries also turn bare CR and LF into CRLF, which
+would change the bytes we promised to keep).
 """
 
 from __future__ import annotations

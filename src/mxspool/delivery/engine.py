@@ -49,10 +49,10 @@ from mxspool.delivery.leases import LeaseKeeper, give_back, recipient_ids
 from mxspool.delivery.outcomes import AttemptContext, RetryPolicy
 from mxspool.delivery.pacing import LocalPacer, Pacer, SharedPacer
 from mxspool.delivery.recorder import OutcomeRecorder
-from mxspool.delivery.reply import Reply
 from mxspool.delivery.routing import Router
 from mxspool.delivery.transport import Connector, Session, Transaction, open_any
 from mxspool.envelope import Recipient
+from mxspool.smtp.replies import Reply
 from mxspool.store.base import (
     ClaimedRecipient,
     DeliveryJob,

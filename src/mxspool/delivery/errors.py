@@ -1,7 +1,7 @@
 """The few exceptions delivery code sees; dependency errors are mapped to these at the edge.
 
-Like httpcore, the transport and the router translate aiosmtplib, ssl, OSError and dnspython
-failures into these classes, so the scheduler decides retry-or-park from one attribute
+Like httpcore, the SMTP client and the router translate ssl, OSError, timeout, protocol and
+dnspython failures into these classes, so the scheduler decides retry-or-park from one attribute
 (``permanent``) and never imports a dependency's exception types.
 """
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from mxspool.delivery import outcomes
 from mxspool.delivery.outcomes import AttemptContext
-from mxspool.delivery.reply import Reply
+from mxspool.smtp.replies import Reply
 from mxspool.store.base import ClaimedRecipient, RecipientOutcome, RecipientState
 from mxspool.units import format_duration
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mxspool.delivery.reply import Reply
+from mxspool.smtp.replies import Reply
 from mxspool.store.base import ClaimedRecipient, RecipientOutcome, RecipientState
 from mxspool.units import format_duration
 

@@ -1,4 +1,11 @@
-"""Our own outbound SMTP client: an asyncio Protocol, pipelined, behind ``transport``'s interface.
+"""The outbound SMTP client: an asyncio Protocol, pipelined, the one ``Connector`` of mxspool.
+
+Every outbound SMTP conversation goes through it: delivery (the scheduler), DSNs (``queue
+bounce``), the flow probe (``probe``) and the route checks (``check route``, ``check
+recipients``). Delivery and DSNs use the ``Connector``/``Session`` interface of ``transport``;
+the probes use the same session one step at a time (``SmtpConnector.connect``, ``starttls``,
+``SmtpSession.command``, ``content``), since they need what delivery never does: every RCPT
+reply, then RSET and no DATA, the certificate, the latency.
 
 Theory of operation
 -------------------
@@ -7,7 +14,8 @@ so this client spends as little as possible per message: no streams, no per-comm
 tasks, and as few writes and wake-ups as the protocol allows. ``_Wire`` is the Protocol: it
 keeps received bytes in a buffer, cuts complete replies out of it (RFC 5321 section 4.2:
 ``ddd-text`` continues a reply, ``ddd text`` ends it) and hands them over in order; a caller
-asks for the next ``n`` replies and is woken once, when all ``n`` are in.
+asks for the next ``n`` replies and is woken once, when all ``n`` are in. Replies are the SMTP
+core's ``Reply`` (``smtp.replies``), the same type the server sends.
 
 A transaction with PIPELINING (RFC 2920) is two round trips and two writes: MAIL, every RCPT
 and DATA in one write, then, after 354, the dot-stuffed body with the final "." in the same
@@ -18,34 +26,43 @@ RFC 2920 forbids but some servers do), an empty message ("." alone) ends the tra
 which the hop must refuse for lack of recipients. Without PIPELINING the same commands go one
 at a time.
 
-STARTTLS (``loop.start_tls``) follows the route's TLS mode exactly as the aiosmtplib
-implementation does: ``verify``/``require`` never send MAIL in clear; ``opportunistic`` falls
-back to a new clear connection when the handshake fails. Bytes that arrive after the 220 to
+TLS (per route): ``verify`` and ``require`` need STARTTLS; when it is missing or fails the
+session is closed before MAIL FROM, so nothing is ever sent in clear. ``verify`` checks the
+chain against the system CAs plus ``[delivery] ca_file`` and the hop's host name (the route
+host or the MX host, never the address). ``opportunistic`` uses STARTTLS when offered and, like
+Postfix, reconnects in clear when the handshake fails. Bytes that arrive after the 220 to
 STARTTLS and before the handshake are an injection attempt (CVE-2011-0411 style): the session
 is dropped, nothing is sent. Replies are results; broken sessions, timeouts and protocol
 garbage are mapped to ``delivery.errors`` at this edge.
+
+Timeouts: ``connect_timeout`` bounds the connection, greeting, EHLO and the TLS handshake;
+``command_timeout`` each command's reply (RFC 5321 4.5.3.2: 5 minutes); ``final_timeout`` the
+reply to the final dot (10 minutes).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import ssl
 from collections import deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from typing import cast
 
 from mxspool.delivery.dotstuff import DotStuffer
 from mxspool.delivery.errors import ConnectFailed, ConnectionLost, TlsFailed, Unsupported
-from mxspool.delivery.reply import Reply
 from mxspool.delivery.routing import Hop
 from mxspool.delivery.transport import (
-    ConnectorBase,
+    COMMAND_TIMEOUT,
+    FINAL_REPLY_TIMEOUT,
     Transaction,
     check_extensions,
     mail_arguments,
     rcpt_arguments,
+    tls_contexts,
 )
+from mxspool.smtp.replies import Reply
 from mxspool.store.base import TlsMode
 
 MAX_REPLY_LINE = 4096
@@ -111,7 +128,11 @@ class _Wire(asyncio.Protocol):
             raise _ProtocolError("reply too long")
         self._lines.append(line[4:].decode("utf-8", "replace"))
         if line[3:4] != b"-":
-            self._replies.append(Reply(int(line[:3]), "\n".join(self._lines)))
+            try:
+                reply = Reply.parse(int(line[:3]), self._lines)
+            except ValueError:
+                raise _ProtocolError(f"not an SMTP reply code: {line[:80]!r}") from None
+            self._replies.append(reply)
             self._lines = []
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -181,6 +202,9 @@ class _Wire(asyncio.Protocol):
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
+_BROKEN = (OSError, TimeoutError, ConnectionLost, _ProtocolError)
+"""What breaks a session (ssl.SSLError is an OSError); mapped to ``delivery.errors`` here."""
 
 
 def _check_envelope(tx: Transaction, hop: Hop) -> None:
@@ -205,10 +229,58 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-class SmtpConnector(ConnectorBase):
-    """``Connector`` with our own client (the default; see the module docstring)."""
+class SmtpConnector:
+    """The ``Connector``: opens sessions per the route's TLS mode (see the module docstring).
+
+    ``connect`` and ``starttls`` are the two steps of ``open``, for callers that apply their
+    own TLS policy (the route checks look at a certificate that delivery would refuse).
+    """
+
+    def __init__(
+        self,
+        *,
+        local_hostname: str,
+        connect_timeout: float = 30.0,
+        ca_file: str = "",
+        command_timeout: float = COMMAND_TIMEOUT,
+        final_timeout: float = FINAL_REPLY_TIMEOUT,
+    ) -> None:
+        self.local_hostname = local_hostname
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self.final_timeout = final_timeout
+        self._verify, self._any_cert = tls_contexts(ca_file)
+
+    async def open(self, hop: Hop, tls: TlsMode) -> SmtpSession:
+        """Connect, EHLO, STARTTLS per ``tls``; raises ConnectFailed or TlsFailed."""
+        try:
+            return await self._open(hop, tls)
+        except TlsFailed:
+            if tls is not TlsMode.OPPORTUNISTIC:
+                raise
+            # Like Postfix: a failed handshake is retried in clear on a new connection.
+            return await self._open(hop, TlsMode.OFF)
 
     async def _open(self, hop: Hop, tls: TlsMode) -> SmtpSession:
+        session = await self.connect(hop)
+        if tls is TlsMode.OFF:
+            return session
+        if not session.offers("starttls"):
+            if tls is TlsMode.OPPORTUNISTIC:
+                return session
+            await session.close()
+            raise TlsFailed(
+                f"{hop} does not offer STARTTLS and the route requires TLS (tls={tls.value}); "
+                "nothing was sent"
+            )
+        await self.starttls(session, verify=tls is TlsMode.VERIFY)
+        return session
+
+    async def connect(self, hop: Hop) -> SmtpSession:
+        """Connect, read the greeting, EHLO (HELO when refused); no TLS yet.
+
+        Raises ConnectFailed (refused, timeout, a greeting other than 220, garbage).
+        """
         loop = asyncio.get_running_loop()
         wire = _Wire()
         try:
@@ -221,27 +293,26 @@ class SmtpConnector(ConnectorBase):
         except ConnectFailed:
             _abort(wire)
             raise
-        except (OSError, TimeoutError, ConnectionLost, _ProtocolError) as exc:
+        except _BROKEN as exc:
             _abort(wire)
             raise ConnectFailed(f"{hop}: {_describe(exc)}") from exc
-        session = SmtpSession(wire, hop, extensions, self.command_timeout, self.final_timeout)
-        if tls is TlsMode.OFF:
-            return session
-        if "starttls" not in extensions:
-            if tls is TlsMode.OPPORTUNISTIC:
-                return session
-            await session.close()
-            raise TlsFailed(
-                f"{hop} does not offer STARTTLS and the route requires TLS (tls={tls.value}); "
-                "nothing was sent"
-            )
-        context = self._verify if tls is TlsMode.VERIFY else self._any_cert
+        return SmtpSession(wire, hop, greeting, extensions, self)
+
+    async def starttls(self, session: SmtpSession, *, verify: bool) -> None:
+        """STARTTLS and EHLO again over TLS; with ``verify`` the certificate must be valid for
+        the hop's name (else any certificate is taken).
+
+        Raises TlsFailed (the connection is dropped then, without QUIT: the TLS state is unknown
+        and nothing more goes in clear); its ``__cause__`` is the ssl error, if any.
+        """
+        context = self._verify if verify else self._any_cert
         try:
-            session.extensions = await self._starttls(wire, hop, context)
-        except (OSError, TimeoutError, ssl.SSLError, ConnectionLost, _ProtocolError) as exc:
-            _abort(wire)  # no QUIT: the TLS state is unknown, and nothing more goes in clear
-            raise TlsFailed(f"TLS with {hop} failed: {_describe(exc)}; nothing was sent") from exc
-        return session
+            session.extensions = await self._starttls(session._wire, session.hop, context)
+        except _BROKEN as exc:
+            session._abort()
+            raise TlsFailed(
+                f"TLS with {session.hop} failed: {_describe(exc)}; nothing was sent"
+            ) from exc
 
     async def _hello(self, wire: _Wire) -> dict[str, str]:
         """EHLO (HELO when refused); the extensions offered, keyword (lower case) -> params."""
@@ -250,7 +321,7 @@ class SmtpConnector(ConnectorBase):
         (reply,) = await wire.replies(1, self.connect_timeout)
         if reply.code == 250:
             extensions: dict[str, str] = {}
-            for line in reply.text.split("\n")[1:]:
+            for line in reply.lines[1:]:
                 keyword, _, params = line.strip().partition(" ")
                 if keyword:
                     extensions[keyword.lower()] = params
@@ -298,15 +369,17 @@ class SmtpSession:
         self,
         wire: _Wire,
         hop: Hop,
+        greeting: Reply,
         extensions: dict[str, str],
-        command_timeout: float,
-        final_timeout: float,
+        connector: SmtpConnector,
     ) -> None:
         self.hop = hop
+        self.greeting = greeting
         self.extensions = extensions
+        """The extensions offered in the last EHLO: keyword (lower case) -> parameters."""
         self._wire = wire
-        self._command_timeout = command_timeout
-        self._final_timeout = final_timeout
+        self._command_timeout = connector.command_timeout
+        self._final_timeout = connector.final_timeout
         self._in_transaction = False
         self._broken = False
 
@@ -314,15 +387,60 @@ class SmtpSession:
     def usable(self) -> bool:
         return not self._broken and self._wire.alive
 
-    def _offers(self, extension: str) -> bool:
+    @property
+    def ssl_object(self) -> ssl.SSLObject | ssl.SSLSocket | None:
+        """The TLS connection after STARTTLS (version, cipher, peer certificate); else None."""
+        transport = self._wire.transport
+        found = transport.get_extra_info("ssl_object") if transport is not None else None
+        return found if isinstance(found, ssl.SSLObject | ssl.SSLSocket) else None
+
+    def offers(self, extension: str) -> bool:
+        """Whether the hop offers ``extension`` (lower case: "starttls", "size")."""
         return extension in self.extensions
 
     async def send(self, tx: Transaction) -> tuple[Reply, ...]:
-        check_extensions(tx, self._offers, self.hop)
+        """Run one transaction; the final reply for each recipient, in order.
+
+        Raises Unsupported (the message needs an extension the hop lacks, or its envelope
+        cannot go on a command line) or ConnectionLost (the session broke).
+        """
+        check_extensions(tx, self.offers, self.hop)
         _check_envelope(tx, self.hop)
-        try:
+        try:  # what ``_breaks`` does, inline: this is delivery's hot path
             return await self._transaction(tx)
-        except (OSError, TimeoutError, ConnectionLost, _ProtocolError) as exc:
+        except _BROKEN as exc:
+            self._abort()
+            raise ConnectionLost(f"{self.hop}: {_describe(exc)}") from exc
+        except BaseException:
+            self._abort()
+            raise
+
+    async def command(self, *words: bytes) -> Reply:
+        """One command (words joined by spaces, CRLF added) and its reply, for the probes.
+
+        A transaction started this way is the caller's to end (RSET, or DATA and ``content``).
+        Raises Unsupported (a control character in the command) or ConnectionLost.
+        """
+        line = b" ".join(words)
+        if _CONTROL_BYTES.search(line):
+            raise Unsupported(
+                f"command for {self.hop} contains control characters: {line[:80]!r}; not sent"
+            )
+        with self._breaks():
+            return await self._command(line + b"\r\n")
+
+    async def content(self, tx: Transaction) -> Reply:
+        """After a 354 to DATA sent with ``command``: ``tx``'s message, dot-stuffed, with the
+        end marker, and the final reply. Raises ConnectionLost."""
+        with self._breaks():
+            return await self._stream(tx)
+
+    @contextlib.contextmanager
+    def _breaks(self) -> Iterator[None]:
+        """A failure in the middle of an exchange ends the session (mapped to ConnectionLost)."""
+        try:
+            yield
+        except _BROKEN as exc:
             self._abort()
             raise ConnectionLost(f"{self.hop}: {_describe(exc)}") from exc
         except BaseException:
@@ -337,15 +455,15 @@ class SmtpSession:
         return replies
 
     async def _transaction(self, tx: Transaction) -> tuple[Reply, ...]:
-        mail = b"MAIL " + b" ".join(mail_arguments(tx, self._offers)) + b"\r\n"
+        mail = b"MAIL " + b" ".join(mail_arguments(tx, self.offers)) + b"\r\n"
         rcpts = [
-            b"RCPT " + b" ".join(rcpt_arguments(r, self._offers)) + b"\r\n" for r in tx.recipients
+            b"RCPT " + b" ".join(rcpt_arguments(r, self.offers)) + b"\r\n" for r in tx.recipients
         ]
         reset = self._in_transaction
         # The previous transaction was abandoned (refused MAIL/RCPT/DATA): RSET first. After a
         # completed DATA the hop has reset itself (RFC 5321 4.1.1.4): no RSET then.
         self._in_transaction = True
-        if self._offers("pipelining"):
+        if self.offers("pipelining"):
             group = [b"RSET\r\n"] if reset else []
             group += [mail, *rcpts, b"DATA\r\n"]
             self._wire.write(b"".join(group))
@@ -423,7 +541,7 @@ class SmtpSession:
             try:
                 self._wire.write(b"QUIT\r\n")
                 await self._wire.replies(1, QUIT_TIMEOUT)
-            except (OSError, TimeoutError, ConnectionLost, _ProtocolError):
+            except _BROKEN:
                 pass
         self._broken = True
         if self._wire.transport is not None:

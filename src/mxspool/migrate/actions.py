@@ -29,7 +29,7 @@ from mxspool.migrate.runbook import (
 )
 from mxspool.migrate.smtpprobe import SmtpProber
 from mxspool.operations import OperationError, normalize_domain, parse_route
-from mxspool.store.base import Domain, NotFound, QueueEntry, Store
+from mxspool.store.base import Domain, NotFound, QueueEntry, QueueFilter, Store
 from mxspool.units import parse_rate
 
 MAX_FILE = 64 << 20
@@ -222,7 +222,8 @@ async def held_recipients(store: Store, domain: str) -> list[str]:
     seen: dict[str, None] = {}
     after: int | None = None
     while True:
-        page = await store.list_queue(domain=domain, state="held", limit=1000, after=after)
+        held = QueueFilter(domain=domain, state="held")
+        page = await store.list_queue(held, limit=1000, after=after)
         for entry in page:
             seen.setdefault(entry.rcpt.lower(), None)
         if len(page) < 1000:
@@ -400,7 +401,8 @@ async def list_probes(store: Store, name: str) -> list[QueueEntry]:
     entries: list[QueueEntry] = []
     after: int | None = None
     while True:
-        page = await store.list_queue(domain=domain, tag=PROBE_TAG, limit=1000, after=after)
+        probes = QueueFilter(domain=domain, tag=PROBE_TAG)
+        page = await store.list_queue(probes, limit=1000, after=after)
         entries += page
         if len(page) < 1000:
             return entries

@@ -1,7 +1,8 @@
 """The migration toolkit's commands: ``recipients``, ``check``, ``probe`` and ``runbook``.
 
-They are registered on the ``mxspool`` group by :mod:`mxspool.cli` and use its plumbing (config
-loading, store lifetime, error mapping to exit codes), so they behave like every other command.
+:mod:`mxspool.cli` registers them on the ``mxspool`` group; they use the same plumbing as every
+other command (:mod:`mxspool.cli_support`: config loading, store lifetime, error mapping to exit
+codes, output), so they behave alike.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from mxspool import cli as base
+from mxspool import cli_support as support
 from mxspool import operations as ops
 from mxspool.migrate import actions
 from mxspool.migrate.dnscheck import DnsReport, Finding
@@ -27,13 +28,13 @@ def _addresses(number: int) -> str:
 
 
 @click.group()
-@base.config_option
+@support.config_option
 def recipients() -> None:
     """The list of valid recipients of a domain (others get 550 5.1.1 at RCPT)."""
 
 
 @recipients.command("import")
-@base.config_option
+@support.config_option
 @click.argument("name", metavar="DOMAIN")
 @click.argument("file", metavar="FILE", type=click.Path(dir_okay=False))
 @click.option("--replace", is_flag=True, help="Make the file the whole list (default: add).")
@@ -47,12 +48,12 @@ def recipients_import(
     Only addresses in DOMAIN count (PrimarySmtpAddress and smtp:/SMTP: proxies of
     EmailAddresses). Local parts are compared case-insensitively at RCPT.
     """
-    result = base._run(
+    result = support.run(
         ctx, lambda store: actions.import_recipients(store, name, file, replace=replace)
     )
     parsed = result.parsed
     if as_json:
-        base._print_json(
+        support.print_json(
             {
                 "domain": result.domain,
                 "format": parsed.format,
@@ -81,15 +82,15 @@ def recipients_import(
 
 
 @recipients.command("list")
-@base.config_option
+@support.config_option
 @click.argument("name", metavar="DOMAIN")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def recipients_list(ctx: click.Context, name: str, as_json: bool) -> None:
     """DOMAIN's recipient list (empty: every address of the domain is accepted)."""
-    addresses = base._run(ctx, lambda store: actions.list_recipients(store, name))
+    addresses = support.run(ctx, lambda store: actions.list_recipients(store, name))
     if as_json:
-        base._print_json(addresses)
+        support.print_json(addresses)
         return
     if not addresses:
         click.echo(
@@ -102,12 +103,12 @@ def recipients_list(ctx: click.Context, name: str, as_json: bool) -> None:
 
 
 @recipients.command("clear")
-@base.config_option
+@support.config_option
 @click.argument("name", metavar="DOMAIN")
 @click.pass_context
 def recipients_clear(ctx: click.Context, name: str) -> None:
     """Remove DOMAIN's recipient list: every address of the domain is accepted again."""
-    count = base._run(ctx, lambda store: actions.clear_recipients(store, name))
+    count = support.run(ctx, lambda store: actions.clear_recipients(store, name))
     click.echo(
         f"removed {_addresses(count)} from the list of {name}; "
         "every address of the domain is accepted again"
@@ -118,7 +119,7 @@ def recipients_clear(ctx: click.Context, name: str) -> None:
 
 
 @click.group()
-@base.config_option
+@support.config_option
 def check() -> None:
     """Preflight and readiness checks (DNS, route, recipients at the target)."""
 
@@ -140,7 +141,7 @@ def _overall(go: bool) -> None:
     if go:
         click.echo("verdict: GO")
     else:
-        base._fail("verdict: NO-GO; fix what the table marks NO-GO, then check again", 1)
+        support.fail("verdict: NO-GO; fix what the table marks NO-GO, then check again", 1)
 
 
 def dns_report_to_dict(report: DnsReport) -> dict[str, Any]:
@@ -157,7 +158,7 @@ def dns_report_to_dict(report: DnsReport) -> dict[str, Any]:
 
 
 @check.command("dns")
-@base.config_option
+@support.config_option
 @click.argument("name", metavar="DOMAIN")
 @click.option(
     "--spooler",
@@ -169,12 +170,12 @@ def dns_report_to_dict(report: DnsReport) -> dict[str, Any]:
 @click.pass_context
 def check_dns(ctx: click.Context, name: str, spooler: str | None, as_json: bool) -> None:
     """DOMAIN's MX and TTL, MTA-STS policy, SPF and DMARC, judged for the cut-over."""
-    config = base._load_config(ctx)
-    report = base._run(ctx, lambda store: actions.check_dns(store, config, name, spooler))
+    config = support.load_config(ctx)
+    report = support.run(ctx, lambda store: actions.check_dns(store, config, name, spooler))
     if as_json:
-        base._print_json(dns_report_to_dict(report))
+        support.print_json(dns_report_to_dict(report))
     else:
-        base._console().print(
+        support.console().print(
             _findings_table(report.findings, f"DNS of {report.domain} (spooler {report.spooler})")
         )
     if as_json:
@@ -213,21 +214,21 @@ def _ms(value: float | None) -> float | None:
 
 
 @check.command("route")
-@base.config_option
+@support.config_option
 @click.argument("name", metavar="DOMAIN")
 @click.option("--rcpt", default=None, metavar="ADDRESS", help="Probe this (default postmaster@).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def check_route(ctx: click.Context, name: str, rcpt: str | None, as_json: bool) -> None:
     """Each hop of DOMAIN's route: connect, EHLO, STARTTLS, certificate, SIZE, RCPT (no DATA)."""
-    config = base._load_config(ctx)
-    result = base._run(ctx, lambda store: actions.check_route(store, config, name, rcpt))
+    config = support.load_config(ctx)
+    result = support.run(ctx, lambda store: actions.check_route(store, config, name, rcpt))
     if as_json:
-        base._print_json(_route_to_dict(result))
+        support.print_json(_route_to_dict(result))
         if not result.go:
             raise click.exceptions.Exit(1)
         return
-    console = base._console()
+    console = support.console()
     if result.error:
         click.echo(result.error, err=True)
     for verdict in result.hops:
@@ -241,7 +242,7 @@ def check_route(ctx: click.Context, name: str, rcpt: str | None, as_json: bool) 
 
 
 @check.command("recipients")
-@base.config_option
+@support.config_option
 @click.argument("name", metavar="DOMAIN")
 @click.option("--concurrency", default=2, show_default=True, help="Connections at once.")
 @click.option("--rate", default="5/s", show_default=True, help="RCPT probes at most this fast.")
@@ -251,8 +252,8 @@ def check_recipients(
     ctx: click.Context, name: str, concurrency: int, rate: str, as_json: bool
 ) -> None:
     """Ask DOMAIN's route about each held recipient (RCPT, then RSET; never DATA)."""
-    config = base._load_config(ctx)
-    result = base._run(
+    config = support.load_config(ctx)
+    result = support.run(
         ctx,
         lambda store: actions.check_recipients(
             store, config, name, concurrency=concurrency, rate=rate
@@ -260,7 +261,7 @@ def check_recipients(
     )
     not_ready = len(result.results) - result.ready
     if as_json:
-        base._print_json(
+        support.print_json(
             {
                 "domain": result.domain.name,
                 "checked": len(result.results),
@@ -276,7 +277,7 @@ def check_recipients(
         for item in result.results:
             style = "green" if item.state == "ready" else "bold red"
             table.add_row(item.address, f"[{style}]{item.state}[/]", item.reply, item.hint)
-        base._console().print(table)
+        support.console().print(table)
         click.echo(f"{result.ready} of {len(result.results)} recipients ready at the target")
     if not_ready:
         if not as_json:
@@ -292,7 +293,7 @@ def check_recipients(
 
 
 @click.command()
-@base.config_option
+@support.config_option
 @click.argument("name", metavar="DOMAIN")
 @click.option("--spooler-host", required=True, metavar="HOST", help="The spooler's MX host name.")
 @click.option("--spooler-ip", required=True, metavar="IP", help="Its public IPv4 address.")
@@ -309,8 +310,8 @@ def runbook(
     fmt: str,
 ) -> None:
     """The ordered migration plan for DOMAIN: DNS, Exchange Online connectors, mxspool steps."""
-    config = base._load_config(ctx)
-    text = base._run(
+    config = support.load_config(ctx)
+    text = support.run(
         ctx,
         lambda store: actions.runbook(
             store,
@@ -329,7 +330,7 @@ def runbook(
 
 
 @click.command()
-@base.config_option
+@support.config_option
 @click.argument("name", metavar="DOMAIN")
 @click.option("--to", default=None, metavar="ADDRESS", help="Recipient (default postmaster@).")
 @click.option("--wait", default="30s", show_default=True, help="How long to wait for delivery.")
@@ -349,11 +350,11 @@ def probe(
 ) -> None:
     """Send a marked test message through the spooler's own listener and follow it."""
     if list_only and discard:
-        base._fail("give --list or --discard, not both", 2)
+        support.fail("give --list or --discard, not both", 2)
     if list_only:
-        entries = base._run(ctx, lambda store: actions.list_probes(store, name))
+        entries = support.run(ctx, lambda store: actions.list_probes(store, name))
         if as_json:
-            base._print_json([ops.queue_entry_to_dict(entry) for entry in entries])
+            support.print_json([ops.queue_entry_to_dict(entry) for entry in entries])
         elif not entries:
             click.echo(f"no probe messages for {name}")
         else:
@@ -363,28 +364,28 @@ def probe(
                     entry.message_id,
                     entry.rcpt,
                     entry.state,
-                    base._dash(ops.iso_time(entry.received_at)),
-                    base._dash(entry.last_reply),
+                    support.dash(ops.iso_time(entry.received_at)),
+                    support.dash(entry.last_reply),
                 )
-            base._console().print(table)
+            support.console().print(table)
         return
     if discard:
-        count = base._run(ctx, lambda store: actions.discard_probes(store, name))
-        click.echo(f"discarded {base._count(count, 'probe recipient')} of {name}")
+        count = support.run(ctx, lambda store: actions.discard_probes(store, name))
+        click.echo(f"discarded {support.plural(count, 'probe recipient')} of {name}")
         return
     try:
         seconds = parse_duration(wait)
     except ValueError as exc:
-        base._fail(f"--wait: {exc}", 2)
-    config = base._load_config(ctx)
-    result = base._run(ctx, lambda store: actions.probe(store, config, name, to, wait=seconds))
+        support.fail(f"--wait: {exc}", 2)
+    config = support.load_config(ctx)
+    result = support.run(ctx, lambda store: actions.probe(store, config, name, to, wait=seconds))
     _print_probe(result, as_json)
 
 
 def _print_probe(result: actions.ProbeResult, as_json: bool) -> None:
     delivered = result.state == "delivered"
     if as_json:
-        base._print_json(
+        support.print_json(
             {
                 "domain": result.domain.name,
                 "mode": result.domain.mode.value,

@@ -15,13 +15,18 @@ the message in the target mailbox; they grant nothing. Probes use the null rever
 from __future__ import annotations
 
 import secrets
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime, make_msgid
 
-import aiosmtplib
-
 from mxspool.config import Config, split_host_port
+from mxspool.delivery.errors import DeliveryError
+from mxspool.delivery.routing import Hop
+from mxspool.delivery.smtpclient import SmtpConnector
+from mxspool.delivery.transport import Transaction
+from mxspool.envelope import MailParams, Recipient
+from mxspool.store.base import TlsMode
 
 PROBE_TAG = "probe"
 HEADER = "X-Mxspool-Probe"
@@ -73,46 +78,59 @@ SUBMIT_TIMEOUT = 30.0
 
 
 async def submit(config: Config, domain: str, rcpt: str) -> Submitted:
-    """Send the probe to our own listener; the queue id from its 250 reply."""
+    """Send the probe to our own listener; the queue id from its 250 reply.
+
+    STARTTLS when offered, without checking the certificate (it is for the public name, not
+    for loopback).
+    """
     host, port = listener_address(config)
     where = f"{host}:{port}"
     token = secrets.token_hex(8)
-    smtp = aiosmtplib.SMTP(
-        hostname=host,
-        port=port,
+    data = probe_message(domain, rcpt, token, config.smtp.hostname)
+    client = SmtpConnector(
         local_hostname=config.smtp.hostname,
-        timeout=SUBMIT_TIMEOUT,
-        start_tls=False,
-        use_tls=False,
+        connect_timeout=SUBMIT_TIMEOUT,
+        command_timeout=SUBMIT_TIMEOUT,
+        final_timeout=SUBMIT_TIMEOUT,
     )
     try:
-        await smtp.connect()
-        await smtp.ehlo()
-        if smtp.supports_extension("starttls"):
-            # Our own listener: its certificate is for the public name, not for loopback.
-            await smtp.starttls(validate_certs=False)
-        _errors, reply = await smtp.sendmail(
-            "", [rcpt], probe_message(domain, rcpt, token, config.smtp.hostname)
-        )
-    except aiosmtplib.SMTPRecipientRefused as exc:
-        raise ProbeError(
-            f"the spooler refused the recipient <{rcpt}>: {exc.code} {exc.message}; "
-            "check that the domain is configured and the address is on its recipient list "
-            "('mxspool recipients list'), or give another with --to"
-        ) from None
-    except aiosmtplib.SMTPResponseException as exc:
-        raise ProbeError(
-            f"the spooler at {where} refused the probe: {exc.code} {exc.message}"
-        ) from None
-    except (aiosmtplib.SMTPException, OSError) as exc:
+        session = await client.open(Hop(host, host, port), TlsMode.OPPORTUNISTIC)
+    except DeliveryError as exc:
         raise ProbeError(
             f"cannot submit the probe to {where} ({exc}); is 'mxspool serve' running with "
             "this configuration?"
         ) from None
+    try:
+        mail = await session.command(b"MAIL", b"FROM:<>")
+        if not mail.positive:
+            raise ProbeError(f"the spooler at {where} refused the probe: {mail}")
+        accepted = await session.command(b"RCPT", b"TO:<" + rcpt.encode() + b">")
+        if not accepted.positive:
+            raise ProbeError(
+                f"the spooler refused the recipient <{rcpt}>: {accepted}; "
+                "check that the domain is configured and the address is on its recipient list "
+                "('mxspool recipients list'), or give another with --to"
+            )
+        start = await session.command(b"DATA")
+        if start.code != 354:
+            raise ProbeError(f"the spooler at {where} refused the probe: {start}")
+        tx = Transaction("", MailParams(), (Recipient(rcpt),), len(data), lambda: _once(data))
+        reply = await session.content(tx)
+        if not reply.positive:
+            raise ProbeError(f"the spooler at {where} refused the probe: {reply}")
+    except DeliveryError as exc:
+        raise ProbeError(
+            f"the probe's session with {where} broke ({exc}); see the spooler's log"
+        ) from None
     finally:
-        smtp.close()
+        await session.close()
     marker = "queued as "
-    if marker not in reply:
-        raise ProbeError(f"the spooler's reply has no queue id: {reply!r}")
-    queue_id = reply.split(marker, 1)[1].split()[0].strip("<>")
-    return Submitted(queue_id, token, f"250 {reply}", where)
+    text = reply.message
+    if marker not in text:
+        raise ProbeError(f"the spooler's reply has no queue id: {text!r}")
+    queue_id = text.split(marker, 1)[1].split()[0].strip("<>")
+    return Submitted(queue_id, token, str(reply), where)
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data

@@ -1,4 +1,4 @@
-"""The migration runbook: DESIGN.md's operator story as the ordered commands for one domain.
+"""The migration runbook: the operator's story (docs/design.md) as the commands for one domain.
 
 A plan is a list of steps; each step has an explanation and commands of four kinds: DNS
 records to publish, Exchange Online PowerShell (``exo``: the target tenant; ``exo-source``:

@@ -1,26 +1,24 @@
 """A look at one SMTP hop without sending mail: EHLO, STARTTLS, certificate, SIZE, RCPT probes.
 
-The delivery engine's ``Session`` runs whole transactions on purpose (it only knows how to
+The delivery engine's ``Session.send`` runs whole transactions on purpose (it only knows how to
 deliver); a preflight needs the opposite: every RCPT reply, then ``RSET`` and never ``DATA``.
-So this module drives aiosmtplib directly, with the null reverse-path (``MAIL FROM:<>``) so a
-probe can never cause a bounce, and maps every failure to a result rather than an exception.
+So this module drives the same client (``delivery.smtpclient``) one step at a time, with the
+null reverse-path (``MAIL FROM:<>``) so a probe can never cause a bounce, and maps every
+failure to a result rather than an exception.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiosmtplib
-
+from mxspool.delivery.errors import DeliveryError, TlsFailed
 from mxspool.delivery.routing import Hop
+from mxspool.delivery.smtpclient import SmtpConnector, SmtpSession
 from mxspool.store.base import TlsMode
-
-_FAILURES = (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +36,7 @@ class HopReport:
     error: str = ""
     banner: str = ""
     connect_ms: float | None = None
+    """Connection, greeting and EHLO."""
     total_ms: float | None = None
     starttls_offered: bool = False
     tls_version: str | None = None
@@ -74,12 +73,13 @@ class SmtpProber:
     def __init__(self, *, local_hostname: str, timeout: float = 30.0, ca_file: str = "") -> None:
         self.local_hostname = local_hostname
         self.timeout = timeout
-        self._verify = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-        if ca_file:
-            self._verify.load_verify_locations(cafile=ca_file)
-        self._any = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-        self._any.check_hostname = False
-        self._any.verify_mode = ssl.CERT_NONE
+        self._client = SmtpConnector(
+            local_hostname=local_hostname,
+            connect_timeout=timeout,
+            ca_file=ca_file,
+            command_timeout=timeout,
+            final_timeout=timeout,
+        )
 
     async def examine(
         self,
@@ -95,17 +95,17 @@ class SmtpProber:
         """
         report = HopReport(hop)
         started = time.perf_counter()
-        smtp = await self._connect(report, tls, verify=True)
-        if smtp is None and report.cert_verified is False:
+        session = await self._connect(report, tls, verify=True)
+        if session is None and report.cert_verified is False:
             # The certificate did not verify: look again without verification, so the report
             # still says what the hop would answer (and whether a "require" route works).
-            smtp = await self._connect(report, tls, verify=False)
-        if smtp is None:
+            session = await self._connect(report, tls, verify=False)
+        if session is None:
             report.total_ms = (time.perf_counter() - started) * 1000
             return report
         try:
             for start in range(0, len(rcpts), batch):
-                await self._rcpt_batch(smtp, report, rcpts[start : start + batch], pace)
+                await self._rcpt_batch(session, report, rcpts[start : start + batch], pace)
         except _Broken as exc:
             report.error = f"the session broke during RCPT probes: {exc}"
             seen = {result.address for result in report.rcpts}
@@ -113,113 +113,88 @@ class SmtpProber:
                 RcptResult(a, 0, "not checked: the session broke") for a in rcpts if a not in seen
             ]
         finally:
-            try:
-                await smtp.quit(timeout=5.0)
-            except _FAILURES:
-                smtp.close()
+            await session.close()
         report.total_ms = (time.perf_counter() - started) * 1000
         return report
 
     async def _connect(
         self, report: HopReport, tls: TlsMode, *, verify: bool
-    ) -> aiosmtplib.SMTP | None:
+    ) -> SmtpSession | None:
         hop = report.hop
-        smtp = aiosmtplib.SMTP(
-            hostname=hop.address,
-            port=hop.port,
-            local_hostname=self.local_hostname,
-            timeout=self.timeout,
-            start_tls=False,
-            use_tls=False,
-        )
         began = time.perf_counter()
         try:
-            banner = await smtp.connect()
-            report.connect_ms = (time.perf_counter() - began) * 1000
-            report.banner = f"{banner.code} {banner.message}"
-            await smtp.ehlo(timeout=self.timeout)
-        except _FAILURES as exc:
-            smtp.close()
-            report.error = f"connect/EHLO failed: {_describe(exc)}"
+            session = await self._client.connect(hop)
+        except DeliveryError as exc:
+            report.error = f"connect/EHLO failed: {exc}"
             return None
+        report.connect_ms = (time.perf_counter() - began) * 1000
+        report.banner = str(session.greeting)
         report.connected = True
-        report.starttls_offered = smtp.supports_extension("starttls")
-        size = smtp.esmtp_extensions.get("size")
-        if size is not None:
-            report.size_limit = int(size) if size.strip().isdigit() else 0
+        report.starttls_offered = session.offers("starttls")
+        _size(report, session)
         if tls is TlsMode.OFF or not report.starttls_offered:
-            return smtp
-        context = self._verify if verify else self._any
+            return session
         try:
-            await smtp.starttls(server_hostname=hop.name, tls_context=context)
-            await smtp.ehlo(timeout=self.timeout)
-        except _FAILURES as exc:
-            smtp.close()
-            # aiosmtplib raises the ssl error itself or wraps it, depending on the version.
-            cause = exc if isinstance(exc, ssl.SSLError) else exc.__cause__ or exc.__context__
+            await self._client.starttls(session, verify=verify)
+        except TlsFailed as exc:
+            cause = exc.__cause__
             if verify and isinstance(cause, ssl.SSLCertVerificationError):
                 report.cert_verified = False
                 report.cert_error = cause.verify_message or str(cause)
             else:
-                report.error = f"STARTTLS failed: {_describe(exc)}"
+                report.error = f"STARTTLS failed: {exc}"
             return None
-        ssl_object = smtp.get_transport_info("ssl_object")
-        if isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
-            report.tls_version = ssl_object.version()
-            cipher = ssl_object.cipher()
+        tls_object = session.ssl_object
+        if tls_object is not None:
+            report.tls_version = tls_object.version()
+            cipher = tls_object.cipher()
             report.tls_cipher = cipher[0] if cipher else None
             if verify:
                 report.cert_verified = True
-                cert: dict[str, Any] = dict(ssl_object.getpeercert() or {})
+                cert: dict[str, Any] = dict(tls_object.getpeercert() or {})
                 report.cert_subject = _name(cert.get("subject"))
                 report.cert_issuer = _name(cert.get("issuer"))
                 names: tuple[tuple[str, str], ...] = cert.get("subjectAltName", ())
                 report.cert_names = tuple(value for kind, value in names if kind == "DNS")
                 report.cert_not_after = str(cert.get("notAfter", ""))
         # After STARTTLS the hop may advertise a different SIZE (RFC 3207: forget the first).
-        size = smtp.esmtp_extensions.get("size")
-        if size is not None:
-            report.size_limit = int(size) if size.strip().isdigit() else 0
-        return smtp
+        _size(report, session)
+        return session
 
     async def _rcpt_batch(
         self,
-        smtp: aiosmtplib.SMTP,
+        session: SmtpSession,
         report: HopReport,
         rcpts: Sequence[str],
         pace: Callable[[], Awaitable[None]] | None,
     ) -> None:
         try:
-            mail = await smtp.execute_command(b"MAIL", b"FROM:<>", timeout=self.timeout)
-            report.mail_reply = f"{mail.code} {mail.message}"
+            mail = await session.command(b"MAIL", b"FROM:<>")
+            report.mail_reply = str(mail)
             if mail.code >= 400:
                 refused = f"MAIL refused: {report.mail_reply}"
                 report.rcpts += [RcptResult(a, 0, refused) for a in rcpts]
-                await smtp.execute_command(b"RSET", timeout=self.timeout)
+                await session.command(b"RSET")
                 return
             for address in rcpts:
                 if pace is not None:
                     await pace()
-                reply = await smtp.execute_command(
-                    b"RCPT", b"TO:<" + address.encode() + b">", timeout=self.timeout
-                )
+                reply = await session.command(b"RCPT", b"TO:<" + address.encode() + b">")
                 report.rcpts.append(RcptResult(address, reply.code, reply.message))
             # Never DATA: the transaction is abandoned, nothing is sent.
-            await smtp.execute_command(b"RSET", timeout=self.timeout)
-        except (*_FAILURES, ValueError) as exc:
+            await session.command(b"RSET")
+        except DeliveryError as exc:
             seen = {result.address for result in report.rcpts}
-            report.rcpts += [
-                RcptResult(a, 0, f"no reply: {_describe(exc)}") for a in rcpts if a not in seen
-            ]
+            report.rcpts += [RcptResult(a, 0, f"no reply: {exc}") for a in rcpts if a not in seen]
             raise _Broken(str(exc)) from exc
+
+
+def _size(report: HopReport, session: SmtpSession) -> None:
+    """SIZE from the last EHLO, when advertised (0: advertised without a limit)."""
+    size = session.extensions.get("size")
+    if size is not None:
+        report.size_limit = int(size) if size.strip().isdigit() else 0
 
 
 class _Broken(Exception):
     """The session broke during RCPT probes; the remaining addresses were not checked."""
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, aiosmtplib.SMTPResponseException):
-        return f"{exc.code} {exc.message}"
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,19 +1,32 @@
-"""SMTP replies: one value type and the standard replies the server sends.
+"""SMTP replies: one value type, for the replies the server sends and those the client receives,
+and the standard replies the server sends.
 
 Enhanced status codes (RFC 3463, RFC 2034) are sent on every reply except the greeting and the
 EHLO/HELO answer, whether or not the client said EHLO: Postfix does the same, clients ignore what
 they did not ask for, and it keeps every reply a constant.
+
+A received reply (``Reply.parse``, used by the outbound client) keeps its text as the hop sent
+it; ``str(reply)`` is its one-line form, the one the delivery ledger records.
 """
 
 from __future__ import annotations
 
 import functools
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """An SMTP reply; ``text`` is one line or a tuple of lines (a multi-line reply)."""
+    """An SMTP reply; ``text`` is one line or a tuple of lines (a multi-line reply).
+
+    ``enhanced`` is the RFC 3463 status code written at the start of every line ("5.1.1"), or
+    None (no code, or, in a received reply, not the same code on every line: those lines are
+    kept as received, with whatever code they carry).
+    """
 
     code: int
     enhanced: str | None
@@ -29,8 +42,16 @@ class Reply:
         for line in lines:
             if "\r" in line or "\n" in line:
                 raise ValueError(f"CR or LF in SMTP reply text: {line!r}")
-        # Most replies are module constants sent millions of times: encode them once.
-        object.__setattr__(self, "_wire", self._encode())
+
+    @classmethod
+    def parse(cls, code: int, lines: Sequence[str]) -> Reply:
+        """A reply as received: ``lines`` are its lines without the "ddd-"/"ddd " prefix.
+
+        An enhanced code that starts every line becomes ``enhanced`` (so ``to_bytes`` gives the
+        reply back as it was sent); any line-breaking character inside a line becomes a space.
+        Raises ValueError when ``code`` is not an SMTP reply code (200-599).
+        """
+        return _parse(code, tuple(lines))
 
     @property
     def lines(self) -> tuple[str, ...]:
@@ -38,11 +59,40 @@ class Reply:
 
     @property
     def positive(self) -> bool:
-        """2xx or 3xx: the command was accepted."""
-        return self.code < 400
+        """2xx: the command was accepted and completed (a 354 to DATA is not: it asks for more)."""
+        return 200 <= self.code < 300
+
+    @property
+    def permanent(self) -> bool:
+        """5xx: retrying the same command cannot succeed."""
+        return 500 <= self.code < 600
+
+    @property
+    def enhanced_status(self) -> str | None:
+        """The RFC 3463 status code: ``enhanced``, or the one that starts the first line of a
+        received reply whose lines do not all carry it (the classification needs it either way)."""
+        if self.enhanced is not None:
+            return self.enhanced
+        match = _ENHANCED.match(self.lines[0])
+        return match.group() if match else None
+
+    @property
+    def message(self) -> str:
+        """The reply on one line, without the code: every line with its enhanced code, joined
+        by spaces ("5.1.1 The email account 5.1.1 does not exist")."""
+        head = self.enhanced
+        if head is None:
+            return " ".join(self.lines)
+        return " ".join(f"{head} {line}" if line else head for line in self.lines)
 
     def to_bytes(self) -> bytes:
-        return self._wire
+        wire = self._wire
+        if not wire:
+            # Most replies the server sends are module constants sent millions of times: each
+            # is encoded once, on first use (a received reply is seldom encoded at all).
+            wire = self._encode()
+            object.__setattr__(self, "_wire", wire)
+        return wire
 
     def _encode(self) -> bytes:
         lines = self.lines
@@ -55,7 +105,32 @@ class Reply:
         return "".join(out).encode("utf-8")
 
     def __str__(self) -> str:
-        return self.to_bytes().decode("utf-8").rstrip("\r\n")
+        # One line, so log lines and the ledger's CSV rows stay one line each.
+        return f"{self.code} {self.message}".rstrip()
+
+
+@functools.lru_cache(maxsize=256)
+def _parse(code: int, lines: tuple[str, ...]) -> Reply:
+    # Cached: a hop answers most commands with the same few replies ("250 2.1.5 Ok"), and the
+    # client parses one reply per command in a release, where delivery is CPU-bound.
+    if len(lines) == 1 and lines[0].isprintable():  # the usual reply: one line, no controls
+        line = lines[0]
+        match = _ENHANCED.match(line)
+        if match is not None:
+            end = match.end()
+            if end == len(line) or line[end] == " ":
+                return Reply(code, match.group(), line[end + 1 :])
+        return Reply(code, None, line)
+    clean = [" ".join(line.splitlines()) for line in lines] or [""]
+    first = _ENHANCED.match(clean[0])
+    enhanced = first.group() if first else None
+    if enhanced is not None and all(
+        line == enhanced or line.startswith(enhanced + " ") for line in clean
+    ):
+        clean = [line[len(enhanced) + 1 :] for line in clean]
+    else:
+        enhanced = None
+    return Reply(code, enhanced, clean[0] if len(clean) == 1 else tuple(clean))
 
 
 def queued(queue_id: str) -> Reply:

@@ -148,6 +148,24 @@ class AttemptRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class QueueFilter:
+    """Which recipient rows ``queue list`` shows; a field left None matches every row."""
+
+    domain: str | None = None
+    state: str | None = None
+    """One of QUEUE_STATES (``held`` is derived: pending in a domain on hold)."""
+    search: str | None = None
+    """Text found in the recipient, the sender or the Message-ID, ignoring ASCII case;
+    taken literally (``%`` and ``_`` are not wildcards)."""
+    tag: str | None = None
+    """Only messages carrying this tag (e.g. "probe")."""
+
+
+EVERY_ROW = QueueFilter()
+"""The filter that keeps every row (``list_queue``'s default)."""
+
+
+@dataclass(frozen=True, slots=True)
 class QueueEntry:
     """One recipient of one message, as ``queue list`` shows it."""
 
@@ -194,6 +212,17 @@ class DomainStatus:
     def unfinished(self) -> int:
         """Rows that still need delivery or an operator's decision."""
         return self.held + self.pending + self.delivering + self.parked
+
+
+@dataclass(frozen=True, slots=True)
+class CounterDrift:
+    """One recipient counter that disagrees with a recount of the rows (``check store``)."""
+
+    domain: str
+    state: str  # the row state; "pending" with released=False is what status shows as held
+    released: bool
+    counted: int  # what the counter says
+    actual: int  # rows in the store
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,19 +383,10 @@ class Store(Protocol):
 
     # -- queue --------------------------------------------------------------------------
     async def list_queue(
-        self,
-        *,
-        domain: str | None = None,
-        state: str | None = None,
-        limit: int = 100,
-        after: int | None = None,
-        search: str | None = None,
-        tag: str | None = None,
+        self, filter: QueueFilter = EVERY_ROW, *, limit: int = 100, after: int | None = None
     ) -> list[QueueEntry]:
-        """Recipient rows, oldest first, after the recipient id ``after`` (a cursor).
-
-        ``tag`` keeps only messages carrying that tag (e.g. "probe").
-        """
+        """Recipient rows matching ``filter``, oldest first, after the recipient id ``after``
+        (a cursor), at most ``limit``."""
 
     async def get_message(self, message_id: str) -> StoredMessage | None: ...
 
@@ -391,7 +411,13 @@ class Store(Protocol):
 
     async def mark_bounced(self, message_id: str, reply: str) -> int: ...
 
-    async def status(self, now: float) -> list[DomainStatus]: ...
+    async def status(self, now: float) -> list[DomainStatus]:
+        """Counts per domain from the per-(domain, state) counters: O(domains), not O(rows)."""
+        ...
+
+    async def check_counters(self, repair: bool = False) -> list[CounterDrift]:
+        """Recount the rows and compare them with the counters; ``repair`` resets them."""
+        ...
 
     def report(self, domain: str | None = None) -> AsyncIterator[ReportRow]: ...
 

@@ -4,10 +4,18 @@ SQL stores."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from mxspool.envelope import MailParams, RcptParams, Recipient, domain_of
-from mxspool.store.base import IncomingMessage, Route
+from mxspool.store.base import (
+    DestinationDeferral,
+    Domain,
+    DomainMode,
+    IncomingMessage,
+    Route,
+    TlsMode,
+)
 
 MESSAGE_COLUMNS = (
     "id",
@@ -43,8 +51,43 @@ def message_row(message: IncomingMessage) -> dict[str, Any]:
         "helo": client.helo,
         "tls_version": client.tls_version,
         "tls_cipher": client.tls_cipher,
-        "tags": ",".join(message.tags),
+        "tags": dump_tags(message.tags),
     }
+
+
+DOMAIN_COLUMNS = "name, mode, routes, use_mx, tls, rate, profile, created_at, released_at"
+"""The columns ``domain_from_row`` reads, in its order (also what writers RETURN)."""
+
+
+def domain_row(domain: Domain, now: float) -> tuple[Any, ...]:
+    """The domains row of a new ``domain``: DOMAIN_COLUMNS, then updated_at."""
+    return (
+        domain.name.lower(),
+        domain.mode.value,
+        dump_routes(domain.routes),
+        domain.use_mx,
+        domain.tls.value,
+        domain.rate,
+        domain.profile,
+        domain.created_at or now,
+        domain.released_at,
+        now,
+    )
+
+
+def domain_from_row(row: Sequence[Any]) -> Domain:
+    name, mode, routes, use_mx, tls, rate, profile, created_at, released_at = row
+    return Domain(
+        name=name,
+        mode=DomainMode(mode),
+        routes=load_routes(routes),
+        use_mx=bool(use_mx),
+        tls=TlsMode(tls),
+        rate=rate,
+        profile=profile,
+        created_at=created_at,
+        released_at=released_at,
+    )
 
 
 def recipient_row(recipient: Recipient) -> tuple[str, str, str]:
@@ -101,6 +144,28 @@ def load_rcpt_params(text: str) -> RcptParams:
     data = json.loads(text)
     notify = data.get("notify")
     return RcptParams(notify=tuple(notify) if notify is not None else None, orcpt=data.get("orcpt"))
+
+
+def deferral_params(domain: str, deferral: DestinationDeferral) -> dict[str, Any]:
+    """The named parameters of the UPDATE that defers a dead destination's queue."""
+    expire = deferral.expire_received_before
+    return {
+        "domain": domain.lower(),
+        "until": deferral.until,
+        "reply": deferral.reply,
+        "now": deferral.now,
+        "cutoff": expire if expire is not None else -1.0,
+        "expired": deferral.expired_reply,
+    }
+
+
+def dump_tags(tags: Sequence[str]) -> str:
+    """Tags as the messages table keeps them: comma-separated (a tag has no comma)."""
+    return ",".join(tags)
+
+
+def load_tags(text: str) -> tuple[str, ...]:
+    return tuple(tag for tag in text.split(",") if tag)
 
 
 def dump_routes(routes: tuple[Route, ...]) -> str:

@@ -4,13 +4,16 @@ Theory of operation
 -------------------
 Several mxspool nodes share one database; everything a node knows lives in it.
 
-Intake (group commit). ``accept_message`` puts the message on a queue and waits. One writer
-task per store takes the first waiting accept and every other one already queued, and stores
-them all in one transaction, each inside its own SAVEPOINT so one failing accept does not sink
-the others. The COMMIT (synchronous_commit stays on: the WAL is flushed, and with synchronous
-replication acknowledged) is shared by the batch; callers are woken only after it returns, so an
-SMTP ``250`` never goes out before its message is durable. If the COMMIT fails, every accept of
-the batch fails with StoreError and nothing of it is visible. A message whose body spilled to
+Intake (group commit). ``submit_message`` (the intake's, with a callback) and ``accept_message``
+put the message on a queue. One writer task per store takes the first waiting accept and every
+other one already queued, and stores them all with one prepared statement on an autocommit
+connection: one transaction and one round trip for the whole batch. Its commit (the store
+refuses to open with synchronous_commit off: the WAL is flushed, and with synchronous
+replication acknowledged) is shared by the batch; callers are told only after it returns, so
+an SMTP ``250`` never goes out before its message is durable. If the statement fails, nothing of
+the batch is stored and the batch is replayed in one transaction, each accept inside its own
+SAVEPOINT, so one bad accept fails alone; if that COMMIT fails, every accept of the batch fails
+with StoreError and nothing of it is visible. A message whose body spilled to
 disk is the exception: it is written on its own connection in its own transaction, 1 MiB at a
 time, so a 150 MiB body never sits whole in memory nor holds up a batch of small messages.
 
@@ -41,24 +44,21 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 import psycopg
 import psycopg.errors
 from psycopg import AsyncConnection, sql
+from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
 from mxspool.envelope import domain_of
-from mxspool.store import codec
+from mxspool.store import codec, counts, queries
 from mxspool.store.base import (
     AcceptCallback,
-    AttemptRecord,
-    AuditEntry,
-    ClaimedRecipient,
-    ClientInfo,
     Conflict,
+    CounterDrift,
     DeliveryJob,
     DestinationDeferral,
     Domain,
@@ -67,16 +67,11 @@ from mxspool.store.base import (
     DomainStatus,
     IncomingMessage,
     NotFound,
-    QueueEntry,
     RecipientOutcome,
-    RecipientRecord,
-    RecipientState,
-    ReportRow,
-    StoredMessage,
     StoreError,
-    TlsMode,
     submit_via_task,
 )
+from mxspool.store.schema import migration_scripts
 
 log = logging.getLogger(__name__)
 
@@ -96,53 +91,67 @@ _MIGRATION_LOCK_SQL = (
     "SELECT pg_advisory_xact_lock(hashtextextended('mxspool-migrate:' || current_schema(), 0))"
 )
 
-_DOMAIN_COLUMNS = "name, mode, routes, use_mx, tls, rate, profile, created_at, released_at"
+FOLD_INTERVAL = 1.0
+"""Seconds between folds of the recipient counter deltas into the counters."""
+_FOLD_LOCK_SQL = "SELECT {lock}(hashtextextended('mxspool-fold:' || current_schema(), 0))"
+_FOLD_SQL = (
+    "WITH turn AS (" + _FOLD_LOCK_SQL.format(lock="pg_try_advisory_xact_lock") + " AS mine),"
+    " moved AS (DELETE FROM recipient_count_deltas WHERE (SELECT mine FROM turn)"
+    "  RETURNING domain, state, released, delta)"
+    " INSERT INTO recipient_counts (domain, state, released, n)"
+    " SELECT domain, state, released, sum(delta) FROM moved GROUP BY domain, state, released"
+    " ON CONFLICT (domain, state, released) DO UPDATE SET n = recipient_counts.n + excluded.n"
+)
+"""One statement, one transaction: the deltas it deletes are the ones it adds."""
+_COUNTERS_SQL = (
+    "SELECT domain, state, released, sum(n) FROM ("
+    " SELECT domain, state, released, n FROM recipient_counts"
+    " UNION ALL SELECT domain, state, released, delta FROM recipient_count_deltas) c"
+    " GROUP BY domain, state, released"
+)
+_OLDEST_SQL = (
+    "SELECT d.name, (SELECT min(m.received_at) FROM (SELECT r.message_seq FROM recipients r"
+    "  WHERE r.domain = d.name AND r.state IN ('pending', 'delivering')"
+    "  ORDER BY r.id LIMIT %s) o JOIN messages m ON m.seq = o.message_seq)"
+    " FROM unnest(%s::text[]) AS d(name)"
+)
+"""Each domain's oldest unfinished row: a probe of the recipients_open index."""
+_RECENT_SQL = (
+    "SELECT d.name, (SELECT count(*) FROM recipients r WHERE r.domain = d.name"
+    "  AND r.state = 'delivered' AND r.delivered_at >= %s)"
+    " FROM unnest(%s::text[]) AS d(name)"
+)
+"""Each domain's deliveries since a time: a range of the recipients_delivered index."""
 _NOT_FOUND_MESSAGE = "no message {}; 'mxspool queue list' shows the queue"
 _NO_DOMAIN = "no domain {}; 'mxspool domain list' shows the domains"
-
-
-def _migrations() -> list[tuple[int, str]]:
-    folder = resources.files("mxspool.store") / "migrations" / "postgres"
-    found = []
-    for entry in folder.iterdir():
-        if entry.name.endswith(".sql"):
-            found.append((int(entry.name.split("_", 1)[0]), entry.read_text(encoding="utf-8")))
-    return sorted(found)
-
-
-def _domain_from_row(row: Sequence[Any]) -> Domain:
-    name, mode, routes, use_mx, tls, rate, profile, created_at, released_at = row
-    return Domain(
-        name=name,
-        mode=DomainMode(mode),
-        routes=codec.load_routes(routes),
-        use_mx=bool(use_mx),
-        tls=TlsMode(tls),
-        rate=rate,
-        profile=profile,
-        created_at=created_at,
-        released_at=released_at,
-    )
-
-
-def _shown_state(state: str, released: bool, mode: str | None) -> str:
-    if state == "pending" and not released and mode == "hold":
-        return "held"
-    return state
 
 
 @dataclass(slots=True)
 class _Accept:
     message: IncomingMessage
-    future: asyncio.Future[None]
+    on_done: AcceptCallback
+    future: asyncio.Future[None] | None = None
+    """``accept_message``'s (None from ``submit_message``); done early if its caller gave up."""
+
+    def abandoned(self) -> bool:
+        return self.future is not None and self.future.done()
+
+    def finish(self, error: BaseException | None) -> None:
+        try:
+            self.on_done(error)
+        except Exception:
+            log.exception("an accept callback failed")
 
 
-class PostgresStore:
-    """The Store protocol on PostgreSQL (see the module docstring).
+class PostgresStore(queries.ReadSide):
+    """The Store protocol on PostgreSQL (see the module docstring); the reads it shares with
+    SQLite come from ``queries.ReadSide``.
 
     ``url`` is a libpq URI (``postgresql://user@host:port/db?options=-csearch_path%3Dname``);
     every table lives in the first schema of the connection's search_path.
     """
+
+    dialect = queries.POSTGRES
 
     def __init__(self, url: str, *, min_connections: int = 2, max_connections: int = 10) -> None:
         self.url = url
@@ -151,6 +160,7 @@ class PostgresStore:
         self._pool: AsyncConnectionPool[Conn] | None = None
         self._queue: asyncio.Queue[_Accept | None] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
+        self._folder: asyncio.Task[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
     async def open(self) -> None:
@@ -172,6 +182,7 @@ class PostgresStore:
         self._pool = pool
         self._queue = asyncio.Queue()
         self._writer = asyncio.create_task(self._write_loop(), name="postgres-writer")
+        self._folder = asyncio.create_task(self._fold_loop(), name="postgres-counter-fold")
 
     async def _migrate(self) -> None:
         try:
@@ -183,7 +194,20 @@ class PostgresStore:
             ) from exc
         try:
             async with conn, conn.transaction():
-                schema = await (await conn.execute("SELECT current_schema()")).fetchone()
+                schema = await (
+                    await conn.execute(
+                        "SELECT current_schema(), current_setting('synchronous_commit')"
+                    )
+                ).fetchone()
+                if schema is not None and schema[1] == "off":
+                    # An accept's 250 waits for its COMMIT; with this off the COMMIT returns
+                    # before the WAL is flushed, and a crash could lose acknowledged mail.
+                    raise StoreError(
+                        "the PostgreSQL store runs with synchronous_commit = off, so a "
+                        "PostgreSQL crash could lose mail already acknowledged with 250; set it "
+                        "to on for mxspool's role or database (ALTER ROLE ... SET "
+                        "synchronous_commit = on) or remove it from the options in [store] url"
+                    )
                 if schema is None or schema[0] is None:
                     raise StoreError(
                         "the PostgreSQL store has no schema to create its tables in: the "
@@ -202,7 +226,7 @@ class PostgresStore:
                     await conn.execute("SELECT coalesce(max(version), 0) FROM schema_version")
                 ).fetchone()
                 current = int(row[0]) if row else 0
-                for version, script in _migrations():
+                for version, script in migration_scripts("postgres"):
                     if version <= current:
                         continue
                     await conn.execute(script.encode())
@@ -214,6 +238,11 @@ class PostgresStore:
             raise StoreError(f"cannot migrate the PostgreSQL store: {exc}") from exc
 
     async def close(self) -> None:
+        if self._folder is not None:
+            self._folder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._folder
+            self._folder = None
         if self._writer is not None:
             self._queue.put_nowait(None)
             try:
@@ -222,8 +251,8 @@ class PostgresStore:
                 self._writer = None
         while not self._queue.empty():
             job = self._queue.get_nowait()
-            if job is not None and not job.future.done():
-                job.future.set_exception(StoreError("the store is closing"))
+            if job is not None:
+                job.finish(StoreError("the store is closing"))
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -253,9 +282,18 @@ class PostgresStore:
             cursor = await conn.execute(query, params)
             return await cursor.fetchone()
 
+    async def _fetch(self, query: str, params: Sequence[Any]) -> list[queries.Row]:
+        return await self._fetchall(query, params)
+
     # -- intake -------------------------------------------------------------------------
     def submit_message(self, message: IncomingMessage, on_done: AcceptCallback) -> None:
-        submit_via_task(self, message, on_done)
+        if self._writer is None:
+            raise StoreError("the store is not open")
+        if message.body.spilled:
+            submit_via_task(self, message, on_done)
+            return
+        # The intake's hot path: straight onto the writer's queue, no task and no future.
+        self._queue.put_nowait(_Accept(message, on_done))
 
     async def accept_message(self, message: IncomingMessage) -> None:
         if self._writer is None:
@@ -267,7 +305,16 @@ class PostgresStore:
                 await _notify_relay_mail(conn, _domains_of(message))
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Accept(message, future))
+
+        def done(error: BaseException | None) -> None:
+            if future.done():
+                return
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+        self._queue.put_nowait(_Accept(message, done, future))
         await future
 
     async def _write_loop(self) -> None:
@@ -284,85 +331,45 @@ class PostgresStore:
                     break
                 batch.append(more)
             # A caller that gave up (its SMTP client left) before we started needs no commit.
-            batch = [job for job in batch if not job.future.done()]
+            batch = [job for job in batch if not job.abandoned()]
             if batch:
                 try:
                     await self._commit_batch(batch)
                 except Exception as exc:  # never let the writer die: callers would hang
                     error = StoreError(f"PostgreSQL commit failed: {exc}")
                     for job in batch:
-                        if not job.future.done():
-                            job.future.set_exception(error)
+                        job.finish(error)
             if stop:
                 return
 
     async def _commit_batch(self, batch: list[_Accept]) -> None:
+        messages = [job.message for job in batch]
         failures: dict[int, BaseException] = {}
-        domains: set[str] = set()
-        async with self._connection() as conn, conn.transaction():
+        async with self._connection() as conn:
             try:
-                # Fast path: the whole batch in one statement, inside one SAVEPOINT.
-                async with conn.transaction():
-                    await _insert_batch(conn, [job.message for job in batch])
-            except Exception:
-                # Some accept is bad. Replay them one SAVEPOINT each so it fails alone.
-                for index, job in enumerate(batch):
-                    try:
-                        async with conn.transaction():
-                            await _insert_message(conn, job.message)
-                    except Exception as exc:
-                        failures[index] = exc
-            for index, job in enumerate(batch):
-                if index not in failures:
-                    domains |= _domains_of(job.message)
-            await _notify_relay_mail(conn, domains)
-        # Leaving the block ran COMMIT; only now is every message durable.
+                await _store_batch(conn, messages)
+            except psycopg.OperationalError:
+                raise  # the connection or the server: the whole batch fails (_write_loop)
+            except psycopg.Error:
+                # A bad accept (or a failed commit): nothing of the batch is stored. Replay
+                # them one SAVEPOINT each in one transaction, so a bad one fails alone.
+                failures = await _insert_each(conn, messages)
+        # Only now, the commit having returned, is every message durable.
         for index, job in enumerate(batch):
-            if job.future.done():
-                continue
             failure = failures.get(index)
-            if failure is None:
-                job.future.set_result(None)
-            elif isinstance(failure, StoreError):
-                job.future.set_exception(failure)
-            else:
-                error = StoreError(f"cannot store message {job.message.id}: {failure}")
-                job.future.set_exception(error)
+            if failure is not None and not isinstance(failure, StoreError):
+                failure = StoreError(f"cannot store message {job.message.id}: {failure}")
+            job.finish(failure)
 
     # -- domains ------------------------------------------------------------------------
-    async def domains_generation(self) -> int:
-        row = await self._fetchone("SELECT value FROM meta WHERE key = 'domains_generation'")
-        return int(row[0]) if row else 0
-
-    async def list_domains(self) -> list[Domain]:
-        rows = await self._fetchall(f"SELECT {_DOMAIN_COLUMNS} FROM domains ORDER BY name")
-        return [_domain_from_row(row) for row in rows]
-
-    async def get_domain(self, name: str) -> Domain | None:
-        row = await self._fetchone(
-            f"SELECT {_DOMAIN_COLUMNS} FROM domains WHERE name = %s", (name.lower(),)
-        )
-        return _domain_from_row(row) if row else None
-
     async def add_domain(self, domain: Domain) -> None:
         now = time.time()
         try:
             async with self._connection() as conn, conn.transaction():
                 await conn.execute(
-                    f"INSERT INTO domains ({_DOMAIN_COLUMNS}, updated_at) "
+                    f"INSERT INTO domains ({codec.DOMAIN_COLUMNS}, updated_at) "
                     "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    (
-                        domain.name.lower(),
-                        domain.mode.value,
-                        codec.dump_routes(domain.routes),
-                        domain.use_mx,
-                        domain.tls.value,
-                        domain.rate,
-                        domain.profile,
-                        domain.created_at or now,
-                        domain.released_at,
-                        now,
-                    ),
+                    codec.domain_row(domain, now),
                 )
                 await _domains_changed(conn, domain.name.lower(), domain.mode)
         except StoreError as exc:
@@ -396,13 +403,13 @@ class PostgresStore:
             put("released_at", changes.released_at)
         put("updated_at", time.time())
         query = sql.SQL("UPDATE domains SET {} WHERE name = %s RETURNING {}").format(
-            sql.SQL(", ").join(sets), sql.SQL(_DOMAIN_COLUMNS)
+            sql.SQL(", ").join(sets), sql.SQL(codec.DOMAIN_COLUMNS)
         )
         async with self._connection() as conn, conn.transaction():
             row = await (await conn.execute(query, (*values, name.lower()))).fetchone()
             if row is None:
                 raise NotFound(_NO_DOMAIN.format(name))
-            domain = _domain_from_row(row)
+            domain = codec.domain_from_row(row)
             await _domains_changed(conn, domain.name, domain.mode)
         return domain
 
@@ -444,119 +451,6 @@ class PostgresStore:
             return cursor.rowcount
 
     # -- queue --------------------------------------------------------------------------
-    async def list_queue(
-        self,
-        *,
-        domain: str | None = None,
-        state: str | None = None,
-        limit: int = 100,
-        after: int | None = None,
-        search: str | None = None,
-        tag: str | None = None,
-    ) -> list[QueueEntry]:
-        where = ["r.id > %s"]
-        values: list[Any] = [after or 0]
-        if tag:
-            # Tags are stored comma-separated; the commas around both sides match whole tags.
-            where.append("position(%s in ',' || m.tags || ',') > 0")
-            values.append(f",{tag},")
-        if domain:
-            where.append("r.domain = %s")
-            values.append(domain.lower())
-        if state == "held":
-            where.append("r.state = 'pending' AND NOT r.released AND d.mode = 'hold'")
-        elif state == "pending":
-            where.append(
-                "r.state = 'pending' "
-                "AND NOT (NOT r.released AND coalesce(d.mode, 'relay') = 'hold')"
-            )
-        elif state:
-            where.append("r.state = %s")
-            values.append(state)
-        if search:
-            # LIKE as in SQLite: case-insensitive for ASCII there, so ILIKE here.
-            where.append("(r.rcpt ILIKE %s OR m.mail_from ILIKE %s OR m.message_id ILIKE %s)")
-            pattern = "%" + _like_escape(search) + "%"
-            values += [pattern, pattern, pattern]
-        query = (
-            "SELECT m.id, r.id, r.rcpt, r.domain, m.mail_from, m.size, m.received_at, r.state, "
-            "r.released, d.mode, r.attempts, r.last_reply FROM recipients r "
-            "JOIN messages m ON m.seq = r.message_seq LEFT JOIN domains d ON d.name = r.domain "
-            f"WHERE {' AND '.join(where)} ORDER BY r.id LIMIT %s"
-        )
-        rows = await self._fetchall(query, (*values, limit))
-        return [
-            QueueEntry(
-                message_id=row[0],
-                recipient_id=row[1],
-                rcpt=row[2],
-                domain=row[3],
-                mail_from=row[4],
-                size=row[5],
-                received_at=row[6],
-                state=_shown_state(row[7], row[8], row[9]),
-                attempts=row[10],
-                last_reply=row[11],
-            )
-            for row in rows
-        ]
-
-    async def get_message(self, message_id: str) -> StoredMessage | None:
-        async with self._connection() as conn:
-            row = await (
-                await conn.execute(
-                    "SELECT seq, id, received_at, mail_from, mail_params, size, sha256, "
-                    "message_id, client_address, client_name, helo, tls_version, tls_cipher, "
-                    "tags FROM messages WHERE id = %s",
-                    (message_id,),
-                )
-            ).fetchone()
-            if row is None:
-                return None
-            rows = await (
-                await conn.execute(
-                    "SELECT r.id, r.rcpt, r.domain, r.params, r.state, r.released, r.attempts, "
-                    "r.next_attempt_at, r.last_reply, r.delivered_at, r.updated_at, d.mode "
-                    "FROM recipients r LEFT JOIN domains d ON d.name = r.domain "
-                    "WHERE r.message_seq = %s ORDER BY r.id",
-                    (row[0],),
-                )
-            ).fetchall()
-        recipients = tuple(
-            RecipientRecord(
-                id=r[0],
-                address=r[1],
-                domain=r[2],
-                params=codec.load_rcpt_params(r[3]),
-                state=RecipientState(r[4]),
-                held=r[4] == "pending" and not r[5] and r[11] == "hold",
-                attempts=r[6],
-                next_attempt_at=r[7],
-                last_reply=r[8],
-                delivered_at=r[9],
-                updated_at=r[10],
-            )
-            for r in rows
-        )
-        return StoredMessage(
-            id=row[1],
-            received_at=row[2],
-            mail_from=row[3],
-            mail_params=codec.load_mail_params(row[4]),
-            size=row[5],
-            sha256=row[6],
-            message_id=row[7],
-            client=ClientInfo(
-                address=row[8],
-                hostname=row[9],
-                helo=row[10],
-                tls_version=row[11],
-                tls_cipher=row[12],
-            ),
-            tags=tuple(tag for tag in row[13].split(",") if tag),
-            recipients=recipients,
-        )
-
     async def read_body(self, message_id: str) -> AsyncIterator[bytes]:
         row = await self._fetchone("SELECT seq FROM messages WHERE id = %s", (message_id,))
         if row is None:
@@ -574,32 +468,6 @@ class PostgresStore:
             data = bytes(piece[0])
             if data:
                 yield data
-
-    async def read_small_bodies(
-        self, message_ids: Sequence[str], max_size: int
-    ) -> dict[str, bytes]:
-        ids = list(message_ids)
-        if not ids:
-            return {}
-        # Bodies this small are one chunk (chunks are 1 MiB); a size check keeps it that way.
-        rows = await self._fetchall(
-            "SELECT m.id, b.data FROM messages m JOIN bodies b ON b.message_seq = m.seq "
-            "AND b.chunk = 0 WHERE m.id = ANY(%s) AND m.size <= %s AND m.size <= %s",
-            (ids, max_size, BODY_CHUNK),
-        )
-        return {row[0]: bytes(row[1]) for row in rows}
-
-    async def attempts(self, message_id: str) -> list[AttemptRecord]:
-        rows = await self._fetchall(
-            "SELECT r.rcpt, a.at, a.destination, a.outcome, a.reply FROM attempts a "
-            "JOIN recipients r ON r.id = a.recipient_id "
-            "JOIN messages m ON m.seq = r.message_seq WHERE m.id = %s ORDER BY a.id",
-            (message_id,),
-        )
-        return [
-            AttemptRecord(recipient=r[0], at=r[1], destination=r[2], outcome=r[3], reply=r[4])
-            for r in rows
-        ]
 
     async def _set_final(self, message_id: str, state: str, reply: str | None) -> int:
         async with self._connection() as conn, conn.transaction():
@@ -651,98 +519,65 @@ class PostgresStore:
 
     async def status(self, now: float) -> list[DomainStatus]:
         async with self._connection() as conn, conn.transaction():
-            # One snapshot for the three queries, so the numbers agree with each other.
+            # One snapshot: the folded counters plus the deltas not yet folded (migration
+            # 0003), then one index probe per domain. O(domains), whatever the queue holds.
             await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            domains = {
+            modes = {
                 name: DomainMode(mode)
                 for name, mode in await (
                     await conn.execute("SELECT name, mode FROM domains")
                 ).fetchall()
             }
-            counts: dict[str, dict[str, int]] = {name: {} for name in domains}
-            for name, state, released, count in await (
-                await conn.execute(
-                    "SELECT domain, state, released, count(*) FROM recipients "
-                    "GROUP BY domain, state, released"
-                )
-            ).fetchall():
-                bucket = counts.setdefault(name, {})
-                shown = _shown_state(state, released, domains.get(name, DomainMode.RELAY).value)
-                bucket[shown] = bucket.get(shown, 0) + int(count)
-            oldest: dict[str, float] = {
-                name: first
-                for name, first in await (
-                    await conn.execute(
-                        "SELECT r.domain, min(m.received_at) FROM recipients r "
-                        "JOIN messages m ON m.seq = r.message_seq "
-                        "WHERE r.state IN ('pending', 'delivering') GROUP BY r.domain"
-                    )
+            rows: list[counts.CountRow] = [
+                (domain, state, released, int(n))
+                for domain, state, released, n in await (
+                    await conn.execute(_COUNTERS_SQL + " HAVING sum(n) <> 0")
                 ).fetchall()
-            }
-            recent: dict[str, int] = {
-                name: int(count)
-                for name, count in await (
-                    await conn.execute(
-                        "SELECT domain, count(*) FROM recipients WHERE state = 'delivered' "
-                        "AND delivered_at >= %s GROUP BY domain",
-                        (now - 60.0,),
-                    )
-                ).fetchall()
-            }
-        result = []
-        for name in sorted(counts):
-            bucket = counts[name]
-            first = oldest.get(name)
-            result.append(
-                DomainStatus(
-                    domain=name,
-                    mode=domains.get(name, DomainMode.RELAY),
-                    held=bucket.get("held", 0),
-                    pending=bucket.get("pending", 0),
-                    delivering=bucket.get("delivering", 0),
-                    delivered=bucket.get("delivered", 0),
-                    parked=bucket.get("parked", 0),
-                    bounced=bucket.get("bounced", 0),
-                    discarded=bucket.get("discarded", 0),
-                    oldest_pending_age_s=None if first is None else max(0.0, now - first),
-                    delivered_last_minute=recent.get(name, 0),
-                )
-            )
-        return result
+            ]
+            oldest: dict[str, float] = {}
+            unfinished = counts.unfinished_domains(rows)
+            if unfinished:
+                cursor = await conn.execute(_OLDEST_SQL, (counts.OLDEST_WINDOW, unfinished))
+                oldest = {name: first for name, first in await cursor.fetchall() if first}
+            recent: dict[str, int] = {}
+            delivered = counts.delivered_domains(rows)
+            if delivered:
+                cursor = await conn.execute(_RECENT_SQL, (now - 60.0, delivered))
+                recent = {name: int(number) for name, number in await cursor.fetchall()}
+        return counts.statuses(modes, rows, oldest, recent, now)
 
-    async def report(self, domain: str | None = None) -> AsyncIterator[ReportRow]:
-        after = 0
-        while True:
-            query = (
-                "SELECT r.id, m.id, m.message_id, m.mail_from, r.rcpt, m.size, m.sha256, "
-                "m.received_at, r.state, r.attempts, r.delivered_at, r.last_reply, "
-                "r.released, d.mode FROM recipients r "
-                "JOIN messages m ON m.seq = r.message_seq "
-                "LEFT JOIN domains d ON d.name = r.domain WHERE r.id > %s"
-            )
-            values: list[Any] = [after]
-            if domain:
-                query += " AND r.domain = %s"
-                values.append(domain.lower())
-            query += " ORDER BY r.id LIMIT 1000"
-            rows = await self._fetchall(query, values)
-            if not rows:
-                return
-            for row in rows:
-                yield ReportRow(
-                    id=row[1],
-                    message_id=row[2],
-                    mail_from=row[3],
-                    rcpt=row[4],
-                    size=row[5],
-                    sha256=row[6],
-                    received_at=row[7],
-                    state=_shown_state(row[8], row[12], row[13]),
-                    attempts=row[9],
-                    delivered_at=row[10],
-                    remote_reply=row[11],
+    async def check_counters(self, repair: bool = False) -> list[CounterDrift]:
+        async with self._connection() as conn, conn.transaction():
+            if repair:
+                # No fold and no recipient write may run between the recount and the reset.
+                await conn.execute(_FOLD_LOCK_SQL.format(lock="pg_advisory_xact_lock"))
+                await conn.execute("LOCK TABLE recipients IN SHARE MODE")
+            else:
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            stored = await (await conn.execute(_COUNTERS_SQL)).fetchall()
+            actual = await (await conn.execute(counts.RECOUNT_SQL)).fetchall()
+            found = counts.drift(stored, actual)
+            if repair and found:
+                await conn.execute("DELETE FROM recipient_count_deltas")
+                await conn.execute("DELETE FROM recipient_counts")
+                await conn.execute(
+                    "INSERT INTO recipient_counts (domain, state, released, n) "
+                    + counts.RECOUNT_SQL
                 )
-            after = rows[-1][0]
+        return found
+
+    async def fold_counters(self) -> None:
+        """Fold the counter deltas into the counters (one node at a time; others skip)."""
+        async with self._connection() as conn:
+            await conn.execute(_FOLD_SQL)
+
+    async def _fold_loop(self) -> None:
+        while True:
+            try:
+                await self.fold_counters()
+            except StoreError as exc:
+                log.warning("folding the recipient counters failed (will retry): %s", exc)
+            await asyncio.sleep(FOLD_INTERVAL)
 
     # -- audit --------------------------------------------------------------------------
     async def record_audit(self, actor: str, action: str, target: str, detail: str = "") -> None:
@@ -751,13 +586,6 @@ class PostgresStore:
                 "INSERT INTO audit (at, actor, action, target, detail) VALUES (%s, %s, %s, %s, %s)",
                 (time.time(), actor, action, target, detail),
             )
-
-    async def list_audit(self, limit: int = 100) -> list[AuditEntry]:
-        rows = await self._fetchall(
-            "SELECT at, actor, action, target, detail FROM audit ORDER BY id DESC LIMIT %s",
-            (limit,),
-        )
-        return [AuditEntry(*row) for row in rows]
 
     # -- migration toolkit ----------------------------------------------------------------
     async def add_recipients(
@@ -786,13 +614,6 @@ class PostgresStore:
             ).fetchone()
             return int(row[0]) if row else 0
 
-    async def recipient_list(self, domain: str) -> list[str]:
-        rows = await self._fetchall(
-            "SELECT address FROM recipient_lists WHERE domain = %s ORDER BY address",
-            (domain.lower(),),
-        )
-        return [row[0] for row in rows]
-
     async def clear_recipients(self, domain: str) -> int:
         async with self._connection() as conn, conn.transaction():
             cursor = await conn.execute(
@@ -800,13 +621,6 @@ class PostgresStore:
             )
             await _domains_changed(conn, None, None)
             return cursor.rowcount
-
-    async def recipient_lists(self) -> dict[str, frozenset[str]]:
-        rows = await self._fetchall("SELECT domain, address FROM recipient_lists")
-        found: dict[str, set[str]] = {}
-        for domain, address in rows:
-            found.setdefault(domain, set()).add(address)
-        return {domain: frozenset(items) for domain, items in found.items()}
 
     async def add_tag(self, message_id: str, tag: str) -> None:
         async with self._connection() as conn, conn.transaction():
@@ -867,7 +681,6 @@ class PostgresStore:
         # One statement. A row another node claims meanwhile is locked by that claim: this
         # update waits, re-checks it (no longer pending, lease live) and leaves it alone; a
         # row this update took first is skipped by the claim (SKIP LOCKED).
-        expire = deferral.expire_received_before
         async with self._connection() as conn:
             cursor = await conn.execute(
                 "UPDATE recipients r SET"
@@ -882,14 +695,7 @@ class PostgresStore:
                 " AND ((r.state = 'pending'"
                 "   AND (r.next_attempt_at <> %(until)s OR m.received_at <= %(cutoff)s))"
                 "  OR (r.state = 'delivering' AND r.lease_until < %(now)s))",
-                {
-                    "domain": domain.lower(),
-                    "until": deferral.until,
-                    "reply": deferral.reply,
-                    "now": deferral.now,
-                    "cutoff": expire if expire is not None else -1.0,
-                    "expired": deferral.expired_reply,
-                },
+                codec.deferral_params(domain, deferral),
             )
             return cursor.rowcount
 
@@ -930,8 +736,7 @@ class PostgresStore:
                 " UPDATE recipients r SET state = 'delivering', lease_owner = %(owner)s,"
                 " lease_until = %(until)s, updated_at = %(now)s"
                 " FROM picked, messages m WHERE r.id = picked.id AND m.seq = r.message_seq"
-                " RETURNING r.message_seq, m.id, m.mail_from, m.mail_params, m.size,"
-                " m.received_at, r.id, r.rcpt, r.params, r.attempts",
+                f" RETURNING {queries.CLAIMED_COLUMNS}",
                 {
                     "domain": name,
                     "now": now,
@@ -941,32 +746,7 @@ class PostgresStore:
                 },
             )
             rows = await cursor.fetchall()
-        rows.sort(key=lambda row: int(row[6]))
-        jobs: dict[int, DeliveryJob] = {}
-        for seq, mid, mail_from, params, size, received_at, rid, rcpt, rparams, tries in rows:
-            recipient = ClaimedRecipient(rid, rcpt, codec.load_rcpt_params(rparams), tries)
-            existing = jobs.get(seq)
-            if existing is None:
-                jobs[seq] = DeliveryJob(
-                    message_id=mid,
-                    domain=name,
-                    mail_from=mail_from,
-                    mail_params=codec.load_mail_params(params),
-                    size=size,
-                    received_at=received_at,
-                    recipients=(recipient,),
-                )
-            else:
-                jobs[seq] = DeliveryJob(
-                    message_id=existing.message_id,
-                    domain=existing.domain,
-                    mail_from=existing.mail_from,
-                    mail_params=existing.mail_params,
-                    size=existing.size,
-                    received_at=existing.received_at,
-                    recipients=(*existing.recipients, recipient),
-                )
-        return list(jobs.values())
+        return queries.delivery_jobs(rows, name)
 
     async def release_claims(self, owner: str, recipient_ids: Sequence[int]) -> None:
         ids = list(recipient_ids)
@@ -1157,10 +937,6 @@ def _domains_of(message: IncomingMessage) -> set[str]:
     return {domain_of(recipient.address) for recipient in message.envelope.recipients}
 
 
-def _like_escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
 async def _notify(conn: Conn, payload: str) -> None:
     await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
 
@@ -1181,8 +957,69 @@ async def _domains_changed(conn: Conn, name: str | None, mode: DomainMode | None
         await _notify(conn, f"mail:{name}")
 
 
-async def _insert_batch(conn: Conn, messages: list[IncomingMessage]) -> None:
-    """Insert in-memory messages, their recipients and bytes, all in one statement."""
+async def _insert_each(conn: Conn, messages: list[IncomingMessage]) -> dict[int, BaseException]:
+    """One transaction, each message in its own SAVEPOINT; returns the ones that failed."""
+    failures: dict[int, BaseException] = {}
+    domains: set[str] = set()
+    async with conn.transaction():
+        for index, message in enumerate(messages):
+            try:
+                async with conn.transaction():
+                    await _insert_message(conn, message)
+            except psycopg.OperationalError:
+                raise
+            except Exception as exc:
+                failures[index] = exc
+            else:
+                domains |= _domains_of(message)
+        await _notify_relay_mail(conn, domains)
+    return failures
+
+
+async def _store_batch(conn: Conn, messages: list[IncomingMessage]) -> None:
+    """Store a batch of in-memory messages: one statement, one transaction, one round trip.
+
+    The connection is in autocommit, so the statement is a transaction of its own: PostgreSQL
+    commits it before it answers (with synchronous_commit on: once the WAL is flushed), and any
+    failure, the commit's included, raises here with nothing of the batch stored. Prepared on
+    first use, a batch then sends its parameters only: Bind, Execute and Sync in one write.
+    """
+    if not conn.autocommit or conn.info.transaction_status != TransactionStatus.IDLE:
+        # Inside a transaction the statement would not commit, and a 250 would not be durable.
+        raise StoreError("the accept batch needs an idle autocommit connection; this is a bug")
+    await conn.execute(_INSERT_BATCH, _batch_params(messages), prepare=True)
+
+
+# Messages, recipients and bodies from arrays, one element per message (per recipient for r_*),
+# and the NOTIFY for their relay domains (MATERIALIZED: it runs exactly once per row).
+_INSERT_BATCH = (
+    "WITH m AS (INSERT INTO messages (id, received_at, mail_from, mail_params, size,"
+    " sha256, message_id, client_address, client_name, helo, tls_version, tls_cipher, tags)"
+    " SELECT id, received_at, mail_from, mail_params, size, sha256, message_id,"
+    "  client_address, client_name, helo, tls_version, tls_cipher, tags"
+    " FROM unnest(%(id)s::text[], %(received_at)s::float8[], %(mail_from)s::text[],"
+    "  %(mail_params)s::text[], %(size)s::bigint[], %(sha256)s::text[],"
+    "  %(message_id)s::text[], %(client_address)s::text[], %(client_name)s::text[],"
+    "  %(helo)s::text[], %(tls_version)s::text[], %(tls_cipher)s::text[], %(tags)s::text[])"
+    " WITH ORDINALITY AS x(id, received_at, mail_from, mail_params, size, sha256,"
+    "  message_id, client_address, client_name, helo, tls_version, tls_cipher, tags, n)"
+    " ORDER BY n RETURNING seq, id),"
+    " r AS (INSERT INTO recipients (message_seq, rcpt, domain, params, updated_at)"
+    " SELECT m.seq, x.rcpt, x.domain, x.params, x.at"
+    " FROM unnest(%(r_mid)s::text[], %(r_rcpt)s::text[], %(r_domain)s::text[],"
+    "  %(r_params)s::text[], %(r_at)s::float8[]) WITH ORDINALITY"
+    "  AS x(mid, rcpt, domain, params, at, n)"
+    " JOIN m ON m.id = x.mid ORDER BY x.n),"
+    " b AS (INSERT INTO bodies (message_seq, chunk, data)"
+    " SELECT m.seq, 0, x.data FROM unnest(%(b_mid)s::text[], %(b_data)b::bytea[])"
+    "  AS x(mid, data) JOIN m ON m.id = x.mid),"
+    " n AS MATERIALIZED (SELECT pg_notify(%(channel)s, 'mail:' || name) FROM domains"
+    "  WHERE mode = 'relay' AND name = ANY(%(r_domain)s::text[]))"
+    " SELECT (SELECT count(*) FROM m), (SELECT count(*) FROM n)"
+)
+
+
+def _batch_params(messages: list[IncomingMessage]) -> dict[str, Any]:
     m_cols: dict[str, list[Any]] = {name: [] for name in codec.MESSAGE_COLUMNS}
     r_cols: dict[str, list[Any]] = {"mid": [], "rcpt": [], "domain": [], "params": [], "at": []}
     b_mid: list[str] = []
@@ -1202,39 +1039,17 @@ async def _insert_batch(conn: Conn, messages: list[IncomingMessage]) -> None:
             raise StoreError(f"message {message.id} spilled to disk; it is stored on its own")
         b_mid.append(message.id)
         b_data.append(data)
-    await conn.execute(
-        "WITH m AS (INSERT INTO messages (id, received_at, mail_from, mail_params, size,"
-        " sha256, message_id, client_address, client_name, helo, tls_version, tls_cipher, tags)"
-        " SELECT id, received_at, mail_from, mail_params, size, sha256, message_id,"
-        "  client_address, client_name, helo, tls_version, tls_cipher, tags"
-        " FROM unnest(%(id)s::text[], %(received_at)s::float8[], %(mail_from)s::text[],"
-        "  %(mail_params)s::text[], %(size)s::bigint[], %(sha256)s::text[],"
-        "  %(message_id)s::text[], %(client_address)s::text[], %(client_name)s::text[],"
-        "  %(helo)s::text[], %(tls_version)s::text[], %(tls_cipher)s::text[], %(tags)s::text[])"
-        " WITH ORDINALITY AS x(id, received_at, mail_from, mail_params, size, sha256,"
-        "  message_id, client_address, client_name, helo, tls_version, tls_cipher, tags, n)"
-        " ORDER BY n RETURNING seq, id),"
-        " r AS (INSERT INTO recipients (message_seq, rcpt, domain, params, updated_at)"
-        " SELECT m.seq, x.rcpt, x.domain, x.params, x.at"
-        " FROM unnest(%(r_mid)s::text[], %(r_rcpt)s::text[], %(r_domain)s::text[],"
-        "  %(r_params)s::text[], %(r_at)s::float8[]) WITH ORDINALITY"
-        "  AS x(mid, rcpt, domain, params, at, n)"
-        " JOIN m ON m.id = x.mid ORDER BY x.n),"
-        " b AS (INSERT INTO bodies (message_seq, chunk, data)"
-        " SELECT m.seq, 0, x.data FROM unnest(%(b_mid)s::text[], %(b_data)b::bytea[])"
-        "  AS x(mid, data) JOIN m ON m.id = x.mid)"
-        " SELECT count(*) FROM m",
-        {
-            **m_cols,
-            "r_mid": r_cols["mid"],
-            "r_rcpt": r_cols["rcpt"],
-            "r_domain": r_cols["domain"],
-            "r_params": r_cols["params"],
-            "r_at": r_cols["at"],
-            "b_mid": b_mid,
-            "b_data": b_data,
-        },
-    )
+    return {
+        **m_cols,
+        "r_mid": r_cols["mid"],
+        "r_rcpt": r_cols["rcpt"],
+        "r_domain": r_cols["domain"],
+        "r_params": r_cols["params"],
+        "r_at": r_cols["at"],
+        "b_mid": b_mid,
+        "b_data": b_data,
+        "channel": CHANNEL,
+    }
 
 
 async def _insert_message(conn: Conn, message: IncomingMessage) -> None:

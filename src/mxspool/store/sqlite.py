@@ -36,18 +36,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mxspool.store import codec
+from mxspool.store import codec, counts, queries
 from mxspool.store.base import (
     AcceptCallback,
-    AttemptRecord,
-    AuditEntry,
-    ClaimedRecipient,
-    ClientInfo,
     Conflict,
+    CounterDrift,
     DeliveryJob,
     DestinationDeferral,
     Domain,
@@ -56,15 +52,11 @@ from mxspool.store.base import (
     DomainStatus,
     IncomingMessage,
     NotFound,
-    QueueEntry,
     RecipientOutcome,
-    RecipientRecord,
     RecipientState,
-    ReportRow,
-    StoredMessage,
     StoreError,
-    TlsMode,
 )
+from mxspool.store.schema import migration_scripts
 
 try:
     from mxspool.store import _groupcommit
@@ -120,15 +112,6 @@ def sqlite_path(url: str) -> Path:
     return Path(url.removeprefix("sqlite:///"))
 
 
-def _migrations() -> list[tuple[int, str]]:
-    folder = resources.files("mxspool.store") / "migrations" / "sqlite"
-    found = []
-    for entry in folder.iterdir():
-        if entry.name.endswith(".sql"):
-            found.append((int(entry.name.split("_", 1)[0]), entry.read_text(encoding="utf-8")))
-    return sorted(found)
-
-
 _READER_PRAGMAS = ("PRAGMA busy_timeout = 10000", "PRAGMA foreign_keys = ON")
 _WRITER_PRAGMAS = (
     *_READER_PRAGMAS,
@@ -157,26 +140,11 @@ def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
-def _domain_from_row(row: sqlite3.Row | tuple[Any, ...]) -> Domain:
-    name, mode, routes, use_mx, tls, rate, profile, created_at, released_at = row
-    return Domain(
-        name=name,
-        mode=DomainMode(mode),
-        routes=codec.load_routes(routes),
-        use_mx=bool(use_mx),
-        tls=TlsMode(tls),
-        rate=rate,
-        profile=profile,
-        created_at=created_at,
-        released_at=released_at,
-    )
+class SqliteStore(queries.ReadSide):
+    """The Store protocol on one SQLite file (see the module docstring); the reads it shares
+    with PostgreSQL come from ``queries.ReadSide``."""
 
-
-_DOMAIN_COLUMNS = "name, mode, routes, use_mx, tls, rate, profile, created_at, released_at"
-
-
-class SqliteStore:
-    """The Store protocol on one SQLite file (see the module docstring)."""
+    dialect = queries.SQLITE
 
     def __init__(self, url: str) -> None:
         self.path = sqlite_path(url)
@@ -244,7 +212,7 @@ class SqliteStore:
             ) from exc
         try:
             current = conn.execute("PRAGMA user_version").fetchone()[0]
-            for version, script in _migrations():
+            for version, script in migration_scripts("sqlite"):
                 if version <= current:
                     continue
                 # executescript commits on its own; the version bump is inside the script's
@@ -412,6 +380,9 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise StoreError(f"store read failed: {exc}") from exc
 
+    async def _fetch(self, query: str, params: Sequence[Any]) -> list[queries.Row]:
+        return await self._read(lambda conn: conn.execute(query, params).fetchall())
+
     # -- intake -------------------------------------------------------------------------
     async def accept_message(self, message: IncomingMessage) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -439,48 +410,14 @@ class SqliteStore:
                 log.exception("an accept callback failed")
 
     # -- domains ------------------------------------------------------------------------
-    async def domains_generation(self) -> int:
-        def work(conn: sqlite3.Connection) -> int:
-            row = conn.execute("SELECT value FROM meta WHERE key = 'domains_generation'")
-            return int(row.fetchone()[0])
-
-        return await self._read(work)
-
-    async def list_domains(self) -> list[Domain]:
-        def work(conn: sqlite3.Connection) -> list[Domain]:
-            rows = conn.execute(f"SELECT {_DOMAIN_COLUMNS} FROM domains ORDER BY name")
-            return [_domain_from_row(row) for row in rows]
-
-        return await self._read(work)
-
-    async def get_domain(self, name: str) -> Domain | None:
-        def work(conn: sqlite3.Connection) -> Domain | None:
-            row = conn.execute(
-                f"SELECT {_DOMAIN_COLUMNS} FROM domains WHERE name = ?", (name.lower(),)
-            ).fetchone()
-            return _domain_from_row(row) if row else None
-
-        return await self._read(work)
-
     async def add_domain(self, domain: Domain) -> None:
         def work(conn: sqlite3.Connection) -> None:
             now = time.time()
             try:
                 conn.execute(
-                    f"INSERT INTO domains ({_DOMAIN_COLUMNS}, updated_at) "
+                    f"INSERT INTO domains ({codec.DOMAIN_COLUMNS}, updated_at) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        domain.name.lower(),
-                        domain.mode.value,
-                        codec.dump_routes(domain.routes),
-                        int(domain.use_mx),
-                        domain.tls.value,
-                        domain.rate,
-                        domain.profile,
-                        domain.created_at or now,
-                        domain.released_at,
-                        now,
-                    ),
+                    codec.domain_row(domain, now),
                 )
             except sqlite3.IntegrityError:
                 raise Conflict(
@@ -524,9 +461,9 @@ class SqliteStore:
                 raise NotFound(f"no domain {name}; 'mxspool domain list' shows the domains")
             _bump_generation(conn)
             row = conn.execute(
-                f"SELECT {_DOMAIN_COLUMNS} FROM domains WHERE name = ?", (name.lower(),)
+                f"SELECT {codec.DOMAIN_COLUMNS} FROM domains WHERE name = ?", (name.lower(),)
             ).fetchone()
-            return _domain_from_row(row)
+            return codec.domain_from_row(row)
 
         return await self._write(work)
 
@@ -563,118 +500,6 @@ class SqliteStore:
         return await self._write(work)
 
     # -- queue --------------------------------------------------------------------------
-    async def list_queue(
-        self,
-        *,
-        domain: str | None = None,
-        state: str | None = None,
-        limit: int = 100,
-        after: int | None = None,
-        search: str | None = None,
-        tag: str | None = None,
-    ) -> list[QueueEntry]:
-        where = ["r.id > ?"]
-        values: list[Any] = [after or 0]
-        if tag:
-            # Tags are stored comma-separated; the commas around both sides match whole tags.
-            where.append("(',' || m.tags || ',') LIKE ?")
-            values.append(f"%,{tag},%")
-        if domain:
-            where.append("r.domain = ?")
-            values.append(domain.lower())
-        if state == "held":
-            where.append("r.state = 'pending' AND r.released = 0 AND d.mode = 'hold'")
-        elif state == "pending":
-            where.append(
-                "r.state = 'pending' "
-                "AND NOT (r.released = 0 AND coalesce(d.mode, 'relay') = 'hold')"
-            )
-        elif state:
-            where.append("r.state = ?")
-            values.append(state)
-        if search:
-            where.append("(r.rcpt LIKE ? OR m.mail_from LIKE ? OR m.message_id LIKE ?)")
-            pattern = f"%{search}%"
-            values += [pattern, pattern, pattern]
-        sql = (
-            "SELECT m.id, r.id, r.rcpt, r.domain, m.mail_from, m.size, m.received_at, r.state, "
-            "r.released, d.mode, r.attempts, r.last_reply FROM recipients r "
-            "JOIN messages m ON m.seq = r.message_seq LEFT JOIN domains d ON d.name = r.domain "
-            f"WHERE {' AND '.join(where)} ORDER BY r.id LIMIT ?"
-        )
-
-        def work(conn: sqlite3.Connection) -> list[QueueEntry]:
-            return [
-                QueueEntry(
-                    message_id=row[0],
-                    recipient_id=row[1],
-                    rcpt=row[2],
-                    domain=row[3],
-                    mail_from=row[4],
-                    size=row[5],
-                    received_at=row[6],
-                    state=_shown_state(row[7], row[8], row[9]),
-                    attempts=row[10],
-                    last_reply=row[11],
-                )
-                for row in conn.execute(sql, (*values, limit))
-            ]
-
-        return await self._read(work)
-
-    async def get_message(self, message_id: str) -> StoredMessage | None:
-        def work(conn: sqlite3.Connection) -> StoredMessage | None:
-            row = conn.execute(
-                "SELECT seq, id, received_at, mail_from, mail_params, size, sha256, message_id, "
-                "client_address, client_name, helo, tls_version, tls_cipher, tags "
-                "FROM messages WHERE id = ?",
-                (message_id,),
-            ).fetchone()
-            if row is None:
-                return None
-            recipients = tuple(
-                RecipientRecord(
-                    id=r[0],
-                    address=r[1],
-                    domain=r[2],
-                    params=codec.load_rcpt_params(r[3]),
-                    state=RecipientState(r[4]),
-                    held=r[4] == "pending" and not r[5] and r[11] == "hold",
-                    attempts=r[6],
-                    next_attempt_at=r[7],
-                    last_reply=r[8],
-                    delivered_at=r[9],
-                    updated_at=r[10],
-                )
-                for r in conn.execute(
-                    "SELECT r.id, r.rcpt, r.domain, r.params, r.state, r.released, r.attempts, "
-                    "r.next_attempt_at, r.last_reply, r.delivered_at, r.updated_at, d.mode "
-                    "FROM recipients r LEFT JOIN domains d ON d.name = r.domain "
-                    "WHERE r.message_seq = ? ORDER BY r.id",
-                    (row[0],),
-                )
-            )
-            return StoredMessage(
-                id=row[1],
-                received_at=row[2],
-                mail_from=row[3],
-                mail_params=codec.load_mail_params(row[4]),
-                size=row[5],
-                sha256=row[6],
-                message_id=row[7],
-                client=ClientInfo(
-                    address=row[8],
-                    hostname=row[9],
-                    helo=row[10],
-                    tls_version=row[11],
-                    tls_cipher=row[12],
-                ),
-                tags=tuple(tag for tag in row[13].split(",") if tag),
-                recipients=recipients,
-            )
-
-        return await self._read(work)
-
     async def read_body(self, message_id: str) -> AsyncIterator[bytes]:
         def locate(conn: sqlite3.Connection) -> int | None:
             row = conn.execute("SELECT seq FROM messages WHERE id = ?", (message_id,)).fetchone()
@@ -696,39 +521,6 @@ class SqliteStore:
                 return
             offset += len(data)
             yield data
-
-    async def read_small_bodies(
-        self, message_ids: Sequence[str], max_size: int
-    ) -> dict[str, bytes]:
-        ids = list(message_ids)
-        if not ids:
-            return {}
-
-        def work(conn: sqlite3.Connection) -> dict[str, bytes]:
-            rows = conn.execute(
-                "SELECT m.id, b.data FROM messages m JOIN bodies b ON b.seq = m.seq "
-                f"WHERE m.id IN ({','.join('?' * len(ids))}) AND m.size <= ?",
-                (*ids, max_size),
-            )
-            return {row[0]: bytes(row[1]) for row in rows}
-
-        return await self._read(work)
-
-    async def attempts(self, message_id: str) -> list[AttemptRecord]:
-        def work(conn: sqlite3.Connection) -> list[AttemptRecord]:
-            return [
-                AttemptRecord(
-                    recipient=row[0], at=row[1], destination=row[2], outcome=row[3], reply=row[4]
-                )
-                for row in conn.execute(
-                    "SELECT r.rcpt, a.at, a.destination, a.outcome, a.reply FROM attempts a "
-                    "JOIN recipients r ON r.id = a.recipient_id "
-                    "JOIN messages m ON m.seq = r.message_seq WHERE m.id = ? ORDER BY a.id",
-                    (message_id,),
-                )
-            ]
-
-        return await self._read(work)
 
     async def _set_final(self, message_id: str, state: str, reply: str | None) -> int:
         def work(conn: sqlite3.Connection) -> int:
@@ -777,92 +569,46 @@ class SqliteStore:
 
     async def status(self, now: float) -> list[DomainStatus]:
         def work(conn: sqlite3.Connection) -> list[DomainStatus]:
-            domains = {
+            # O(domains): the counters (kept by triggers, migration 0006), then one index
+            # probe per domain for its oldest unfinished row and one index range for the
+            # last minute's deliveries.
+            modes = {
                 name: DomainMode(mode)
                 for name, mode in conn.execute("SELECT name, mode FROM domains")
             }
-            counts: dict[str, dict[str, int]] = {name: {} for name in domains}
-            for name, state, released, count in conn.execute(
-                "SELECT domain, state, released, count(*) FROM recipients "
-                "GROUP BY domain, state, released"
-            ):
-                bucket = counts.setdefault(name, {})
-                shown = _shown_state(state, released, domains.get(name, DomainMode.RELAY).value)
-                bucket[shown] = bucket.get(shown, 0) + count
-            oldest = dict(
-                conn.execute(
-                    "SELECT r.domain, min(m.received_at) FROM recipients r "
-                    "JOIN messages m ON m.seq = r.message_seq "
-                    "WHERE r.state IN ('pending', 'delivering') GROUP BY r.domain"
-                ).fetchall()
-            )
-            recent = dict(
-                conn.execute(
-                    "SELECT domain, count(*) FROM recipients WHERE state = 'delivered' "
-                    "AND delivered_at >= ? GROUP BY domain",
-                    (now - 60.0,),
-                ).fetchall()
-            )
-            result = []
-            for name in sorted(counts):
-                bucket = counts[name]
-                first = oldest.get(name)
-                result.append(
-                    DomainStatus(
-                        domain=name,
-                        mode=domains.get(name, DomainMode.RELAY),
-                        held=bucket.get("held", 0),
-                        pending=bucket.get("pending", 0),
-                        delivering=bucket.get("delivering", 0),
-                        delivered=bucket.get("delivered", 0),
-                        parked=bucket.get("parked", 0),
-                        bounced=bucket.get("bounced", 0),
-                        discarded=bucket.get("discarded", 0),
-                        oldest_pending_age_s=None if first is None else max(0.0, now - first),
-                        delivered_last_minute=recent.get(name, 0),
-                    )
-                )
-            return result
+            rows: list[counts.CountRow] = conn.execute(
+                "SELECT domain, state, released, n FROM recipient_counts WHERE n <> 0"
+            ).fetchall()
+            oldest = {}
+            for name in counts.unfinished_domains(rows):
+                (first,) = conn.execute(_OLDEST_SQL, (name, counts.OLDEST_WINDOW)).fetchone()
+                if first is not None:
+                    oldest[name] = first
+            recent = {
+                name: conn.execute(_RECENT_SQL, (name, now - 60.0)).fetchone()[0]
+                for name in counts.delivered_domains(rows)
+            }
+            return counts.statuses(modes, rows, oldest, recent, now)
 
         return await self._read(work)
 
-    async def report(self, domain: str | None = None) -> AsyncIterator[ReportRow]:
-        after = 0
-        while True:
+    async def check_counters(self, repair: bool = False) -> list[CounterDrift]:
+        def compare(conn: sqlite3.Connection) -> list[CounterDrift]:
+            # One read transaction: the counters and the rows from the same snapshot.
+            stored = conn.execute("SELECT domain, state, released, n FROM recipient_counts")
+            return counts.drift(stored.fetchall(), conn.execute(counts.RECOUNT_SQL).fetchall())
 
-            def page(conn: sqlite3.Connection, start: int = after) -> list[tuple[Any, ...]]:
-                sql = (
-                    "SELECT r.id, m.id, m.message_id, m.mail_from, r.rcpt, m.size, m.sha256, "
-                    "m.received_at, r.state, r.attempts, r.delivered_at, r.last_reply, "
-                    "r.released, d.mode FROM recipients r "
-                    "JOIN messages m ON m.seq = r.message_seq "
-                    "LEFT JOIN domains d ON d.name = r.domain WHERE r.id > ?"
+        def fix(conn: sqlite3.Connection) -> list[CounterDrift]:
+            found = compare(conn)
+            if found:
+                conn.execute("DELETE FROM recipient_counts")
+                conn.execute(
+                    "INSERT INTO recipient_counts (domain, state, released, n) "
+                    + counts.RECOUNT_SQL
                 )
-                values: list[Any] = [start]
-                if domain:
-                    sql += " AND r.domain = ?"
-                    values.append(domain.lower())
-                sql += " ORDER BY r.id LIMIT 1000"
-                return conn.execute(sql, values).fetchall()
+            return found
 
-            rows = await self._read(page)
-            if not rows:
-                return
-            for row in rows:
-                yield ReportRow(
-                    id=row[1],
-                    message_id=row[2],
-                    mail_from=row[3],
-                    rcpt=row[4],
-                    size=row[5],
-                    sha256=row[6],
-                    received_at=row[7],
-                    state=_shown_state(row[8], row[12], row[13]),
-                    attempts=row[9],
-                    delivered_at=row[10],
-                    remote_reply=row[11],
-                )
-            after = rows[-1][0]
+        return await (self._write(fix) if repair else self._read(compare))
 
     # -- audit --------------------------------------------------------------------------
     async def record_audit(self, actor: str, action: str, target: str, detail: str = "") -> None:
@@ -873,18 +619,6 @@ class SqliteStore:
             )
 
         await self._write(work)
-
-    async def list_audit(self, limit: int = 100) -> list[AuditEntry]:
-        def work(conn: sqlite3.Connection) -> list[AuditEntry]:
-            return [
-                AuditEntry(*row)
-                for row in conn.execute(
-                    "SELECT at, actor, action, target, detail FROM audit ORDER BY id DESC LIMIT ?",
-                    (limit,),
-                )
-            ]
-
-        return await self._read(work)
 
     # -- migration toolkit ----------------------------------------------------------------
     async def add_recipients(
@@ -911,16 +645,6 @@ class SqliteStore:
 
         return await self._write(work)
 
-    async def recipient_list(self, domain: str) -> list[str]:
-        def work(conn: sqlite3.Connection) -> list[str]:
-            rows = conn.execute(
-                "SELECT address FROM recipient_lists WHERE domain = ? ORDER BY address",
-                (domain.lower(),),
-            )
-            return [row[0] for row in rows]
-
-        return await self._read(work)
-
     async def clear_recipients(self, domain: str) -> int:
         def work(conn: sqlite3.Connection) -> int:
             cursor = conn.execute("DELETE FROM recipient_lists WHERE domain = ?", (domain.lower(),))
@@ -928,15 +652,6 @@ class SqliteStore:
             return cursor.rowcount
 
         return await self._write(work)
-
-    async def recipient_lists(self) -> dict[str, frozenset[str]]:
-        def work(conn: sqlite3.Connection) -> dict[str, frozenset[str]]:
-            found: dict[str, set[str]] = {}
-            for domain, address in conn.execute("SELECT domain, address FROM recipient_lists"):
-                found.setdefault(domain, set()).add(address)
-            return {domain: frozenset(items) for domain, items in found.items()}
-
-        return await self._read(work)
 
     async def add_tag(self, message_id: str, tag: str) -> None:
         def work(conn: sqlite3.Connection) -> None:
@@ -997,16 +712,7 @@ class SqliteStore:
         # writer (and with it every intake commit) for seconds. No row is read into Python.
         # A slice is a consistent unit; between slices only claims can run, and a row a
         # claim takes is simply left to it, as in one statement.
-        expire = deferral.expire_received_before
-        params: dict[str, Any] = {
-            "domain": domain.lower(),
-            "until": deferral.until,
-            "reply": deferral.reply,
-            "now": deferral.now,
-            "cutoff": expire if expire is not None else -1.0,
-            "expired": deferral.expired_reply,
-            "slice": DEFER_SLICE,
-        }
+        params = {**codec.deferral_params(domain, deferral), "slice": DEFER_SLICE}
 
         def work(conn: sqlite3.Connection, after: int) -> tuple[int, int | None]:
             (upto,) = conn.execute(
@@ -1078,37 +784,12 @@ class SqliteStore:
                 f"updated_at = ? WHERE id IN ({marks})",
                 (owner, now + lease_seconds, now, *ids),
             )
-            jobs: dict[int, DeliveryJob] = {}
             rows = conn.execute(
-                "SELECT r.message_seq, m.id, m.mail_from, m.mail_params, m.size, m.received_at, "
-                "r.id, r.rcpt, r.params, r.attempts FROM recipients r "
-                f"JOIN messages m ON m.seq = r.message_seq WHERE r.id IN ({marks}) ORDER BY r.id",
+                f"SELECT {queries.CLAIMED_COLUMNS} FROM recipients r "
+                f"JOIN messages m ON m.seq = r.message_seq WHERE r.id IN ({marks})",
                 ids,
-            )
-            for seq, mid, mail_from, params, size, received_at, rid, rcpt, rparams, tries in rows:
-                recipient = ClaimedRecipient(rid, rcpt, codec.load_rcpt_params(rparams), tries)
-                existing = jobs.get(seq)
-                if existing is None:
-                    jobs[seq] = DeliveryJob(
-                        message_id=mid,
-                        domain=domain.lower(),
-                        mail_from=mail_from,
-                        mail_params=codec.load_mail_params(params),
-                        size=size,
-                        received_at=received_at,
-                        recipients=(recipient,),
-                    )
-                else:
-                    jobs[seq] = DeliveryJob(
-                        message_id=existing.message_id,
-                        domain=existing.domain,
-                        mail_from=existing.mail_from,
-                        mail_params=existing.mail_params,
-                        size=existing.size,
-                        received_at=existing.received_at,
-                        recipients=(*existing.recipients, recipient),
-                    )
-            return list(jobs.values())
+            ).fetchall()
+            return queries.delivery_jobs(rows, domain.lower())
 
         return await self._write(work)
 
@@ -1239,10 +920,16 @@ class SqliteStore:
         await self._write(work)
 
 
-def _shown_state(state: str, released: int, mode: str | None) -> str:
-    if state == "pending" and not released and mode == "hold":
-        return "held"
-    return state
+_OLDEST_SQL = (
+    "SELECT min(m.received_at) FROM (SELECT message_seq FROM recipients"
+    " WHERE domain = ? AND state IN ('pending', 'delivering') ORDER BY id LIMIT ?) r"
+    " JOIN messages m ON m.seq = r.message_seq"
+)
+"""The oldest unfinished row of a domain: a probe of the recipients_open index."""
+_RECENT_SQL = (
+    "SELECT count(*) FROM recipients WHERE domain = ? AND state = 'delivered' AND delivered_at >= ?"
+)
+"""Deliveries of a domain since a time: a range of the recipients_delivered index."""
 
 
 def _bump_generation(conn: sqlite3.Connection) -> None:

@@ -1,6 +1,6 @@
 """Where a domain stands in its migration, from what mxspool knows.
 
-The stages, in order (DESIGN.md's operator story):
+The stages, in order (the operator's story in docs/design.md):
 
     planned        the domain is configured (or a runbook was made for it)
     mx-to-spooler  `check dns` saw MX at the spooler
