@@ -6,14 +6,15 @@ Several mxspool nodes share one database; everything a node knows lives in it.
 
 Intake (group commit). ``submit_message`` (the intake's, with a callback) and ``accept_message``
 put the message on a queue. One writer task per store takes the first waiting accept and every
-other one already queued, and stores them all with one prepared statement on an autocommit
-connection: one transaction and one round trip for the whole batch. Its commit (the store
-refuses to open with synchronous_commit off: the WAL is flushed, and with synchronous
-replication acknowledged) is shared by the batch; callers are told only after it returns, so
-an SMTP ``250`` never goes out before its message is durable. If the statement fails, nothing of
-the batch is stored and the batch is replayed in one transaction, each accept inside its own
-SAVEPOINT, so one bad accept fails alone; if that COMMIT fails, every accept of the batch fails
-with StoreError and nothing of it is visible. A message whose body spilled to
+other one already queued, and stores them all with one prepared statement on its own
+autocommit connection (kept, not borrowed from the pool per batch): one transaction and one
+round trip for the whole batch, its parameters one JSON text and the bodies end to end. Its
+commit (the store refuses to open with synchronous_commit off: the WAL is flushed, and with
+synchronous replication acknowledged) is shared by the batch; callers are told only after it
+returns, so an SMTP ``250`` never goes out before its message is durable. If the statement
+fails, nothing of the batch is stored and the batch is replayed in one transaction, each accept
+inside its own SAVEPOINT, so one bad accept fails alone; if that COMMIT fails, every accept of
+the batch fails with StoreError and nothing of it is visible. A message whose body spilled to
 disk is the exception: it is written on its own connection in its own transaction, 1 MiB at a
 time, so a 150 MiB body never sits whole in memory nor holds up a batch of small messages.
 
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -161,6 +163,8 @@ class PostgresStore(queries.ReadSide):
         self._queue: asyncio.Queue[_Accept | None] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._folder: asyncio.Task[None] | None = None
+        self._writer_conn: Conn | None = None
+        """The writer's own connection, taken from the pool once (see ``_commit_batch``)."""
 
     # -- lifecycle ----------------------------------------------------------------------
     async def open(self) -> None:
@@ -254,6 +258,7 @@ class PostgresStore(queries.ReadSide):
             if job is not None:
                 job.finish(StoreError("the store is closing"))
         if self._pool is not None:
+            await self._release_writer_conn()
             await self._pool.close()
             self._pool = None
 
@@ -322,6 +327,10 @@ class PostgresStore(queries.ReadSide):
             first = await self._queue.get()
             if first is None:
                 return
+            # One more turn of the loop before taking the rest: the sessions whose last DATA
+            # bytes are already readable queue theirs too, and ride this commit rather than
+            # wait a whole round trip for the next (fewer, larger batches: +8% on bench/accept).
+            await asyncio.sleep(0)
             batch = [first]
             stop = False
             while len(batch) < MAX_BATCH and not self._queue.empty():
@@ -345,21 +354,51 @@ class PostgresStore(queries.ReadSide):
     async def _commit_batch(self, batch: list[_Accept]) -> None:
         messages = [job.message for job in batch]
         failures: dict[int, BaseException] = {}
-        async with self._connection() as conn:
+        # The writer keeps one connection rather than borrowing one per batch (the pool's
+        # checkout and return cost more of the event loop than dumping the batch); any
+        # failure hands it back to the pool, which replaces it if it is broken.
+        conn = await self._writer_connection()
+        try:
+            await _store_batch(conn, messages)
+        except psycopg.OperationalError:
+            await self._release_writer_conn()
+            raise  # the connection or the server: the whole batch fails (_write_loop)
+        except psycopg.Error:
+            # A bad accept (or a failed commit): nothing of the batch is stored. Replay
+            # them one SAVEPOINT each in one transaction, so a bad one fails alone.
             try:
-                await _store_batch(conn, messages)
-            except psycopg.OperationalError:
-                raise  # the connection or the server: the whole batch fails (_write_loop)
-            except psycopg.Error:
-                # A bad accept (or a failed commit): nothing of the batch is stored. Replay
-                # them one SAVEPOINT each in one transaction, so a bad one fails alone.
                 failures = await _insert_each(conn, messages)
+            except BaseException:
+                await self._release_writer_conn()
+                raise
+        except BaseException:
+            await self._release_writer_conn()
+            raise
         # Only now, the commit having returned, is every message durable.
         for index, job in enumerate(batch):
             failure = failures.get(index)
             if failure is not None and not isinstance(failure, StoreError):
                 failure = StoreError(f"cannot store message {job.message.id}: {failure}")
             job.finish(failure)
+
+    async def _writer_connection(self) -> Conn:
+        conn = self._writer_conn
+        if conn is not None and not conn.closed:
+            return conn
+        await self._release_writer_conn()
+        if self._pool is None:
+            raise StoreError("the store is not open")
+        try:
+            conn = await self._pool.getconn()
+        except psycopg.Error as exc:  # PoolTimeout included
+            raise StoreError(f"PostgreSQL store operation failed: {exc}") from exc
+        self._writer_conn = conn
+        return conn
+
+    async def _release_writer_conn(self) -> None:
+        conn, self._writer_conn = self._writer_conn, None
+        if conn is not None and self._pool is not None:
+            await self._pool.putconn(conn)
 
     # -- domains ------------------------------------------------------------------------
     async def add_domain(self, domain: Domain) -> None:
@@ -990,65 +1029,55 @@ async def _store_batch(conn: Conn, messages: list[IncomingMessage]) -> None:
     await conn.execute(_INSERT_BATCH, _batch_params(messages), prepare=True)
 
 
-# Messages, recipients and bodies from arrays, one element per message (per recipient for r_*),
-# and the NOTIFY for their relay domains (MATERIALIZED: it runs exactly once per row).
+# The batch travels as two parameters: one JSON text (an array per message: the messages
+# columns in codec.MESSAGE_COLUMNS order, its recipients as [address, domain, params], and
+# where its body starts and how long it is) and every body end to end in one binary bytea.
+# Both are dumped by one C call each, where twenty arrays cost psycopg about 0.1 ms of the
+# event loop per batch. The NOTIFY for the relay domains runs exactly once per row
+# (MATERIALIZED). Bytes, so that psycopg need not encode the statement per execution.
 _INSERT_BATCH = (
-    "WITH m AS (INSERT INTO messages (id, received_at, mail_from, mail_params, size,"
-    " sha256, message_id, client_address, client_name, helo, tls_version, tls_cipher, tags)"
-    " SELECT id, received_at, mail_from, mail_params, size, sha256, message_id,"
-    "  client_address, client_name, helo, tls_version, tls_cipher, tags"
-    " FROM unnest(%(id)s::text[], %(received_at)s::float8[], %(mail_from)s::text[],"
-    "  %(mail_params)s::text[], %(size)s::bigint[], %(sha256)s::text[],"
-    "  %(message_id)s::text[], %(client_address)s::text[], %(client_name)s::text[],"
-    "  %(helo)s::text[], %(tls_version)s::text[], %(tls_cipher)s::text[], %(tags)s::text[])"
-    " WITH ORDINALITY AS x(id, received_at, mail_from, mail_params, size, sha256,"
-    "  message_id, client_address, client_name, helo, tls_version, tls_cipher, tags, n)"
-    " ORDER BY n RETURNING seq, id),"
-    " r AS (INSERT INTO recipients (message_seq, rcpt, domain, params, updated_at)"
-    " SELECT m.seq, x.rcpt, x.domain, x.params, x.at"
-    " FROM unnest(%(r_mid)s::text[], %(r_rcpt)s::text[], %(r_domain)s::text[],"
-    "  %(r_params)s::text[], %(r_at)s::float8[]) WITH ORDINALITY"
-    "  AS x(mid, rcpt, domain, params, at, n)"
-    " JOIN m ON m.id = x.mid ORDER BY x.n),"
-    " b AS (INSERT INTO bodies (message_seq, chunk, data)"
-    " SELECT m.seq, 0, x.data FROM unnest(%(b_mid)s::text[], %(b_data)b::bytea[])"
-    "  AS x(mid, data) JOIN m ON m.id = x.mid),"
-    " n AS MATERIALIZED (SELECT pg_notify(%(channel)s, 'mail:' || name) FROM domains"
-    "  WHERE mode = 'relay' AND name = ANY(%(r_domain)s::text[]))"
-    " SELECT (SELECT count(*) FROM m), (SELECT count(*) FROM n)"
+    b"WITH x AS MATERIALIZED (SELECT j, n FROM jsonb_array_elements(%(batch)s::jsonb)"
+    b"  WITH ORDINALITY AS t(j, n)),"
+    b" m AS (INSERT INTO messages (id, received_at, mail_from, mail_params, size,"
+    b" sha256, message_id, client_address, client_name, helo, tls_version, tls_cipher, tags)"
+    b" SELECT j->>0, (j->>1)::float8, j->>2, j->>3, (j->>4)::bigint, j->>5, j->>6, j->>7,"
+    b"  j->>8, j->>9, j->>10, j->>11, j->>12"
+    b" FROM x ORDER BY n RETURNING seq, id, received_at),"
+    b" r AS (INSERT INTO recipients (message_seq, rcpt, domain, params, updated_at)"
+    b" SELECT m.seq, y.rc->>0, y.rc->>1, y.rc->>2, m.received_at"
+    b" FROM x JOIN m ON m.id = x.j->>0,"
+    b"  jsonb_array_elements(x.j->13) WITH ORDINALITY AS y(rc, k) ORDER BY x.n, y.k),"
+    b" b AS (INSERT INTO bodies (message_seq, chunk, data)"
+    b" SELECT m.seq, 0, substring(%(bodies)b::bytea FROM (x.j->>14)::int + 1"
+    b"  FOR (x.j->>15)::int) FROM x JOIN m ON m.id = x.j->>0),"
+    b" n AS MATERIALIZED (SELECT pg_notify(%(channel)s, 'mail:' || name) FROM domains"
+    b"  WHERE mode = 'relay' AND name IN (SELECT json_array_elements_text(%(domains)s::json)))"
+    b" SELECT (SELECT count(*) FROM m), (SELECT count(*) FROM n)"
 )
+_BATCH_JSON = json.JSONEncoder(separators=(",", ":"))
 
 
 def _batch_params(messages: list[IncomingMessage]) -> dict[str, Any]:
-    m_cols: dict[str, list[Any]] = {name: [] for name in codec.MESSAGE_COLUMNS}
-    r_cols: dict[str, list[Any]] = {"mid": [], "rcpt": [], "domain": [], "params": [], "at": []}
-    b_mid: list[str] = []
-    b_data: list[bytes] = []
+    rows: list[list[Any]] = []
+    bodies: list[bytes] = []
+    domains: set[str] = set()
+    start = 0
     for message in messages:
-        for name, value in codec.message_row(message).items():
-            m_cols[name].append(value)
-        for recipient in message.envelope.recipients:
-            address, domain, params = codec.recipient_row(recipient)
-            r_cols["mid"].append(message.id)
-            r_cols["rcpt"].append(address)
-            r_cols["domain"].append(domain)
-            r_cols["params"].append(params)
-            r_cols["at"].append(message.received_at)
         data = message.body.getvalue()
         if data is None:
             raise StoreError(f"message {message.id} spilled to disk; it is stored on its own")
-        b_mid.append(message.id)
-        b_data.append(data)
+        row: list[Any] = list(codec.message_row(message).values())
+        recipients = [codec.recipient_row(r) for r in message.envelope.recipients]
+        row += (recipients, start, len(data))
+        rows.append(row)
+        bodies.append(data)
+        start += len(data)
+        domains.update(domain for _, domain, _ in recipients)
     return {
-        **m_cols,
-        "r_mid": r_cols["mid"],
-        "r_rcpt": r_cols["rcpt"],
-        "r_domain": r_cols["domain"],
-        "r_params": r_cols["params"],
-        "r_at": r_cols["at"],
-        "b_mid": b_mid,
-        "b_data": b_data,
+        "batch": _BATCH_JSON.encode(rows),
+        "bodies": b"".join(bodies),
         "channel": CHANNEL,
+        "domains": _BATCH_JSON.encode(sorted(domains)),
     }
 
 
