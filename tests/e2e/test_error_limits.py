@@ -10,22 +10,23 @@ from typing import Any
 
 from tests.conftest import Spooler
 from tests.smtp_client import RawClient
+from tests.waiting import wait_until
 
 DELAY = 0.3
 
 
+def _metrics_text(node: Spooler) -> str | None:
+    try:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{node.admin_port}/metrics", timeout=5
+        ) as response:
+            return response.read().decode()
+    except OSError:
+        return None
+
+
 def _metric(node: Spooler, reason: str) -> float:
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with urllib.request.urlopen(
-                f"http://127.0.0.1:{node.admin_port}/metrics", timeout=5
-            ) as response:
-                text = response.read().decode()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "the admin plane does not answer"
-            time.sleep(0.1)
+    text = wait_until(lambda: _metrics_text(node), within=10, what="the admin plane to answer")
     match = re.search(rf'^mxspool_smtp_rejected_total{{reason="{reason}"}} (\S+)$', text, re.M)
     return float(match.group(1)) if match else 0.0
 

@@ -20,6 +20,7 @@ from mxspool.intake.slots import Slots, client_key
 from tests.conftest import Spooler
 from tests.e2e.test_backpressure import flood, flooder
 from tests.smtp_client import RawClient
+from tests.waiting import wait_until
 
 
 def _deliver(client: RawClient, subject: str) -> int:
@@ -227,22 +228,19 @@ def test_ipv6_connections_count_per_prefix(spooler_factory: Any) -> None:
 def wait_for_port_v6(host: str, port: int, source: str | None = None) -> None:
     """Until a connection to [host]:port gets its greeting (the IPv6 listener starts after the
     IPv4 one that Spooler.start waits for)."""
-    deadline = time.monotonic() + 15
-    while True:
+
+    def greeted() -> bool:
         try:
-            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-            sock.settimeout(2)
-            if source is not None:
-                sock.bind((source, 0))
-            sock.connect((host, port))
-            greeting = sock.recv(100)
-            sock.close()
-            if greeting.startswith(b"220"):
-                return
+            with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+                sock.settimeout(2)
+                if source is not None:
+                    sock.bind((source, 0))
+                sock.connect((host, port))
+                return sock.recv(100).startswith(b"220")
         except OSError:
-            pass
-        assert time.monotonic() < deadline, f"nothing listens on [{host}]:{port}"
-        time.sleep(0.05)
+            return False
+
+    wait_until(greeted, within=15, what=f"a greeting on [{host}]:{port}")
 
 
 CLONE_NEWNET = 0x40000000
@@ -306,13 +304,18 @@ def test_two_addresses_of_one_ipv6_64_count_as_one_client(spooler_factory: Any) 
         stdout=subprocess.DEVNULL,
         stderr=node.log.open("ab"),
     )
-    deadline = time.monotonic() + 15
-    while not os.path.exists(f"/proc/{node.proc.pid}/exe") or os.readlink(
-        f"/proc/{node.proc.pid}/exe"
-    ).endswith(("unshare", "sh", "dash", "bash")):
-        assert node.proc.poll() is None, node.log.read_text()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+
+    proc = node.proc
+
+    def serving() -> bool:
+        """The namespace set-up is over: the process has exec'd mxspool."""
+        assert proc.poll() is None, node.log.read_text()
+        exe = f"/proc/{proc.pid}/exe"
+        return os.path.exists(exe) and not os.readlink(exe).endswith(
+            ("unshare", "sh", "dash", "bash")
+        )
+
+    wait_until(serving, within=15, what="the namespaced server to exec mxspool")
 
     def connect(source: str) -> RawClient:
         sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)

@@ -24,12 +24,13 @@ import pytest
 from mxspool.body import BodyBuffer
 from mxspool.envelope import Envelope, MailParams, Recipient
 from mxspool.intake.spf import SpfCheck, SpfChecker
-from mxspool.store.base import ClientInfo, IncomingMessage
+from mxspool.store.base import ClientInfo, IncomingMessage, StoredMessage
 from mxspool.store.sqlite import SqliteStore
 from tests.conftest import Spooler
 from tests.delivery.dnsserver import DnsServer
 from tests.delivery.target import Target
 from tests.smtp_client import RawClient
+from tests.waiting import eventually, wait_until
 
 ZONE = """
 fail.test. 60 IN TXT "v=spf1 -all"
@@ -78,13 +79,13 @@ def _tags(node: Spooler, queue_id: str) -> list[str]:
 
 def _spf_tag(node: Spooler, queue_id: str, within: float = 15.0) -> str:
     """The spf= tag once recorded (it may follow the commit by the check's own time)."""
-    deadline = time.monotonic() + within
-    while True:
-        found = [tag for tag in _tags(node, queue_id) if tag.startswith("spf=")]
-        if found or time.monotonic() > deadline:
-            assert len(found) == 1, (queue_id, found)
-            return found[0]
-        time.sleep(0.1)
+    found = wait_until(
+        lambda: [tag for tag in _tags(node, queue_id) if tag.startswith("spf=")],
+        within=within,
+        what=f"an spf= tag on {queue_id}",
+    )
+    assert len(found) == 1, (queue_id, found)
+    return found[0]
 
 
 @pytest.mark.slow  # about ten seconds, most of it starting CLI processes
@@ -195,13 +196,13 @@ async def test_result_after_the_commit_is_tagged_when_it_comes(tmp_path: Path) -
         )
         check.settle(store, "late1")
         future.set_result("fail")
-        deadline = time.monotonic() + 10
-        while True:
+
+        async def tagged() -> StoredMessage | None:
             message = await store.get_message("late1")
             assert message is not None
-            if "spf=fail" in message.tags or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.02)
+            return message if "spf=fail" in message.tags else None
+
+        message = await eventually(tagged, within=10, what="the late spf=fail tag")
         assert message.tags == ("spf=fail",)
     finally:
         await store.close()
