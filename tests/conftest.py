@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,10 +24,20 @@ BIN = Path(sys.executable).parent
 MXSPOOL = str(BIN / "mxspool") if (BIN / "mxspool").exists() else shutil.which("mxspool") or ""
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports: the sockets are held together while the kernel
+    picks, so two calls in a row cannot hand out the same port."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind(("127.0.0.1", 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def wait_for_port(
@@ -50,8 +61,7 @@ class Spooler:
 
     def __init__(self, root: Path, **sections: dict[str, Any]) -> None:
         self.root = root
-        self.port = free_port()
-        self.admin_port = free_port()
+        self.port, self.admin_port = free_ports(2)
         self.db = root / "data" / "spool.db"
         self.log = root / "serve.log"
         config: dict[str, dict[str, Any]] = {
