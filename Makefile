@@ -12,7 +12,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml setup.py src/mxspool/smtp/_scan.c src/mxspool/store/_groupcommit.c \
 		src/mxspool/store/_coalesce.c src/mxspool/store/_coalesce.h | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[test,fast]'
+	$(BIN)/pip install --quiet -e '.[test,fast,postgres]'
 	touch $(STAMP)
 
 run: $(STAMP)

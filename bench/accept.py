@@ -20,6 +20,21 @@ Must run as root (Postfix). Needs .ci/install-postfix and an installed mxspool.
     python bench/accept.py --quick --runs 1
     python bench/accept.py --systems mxspool,mxspool-pg,mxspool-pg2,postfix \
         --pg-url postgresql://postgres@127.0.0.1:5432/test
+    python bench/accept.py --auth on --case "10 KiB, 10 sessions"   # authentication evaluating
+    python bench/accept.py --auth off --case "10 KiB, 10 sessions"  # [smtp] authentication off
+    python bench/accept.py --auth both --case "10 KiB, 10 sessions"  # on, off, Postfix in turn
+
+``--auth on`` makes SPF, DKIM and DMARC at arrival really evaluate (``authsetup``: a local DNS
+server, ``spf_check_private``, a DKIM-signed message sent by every system); ``--auth off`` turns
+``[smtp] authentication`` off; without ``--auth`` the configuration's default applies (on, but
+smtp-source's loopback client is not SPF-checked and its messages are unsigned). ``--auth both``
+adds the system ``mxspool-authoff`` (one node, authentication off, sent the same signed
+message) next to ``mxspool`` (on), so both are measured against Postfix in the same run.
+
+For the ``mxspool`` systems on SQLite the table also gives the server's CPU time per message
+(``servercpu``: serve and its authentication worker processes, psutil), read once every
+message has its verdict (the wait for the last verdict after smtp-source ends is shown as
+"verdict lag").
 """
 
 from __future__ import annotations
@@ -35,6 +50,8 @@ import urllib.parse
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import servercpu
+from authsetup import AuthSetup
 from common import (
     KIB,
     BenchError,
@@ -50,7 +67,7 @@ from common import (
 )
 from postfix_spool import PostfixError, PostfixSpool
 
-SYSTEMS = ("mxspool", "mxspool-pg", "mxspool-pg2", "postfix")
+SYSTEMS = ("mxspool", "mxspool-authoff", "mxspool-pg", "mxspool-pg2", "postfix")
 PG_SYSTEMS = ("mxspool-pg", "mxspool-pg2")
 
 
@@ -78,6 +95,11 @@ class RunResult:
     rate: float | None
     error: str = ""
     note: str = ""
+    cpu_serve: float | None = None
+    """CPU seconds of serve itself over the run (and its verdicts), per message."""
+    cpu_workers: float | None = None
+    """CPU seconds of serve's child processes (authentication workers), per message."""
+    verdict_lag: float | None = None
 
 
 @dataclass
@@ -90,6 +112,13 @@ class CaseResult:
 
     def errors(self, system: str) -> int:
         return sum(1 for r in self.runs[system] if r.rate is None)
+
+    def cpu(self, system: str) -> list[tuple[float, float]]:
+        return [
+            (r.cpu_serve, r.cpu_workers)
+            for r in self.runs[system]
+            if r.rate is not None and r.cpu_serve is not None and r.cpu_workers is not None
+        ]
 
 
 def build_cases(quick: bool, messages: int | None) -> list[Case]:
@@ -166,11 +195,33 @@ class PgSchemas:
                 print(f"accept: could not drop schema {schema}: {exc}", file=sys.stderr)
 
 
+AUTH: dict[str, Any] = {"mode": None, "setup": None}
+"""``--auth``: None (the default configuration), "off", or "on" with its AuthSetup."""
+
+
+def _auth_server_options(off: bool = False) -> dict[str, Any]:
+    setup: AuthSetup | None = AUTH["setup"]
+    if off or AUTH["mode"] == "off":
+        return {"smtp_options": {"authentication": False}}
+    if setup is not None:
+        return {"smtp_options": setup.smtp_options, "extra_toml": setup.toml}
+    return {}
+
+
+def _message_file(case: Case) -> str | None:
+    setup: AuthSetup | None = AUTH["setup"]
+    return setup.message_file(case.size) if setup is not None else None
+
+
 def run_mxspool(case: Case, run: int, store_url: str | None, system: str = "mxspool") -> RunResult:
-    server = MxspoolServer(store_url=store_url)
+    off = system == "mxspool-authoff"
+    server = MxspoolServer(store_url=store_url, **_auth_server_options(off))
     try:
         server.start()
         before = server.held_count() if server.persistent_store else 0
+        if not off and AUTH["setup"] is not None:  # its start is not the messages' cost
+            servercpu.wait_for_worker(server.log)
+        cpu_before = servercpu.snapshot(server.pid)
         res = run_smtp_source(
             server.port,
             sessions=case.sessions,
@@ -178,9 +229,20 @@ def run_mxspool(case: Case, run: int, store_url: str | None, system: str = "mxsp
             size=case.size,
             persistent=case.persistent,
             timeout=case.run_timeout(),
+            message_file=_message_file(case),
         )
+        lag = None
+        sqlite = server.store_url.removeprefix("sqlite:///")
+        if not off and AUTH["mode"] != "off" and not server.persistent_store:
+            lag = servercpu.wait_for_verdicts(sqlite)
+        serve_cpu, workers_cpu = servercpu.used(cpu_before, servercpu.snapshot(server.pid))
         stored = server.held_count() - before
-        return judge(system, case, run, res.ok, res.output, res.elapsed, stored)
+        rr = judge(system, case, run, res.ok, res.output, res.elapsed, stored)
+        rr.cpu_serve, rr.cpu_workers = serve_cpu / case.messages, workers_cpu / case.messages
+        rr.verdict_lag = lag
+        if lag is not None:
+            rr.note = f"verdict lag {lag:.1f}s"
+        return rr
     except BenchError as exc:
         return RunResult(system, case.label, run, case.messages, 0.0, 0, None, str(exc))
     finally:
@@ -214,7 +276,8 @@ def run_mxspool_pg2(case: Case, run: int, pg: PgSchemas) -> RunResult:
         schema, url = pg.create()
     except BenchError as exc:
         return RunResult(system, case.label, run, case.messages, 0.0, 0, None, str(exc))
-    nodes = [MxspoolServer(store_url=url), MxspoolServer(store_url=url)]
+    options = _auth_server_options()
+    nodes = [MxspoolServer(store_url=url, **options), MxspoolServer(store_url=url, **options)]
     try:
         nodes[0].start()  # migrations + domain (held)
         nodes[1].start(setup_domain=False)  # shares the store and its domain
@@ -235,6 +298,7 @@ def run_mxspool_pg2(case: Case, run: int, pg: PgSchemas) -> RunResult:
                 size=case.size,
                 persistent=case.persistent,
                 timeout=case.run_timeout(),
+                message_file=_message_file(case),
             )
 
         threads = [threading.Thread(target=drive, args=(i,), daemon=True) for i in (0, 1)]
@@ -275,6 +339,7 @@ def run_postfix(case: Case, run: int, spool: PostfixSpool) -> RunResult:
             size=case.size,
             persistent=case.persistent,
             timeout=case.run_timeout(),
+            message_file=_message_file(case),
         )
         stored = spool.held_count()
         return judge("postfix", case, run, res.ok, res.output, res.elapsed, stored)
@@ -306,10 +371,39 @@ def report(results: list[CaseResult], systems: list[str], runs: int) -> str:
                 [cr.case.label, cr.case.messages, system, fmt(med), ratio, spread(cr, system)]
             )
     headers = ["case", "N", "system", "msgs/s (median)", "ratio to Postfix", "runs (msgs/s)"]
-    return (
+    text = (
         f"Accept + hold, medians of {runs} alternating runs ({machine_summary()})\n\n"
         + markdown_table(headers, rows)
     )
+    cpu_rows = []
+    for cr in results:
+        for system in systems:
+            cpu = cr.cpu(system)
+            if not cpu:
+                continue
+            serve = median([c[0] * 1000 for c in cpu]) or 0.0
+            workers = median([c[1] * 1000 for c in cpu]) or 0.0
+            total = median([(c[0] + c[1]) * 1000 for c in cpu]) or 0.0
+            runs_text = ", ".join(f"{(c[0] + c[1]) * 1000:.2f}" for c in cpu)
+            lags = [r.verdict_lag for r in cr.runs[system] if r.verdict_lag is not None]
+            lag = f"{median(lags):.1f}" if lags else "-"
+            row = [cr.case.label, system, f"{total:.2f}", f"{serve:.2f}", f"{workers:.2f}"]
+            cpu_rows.append([*row, lag, runs_text])
+    if cpu_rows:
+        cpu_headers = [
+            "case",
+            "system",
+            "CPU ms/msg",
+            "serve",
+            "workers",
+            "verdict lag s",
+            "runs (ms/msg)",
+        ]
+        text += (
+            "\n\nServer CPU per message (medians; serve and its child processes, psutil)\n\n"
+            + markdown_table(cpu_headers, cpu_rows)
+        )
+    return text + f"\n\nload average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -331,9 +425,22 @@ def main(argv: list[str] | None = None) -> int:
         help="only this case (exact label), else cases whose label contains this",
     )
     parser.add_argument("--json", dest="json_out", help="also write all runs to this file")
+    parser.add_argument(
+        "--auth",
+        choices=("on", "off", "both"),
+        help="on: SPF/DKIM/DMARC at arrival really evaluated (local DNS, signed message); "
+        "off: [smtp] authentication = false; both: on, plus the system mxspool-authoff; "
+        "default: the configuration's default",
+    )
     args = parser.parse_args(argv)
+    AUTH["mode"] = args.auth
+    if args.auth in ("on", "both"):
+        AUTH["setup"] = AuthSetup()
 
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if args.auth == "both" and "mxspool-authoff" not in systems:
+        at = systems.index("mxspool") + 1 if "mxspool" in systems else 0
+        systems.insert(at, "mxspool-authoff")
     if not systems or any(s not in SYSTEMS for s in systems):
         parser.error(f"--systems: choose from {', '.join(SYSTEMS)}")
     if args.runs < 1 or args.runs > 50:
@@ -378,8 +485,8 @@ def main(argv: list[str] | None = None) -> int:
         for cr in results:
             for run in range(1, args.runs + 1):
                 for system in systems:
-                    if system == "mxspool":
-                        rr = run_mxspool(cr.case, run, args.store_url)
+                    if system in ("mxspool", "mxspool-authoff"):
+                        rr = run_mxspool(cr.case, run, args.store_url, system=system)
                     elif system == "mxspool-pg" and pg is not None:
                         rr = run_mxspool_pg(cr.case, run, pg)
                     elif system == "mxspool-pg2" and pg is not None:
@@ -406,8 +513,12 @@ def main(argv: list[str] | None = None) -> int:
             spool.stop()
         if pg is not None:
             pg.drop_all()
+        if AUTH["setup"] is not None:
+            AUTH["setup"].close()
 
     print(report(results, systems, args.runs))
+    if args.auth:
+        print(f"\n--auth {args.auth}")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(

@@ -384,13 +384,16 @@ def run_smtp_source(
     recipient: str = f"u@{DOMAIN}",
     helo: str = "client.test",
     timeout: float = 600.0,
+    message_file: str | None = None,
 ) -> SourceResult:
     """Run Postfix's smtp-source once and time it (wall clock of the whole run).
 
     Without ``persistent`` smtp-source opens a new connection per message; with it (``-d``)
-    each session keeps its connection open for all its messages.
+    each session keeps its connection open for all its messages. ``message_file``: send that
+    pre-formatted message (``-F``) instead of a generated one of ``size`` bytes.
     """
-    cmd = [SMTP_SOURCE, "-s", str(sessions), "-m", str(messages), "-l", str(size)]
+    cmd = [SMTP_SOURCE, "-s", str(sessions), "-m", str(messages)]
+    cmd += ["-F", message_file] if message_file else ["-l", str(size)]
     if persistent:
         cmd.append("-d")
     cmd += ["-f", sender, "-t", recipient, "-M", helo, f"{host}:{port}"]

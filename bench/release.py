@@ -11,6 +11,16 @@ Must run as root (Postfix). Needs .ci/install-postfix and an installed mxspool.
     python bench/release.py                        # 5,000 messages, 3 runs each
     python bench/release.py --messages 1000 --runs 1
     python bench/release.py --concurrency 20       # mxspool [delivery] concurrency
+    python bench/release.py --busy 0.05            # the exchange-online backoff case
+
+``--busy SHARE``: the exchange-online profile's backoff instead of the Postfix comparison.
+mxspool releases to ``busy_sink.py`` (a stdlib sink that answers ``451 4.7.500 Server busy``
+to SHARE of the MAIL, RCPT and DATA commands at random) and, alternately in the same run, to
+the same sink answering none busy; the table gives the median rate of each and the ratio
+busy / unthrottled. The domain has ``--profile exchange-online``, no rate (unpaced), and
+``retry_schedule = ["1s"]`` in both, so a throttled recipient is retried a second later and
+the rate counts until every message is delivered. Each message goes to its own recipient
+(smtp-source ``-N``), as the profile's per-recipient hourly limit would hold one address back.
 """
 
 from __future__ import annotations
@@ -27,8 +37,10 @@ from common import (
     DOMAIN,
     HOST,
     KIB,
+    SMTP_SOURCE,
     BenchError,
     MxspoolServer,
+    SourceResult,
     fmt,
     free_port,
     machine_summary,
@@ -83,11 +95,19 @@ def _count(db: Path, sql: str) -> int:
         return -1
 
 
-def run_mxspool(messages: int, sink_port: int, concurrency: int, timeout: float) -> float:
+def run_mxspool(
+    messages: int, sink_port: int, concurrency: int, timeout: float, *, exo: bool = False
+) -> float:
     extra = f"\n[delivery]\nconcurrency = {concurrency}\n"
+    if exo:
+        extra += 'retry_schedule = ["1s"]\n'
     with MxspoolServer(sink_port=sink_port, hold=True, extra_toml=extra) as server:
         db = Path(server.store_url.removeprefix("sqlite:///"))
-        source = run_smtp_source(server.port, sessions=10, messages=messages, size=10 * KIB)
+        if exo:
+            server.cli("domain", "route", DOMAIN, "--profile", "exchange-online")
+            source = _fill_distinct(server.port, messages)
+        else:
+            source = run_smtp_source(server.port, sessions=10, messages=messages, size=10 * KIB)
         if not source.ok:
             raise BenchError(f"smtp-source into mxspool failed: {source.output[-500:]}")
         held_sql = "SELECT count(*) FROM recipients WHERE state = 'pending'"
@@ -99,6 +119,77 @@ def run_mxspool(messages: int, sink_port: int, concurrency: int, timeout: float)
         if not wait_until(lambda: _count(db, done_sql) >= messages, timeout):
             raise BenchError(f"mxspool delivered {_count(db, done_sql)} of {messages} in time")
         return messages / (time.perf_counter() - start)
+
+
+def _fill_distinct(port: int, messages: int) -> SourceResult:
+    """smtp-source as ``run_smtp_source`` does, each message to its own recipient (-N)."""
+    cmd = [SMTP_SOURCE, "-s", "10", "-m", str(messages), "-l", str(10 * KIB), "-N"]
+    cmd += ["-f", "a@src.test", "-t", f"u@{DOMAIN}", "-M", "client.test", f"{HOST}:{port}"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    output = (proc.stdout + proc.stderr).strip()
+    return SourceResult(time.perf_counter() - start, proc.returncode, output)
+
+
+class BusySink:
+    """``busy_sink.py`` on 127.0.0.1:<port>, answering ``share`` of its commands busy."""
+
+    def __init__(self, port: int, share: float, seed: int) -> None:
+        self.port, self.share, self.seed = port, share, seed
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> BusySink:
+        script = Path(__file__).with_name("busy_sink.py")
+        args = ["--port", str(self.port), "--busy", str(self.share), "--seed", str(self.seed)]
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        if not wait_port(self.port, proc=self.proc):
+            raise BenchError(f"busy_sink.py did not listen on {HOST}:{self.port}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+def main_busy(args: argparse.Namespace) -> int:
+    """The exchange-online backoff case: busy vs unthrottled, alternately, medians."""
+    cases = {"unthrottled": 0.0, f"{args.busy:.0%} busy": args.busy}
+    rates: dict[str, list[float]] = {name: [] for name in cases}
+    errors: list[str] = []
+    print(
+        f"# exchange-online release of {args.messages:,} held 10 KiB messages to busy_sink.py, "
+        f"unpaced ({machine_summary()})"
+    )
+    for run in range(args.runs):
+        for name, share in cases.items():
+            sink_port = free_port()
+            try:
+                with BusySink(sink_port, share, seed=run + 1):
+                    rate = run_mxspool(
+                        args.messages, sink_port, args.concurrency, args.timeout, exo=True
+                    )
+            except BenchError as exc:
+                errors.append(f"run {run + 1} {name}: {exc}")
+                print(f"run {run + 1} {name}: ERROR {exc}", file=sys.stderr)
+                continue
+            rates[name].append(rate)
+            print(f"run {run + 1} {name}: {rate:,.0f} msgs/s", flush=True)
+    healthy, busy = (median(rates[name]) for name in cases)
+    ratio = f"{busy / healthy:.2f}" if healthy and busy else "n/a"
+    print()
+    print(
+        markdown_table(
+            ["job", "unthrottled msgs/s", f"{args.busy:.0%} busy msgs/s", "busy / unthrottled"],
+            [[f"exchange-online release of {args.messages:,}", fmt(healthy), fmt(busy), ratio]],
+        )
+    )
+    print(f"(median of {args.runs} runs each; runs: {rates})")
+    return 1 if errors else 0
 
 
 def run_postfix(messages: int, sink_port: int, timeout: float) -> float:
@@ -123,7 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=10, help="mxspool connections")
     parser.add_argument("--systems", default="mxspool,postfix", help="comma list")
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument(
+        "--busy",
+        type=float,
+        default=None,
+        metavar="SHARE",
+        help="exchange-online backoff case: SHARE of commands busy vs none (e.g. 0.05)",
+    )
     args = parser.parse_args(argv)
+    if args.busy is not None:
+        return main_busy(args)
     systems = [name.strip() for name in args.systems.split(",") if name.strip()]
     rates: dict[str, list[float]] = {name: [] for name in systems}
     errors: list[str] = []

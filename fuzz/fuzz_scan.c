@@ -51,22 +51,37 @@ check_direct(const char *p, Py_ssize_t n)
     for (int sol = 0; sol < 2; sol++) {
         Py_ssize_t start = (sol && n > 0 && p[0] == '.') ? 1 : 0;
         struct scan_result res;
-        scan_region(p, start, n, 0, &res);
-        for (int normalize = 0; normalize < 2; normalize++) {
-            Py_ssize_t size = n - start - res.dots + (normalize ? res.bares : 0);
-            if (size < 0) {
-                fprintf(stderr, "==fuzz== negative output size %zd\n", size);
-                abort();
-            }
-            char *out = malloc(size ? (size_t)size : 1);
-            char *end = rewrite_region(p, start, n, normalize, out);
-            if (end - out != size) {
-                fprintf(stderr, "==fuzz== rewrite wrote %zd bytes, scan announced %zd\n",
-                        (Py_ssize_t)(end - out), size);
-                abort();
-            }
-            free(out);
+        scan_region(p, start, n, 0, 1, &res);
+        Py_ssize_t size = n - start - res.dots;
+        if (size < 0) {
+            fprintf(stderr, "==fuzz== negative output size %zd\n", size);
+            abort();
         }
+        char *out = malloc(size ? (size_t)size : 1);
+        char *end = rewrite_region(p, start, n, out);
+        if (end - out != size) {
+            fprintf(stderr, "==fuzz== rewrite wrote %zd bytes, scan announced %zd\n",
+                    (Py_ssize_t)(end - out), size);
+            abort();
+        }
+        free(out);
+    }
+    for (int sol = SOL_MID_LINE; sol <= SOL_AFTER_BARE; sol++) {
+        /* The sizing pass and the writing pass agree, into a buffer of exactly that size. */
+        Py_ssize_t size = normalize_lines(p, n, sol, NULL);
+        if (size < 0 || size > 2 * n) {
+            fprintf(stderr, "==fuzz== normalize_lines sized %zd for %zd bytes\n", size, n);
+            abort();
+        }
+        char *out = malloc(size ? (size_t)size : 1);
+        Py_ssize_t wrote = normalize_lines(p, n, sol, out);
+        if (wrote != size) {
+            fprintf(stderr, "==fuzz== normalize_lines wrote %zd bytes, sized %zd\n", wrote, size);
+            abort();
+        }
+        struct scan_result lines;
+        scan_region(out, 0, size, 0, 0, &lines);
+        free(out);
     }
 }
 

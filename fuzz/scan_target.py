@@ -5,7 +5,8 @@ pure-Python reference (``find_end_py``, ``process_region_py``) and a naive byte-
 oracle (below) disagree, for the functions alone and for ``DataReader`` fed the same stream
 in two chunkings. The first four bytes of ``data`` choose the options, the rest is the input:
 
-    byte 0   bit 0 normalize, bit 1 sol, bit 2 check_lines, bits 3-7 chunking seed
+    byte 0   bit 0 normalize, bit 1 sol (a line starts there), bit 2 check_lines, bit 3 the
+             line end before was a bare one (sol AFTER_BARE), bits 4-7 chunking seed
     bytes 1-2  carry (mod MAX_LINE + 3)
     byte 3   max_size for DataReader (0: unlimited, else a small size to exercise the cut)
 """
@@ -15,40 +16,88 @@ from __future__ import annotations
 import random
 
 from mxspool.smtp import _scan
-from mxspool.smtp.data import MAX_LINE, BareNewlines, DataReader, find_end_py, process_region_py
+from mxspool.smtp.data import (
+    AFTER_BARE,
+    AFTER_CRLF,
+    MAX_LINE,
+    MID_LINE,
+    BareNewlines,
+    DataReader,
+    find_end_py,
+    process_region_py,
+)
 
 MARKER = b"\r\n.\r\n"
 CR, LF, DOT = 13, 10, 46
 PIECE_SIZES = (1, 1, 2, 3, 4, 5, 7, 16, 64, 999, 1000, 4096)
 
 
-def naive_process(
-    region: bytes, sol: bool, normalize: bool, check_lines: bool, carry: int
-) -> tuple[bytes, bool, bool, int]:
-    """What process() means, one byte at a time (slow, obviously right)."""
-    out = bytearray()
-    bare = False
+def naive_lines(region: bytes) -> list[tuple[bytes, bytes]]:
+    """(line, its end) pairs; the end is CRLF, a bare CR, a bare LF or b"" (the last line)."""
+    lines: list[tuple[bytes, bytes]] = []
+    line = bytearray()
     i, n = 0, len(region)
-    at_line_start = sol
     while i < n:
         c = region[i]
-        if at_line_start and c == DOT:  # a stuffed dot
-            at_line_start = False
-            i += 1
-            continue
-        at_line_start = False
         if c == CR and i + 1 < n and region[i + 1] == LF:
-            out += b"\r\n"
-            at_line_start = True
+            lines.append((bytes(line), b"\r\n"))
+            line.clear()
             i += 2
-            continue
-        if c in (CR, LF):
-            bare = True
-            out += b"\r\n" if normalize else bytes([c])
+        elif c in (CR, LF):
+            lines.append((bytes(line), bytes([c])))
+            line.clear()
             i += 1
-            continue
-        out.append(c)
-        i += 1
+        else:
+            line.append(c)
+            i += 1
+    if line:
+        lines.append((bytes(line), b""))
+    return lines
+
+
+def naive_normalize(region: bytes, sol: int) -> bytes:
+    """The "normalize" mode, one line at a time: every line end is a CRLF, every line's first
+    dot is stuffing, and a lone dot next to a bare line end is dropped with its line end."""
+    out = bytearray()
+    at_start, bare_before = sol != MID_LINE, sol == AFTER_BARE
+    for raw, end in naive_lines(region):
+        bare = end in (b"\r", b"\n")
+        line = raw
+        if at_start and raw.startswith(b"."):
+            if raw == b"." and end and (bare or bare_before):
+                bare_before = bare
+                continue
+            line = raw[1:]
+        out += line + (b"\r\n" if end else b"")
+        at_start, bare_before = bool(end), bare
+    return bytes(out)
+
+
+def naive_process(
+    region: bytes, sol: int, normalize: bool, check_lines: bool, carry: int
+) -> tuple[bytes, bool, bool, int]:
+    """What process() means, one byte or line at a time (slow, obviously right)."""
+    bare = any(end in (b"\r", b"\n") for _, end in naive_lines(region))
+    if normalize:
+        out = bytearray(naive_normalize(region, sol))
+    else:  # reject mode: only a dot after a genuine CRLF is stuffing; bare CR/LF stay
+        out = bytearray()
+        i, n = 0, len(region)
+        at_line_start = bool(sol)
+        while i < n:
+            c = region[i]
+            if at_line_start and c == DOT:  # a stuffed dot
+                at_line_start = False
+                i += 1
+                continue
+            at_line_start = False
+            if c == CR and i + 1 < n and region[i + 1] == LF:
+                out += b"\r\n"
+                at_line_start = True
+                i += 2
+                continue
+            out.append(c)
+            i += 1
     if not check_lines:
         return bytes(out), bare, False, carry
     run = carry
@@ -70,7 +119,7 @@ def naive_read(stream: bytes, normalize: bool, max_size: int) -> tuple[bytes, in
         return b"", 3, False, False
     i = stream.find(MARKER)
     assert i >= 0
-    content, bare, too_long, _ = naive_process(stream[: i + 2], True, normalize, True, 0)
+    content, bare, too_long, _ = naive_process(stream[: i + 2], AFTER_CRLF, normalize, True, 0)
     return content[:max_size], i + 5, bare, too_long
 
 
@@ -110,7 +159,7 @@ def _state(reader: DataReader) -> tuple[object, ...]:
     )
 
 
-def check_functions(region: bytes, sol: bool, normalize: bool, check: bool, carry: int) -> None:
+def check_functions(region: bytes, sol: int, normalize: bool, check: bool, carry: int) -> None:
     assert _scan.find_end(region) == find_end_py(region), "find_end differs from bytes.find"
     got = _scan.process(region, sol, normalize, check, carry)
     reference = process_region_py(region, sol, normalize, check, carry)
@@ -148,9 +197,10 @@ def one(data: bytes) -> None:
         return
     flags, size_byte, payload = data[0], data[3], data[4:]
     carry = int.from_bytes(data[1:3], "little")
-    normalize, sol, check = bool(flags & 1), bool(flags & 2), bool(flags & 4)
+    normalize, check = bool(flags & 1), bool(flags & 4)
+    sol = (AFTER_BARE if flags & 8 else AFTER_CRLF) if flags & 2 else MID_LINE
     carry %= MAX_LINE + 3
     max_size = 1 << 30 if size_byte == 0 else size_byte * 7
     check_functions(payload, sol, normalize, check, carry)
-    check_reader(payload, normalize, max_size, flags >> 3)
-    check_reader(payload + MARKER, normalize, max_size, flags >> 3)
+    check_reader(payload, normalize, max_size, flags >> 4)
+    check_reader(payload + MARKER, normalize, max_size, flags >> 4)

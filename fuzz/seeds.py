@@ -24,11 +24,14 @@ def scan_seeds() -> list[bytes]:
         b"a\r\n." + LONG + b"\r\n\r.\r\n",
         b"\r\n.\r",
         b"Message-ID: <a@b>\r\nReceived: x\r\n\r\n",
+        # the smuggling forms, each with a would-be second transaction after it
+        b"a\n.\nMAIL FROM:<e@x>\r\nb\r.\rc\r\n.\nd\n.\r\ne\r.\r\nf\r\r\n.\r\r\n.\r\n",
+        b".\n..\n.\r.x\n.\r\n.\r\n",
     ]
     return [
         bytes([flags, 0xE6, 0x03, size]) + body
         for body in bodies
-        for flags, size in ((0, 0), (7, 0), (6, 3), (0x2D, 1))
+        for flags, size in ((0, 0), (7, 0), (6, 3), (0x2D, 1), (0x0B, 0), (0x0F, 2))
     ]
 
 

@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from mxspool import cli as cli_module
+from mxspool.actor import cli_actor
 from mxspool.body import BodyBuffer
 from mxspool.envelope import Envelope, MailParams, Recipient
 from mxspool.ids import new_queue_id
@@ -414,10 +415,11 @@ def test_audit_records_cli_actions(spool: Spool) -> None:
     spool.run("domain", "release", "example.test")
     spool.run("domain", "add", "bad_name.test", "--route", "x", code=2)  # not recorded
     entries = spool.json("audit")
+    me = cli_actor()  # the OS user (tests/test_audit_actor.py checks its forms)
     assert [(e["actor"], e["action"], e["target"]) for e in entries] == [
-        ("cli", "domain.release", "example.test"),
-        ("cli", "domain.route", "example.test"),
-        ("cli", "domain.add", "example.test"),
+        (me, "domain.release", "example.test"),
+        (me, "domain.route", "example.test"),
+        (me, "domain.add", "example.test"),
     ]
     assert entries[0]["at"].endswith("Z")
     assert len(spool.json("audit", "--limit", "1")) == 1

@@ -42,11 +42,30 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("command line", ("mxspool.cli",)),
-    ("front ends", ("mxspool.service", "mxspool.migrate.commands", "mxspool.admin")),
+    (
+        "front ends",
+        (
+            "mxspool.service",
+            "mxspool.migrate.commands",
+            "mxspool.migrate.migration_commands",
+            "mxspool.migrate.plan_output",
+            "mxspool.admin",
+            "mxspool.tls.commands",
+            "mxspool.notify.commands",
+            "mxspool.notify.component",
+            "mxspool.maintenance",
+            "mxspool.doctor",
+            "mxspool.evidence.commands",
+            "mxspool.retention",
+        ),
+    ),
     ("command plumbing", ("mxspool.cli_support",)),
-    ("migration actions", ("mxspool.migrate.actions",)),
-    ("operations", ("mxspool.operations",)),
-    ("engines", ("mxspool.delivery", "mxspool.intake", "mxspool.migrate")),
+    ("migration actions", ("mxspool.migrate.actions", "mxspool.migrate.migration")),
+    ("operations", ("mxspool.operations", "mxspool.evidence")),
+    (
+        "engines",
+        ("mxspool.delivery", "mxspool.intake", "mxspool.migrate", "mxspool.tls", "mxspool.notify"),
+    ),
     ("views", ("mxspool.metrics", "mxspool.stage")),
     ("store and protocol", ("mxspool.store", "mxspool.smtp")),
     (
@@ -58,6 +77,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "mxspool.body",
             "mxspool.ids",
             "mxspool.csvsafe",
+            "mxspool.addresses",
+            "mxspool.liveness",
             "mxspool",
         ),
     ),

@@ -11,10 +11,9 @@ configuration error. Errors go to stderr and say what to do next.
 from __future__ import annotations
 
 import asyncio
-import csv
 import json
 import sys
-from typing import IO, Any
+from typing import Any
 
 import click
 from rich.console import Console
@@ -23,6 +22,8 @@ from rich.table import Table
 
 from mxspool import operations as ops
 from mxspool.cli_support import (
+    MAX_SIZE_HELP,
+    PLUS_HELP,
     config_option,
     console,
     dash,
@@ -30,11 +31,29 @@ from mxspool.cli_support import (
     load_config,
     plural,
     print_json,
+    report_check,
+    report_options,
+    route_options,
     run,
+    write_report,
 )
-from mxspool.csvsafe import csv_cells
+from mxspool.evidence.commands import register as register_evidence_commands
+from mxspool.evidence.commands import signed_report
+from mxspool.maintenance import register as register_maintenance_commands
+from mxspool.migrate import releaseplan
 from mxspool.migrate.commands import register as register_migration_commands
-from mxspool.store.base import QUEUE_STATES, Conflict, Domain, QueueFilter, Store
+from mxspool.migrate.migration_commands import register as register_migration_group
+from mxspool.migrate.plan_output import show_release_plan
+from mxspool.notify.commands import register as register_notify_commands
+from mxspool.store.base import (
+    QUEUE_STATES,
+    Conflict,
+    Domain,
+    QueueFilter,
+    RecipientHold,
+    Store,
+)
+from mxspool.tls.commands import register as register_tls_commands
 from mxspool.units import format_duration
 
 WAIT_INTERVAL = 1.0
@@ -81,6 +100,27 @@ def serve(ctx: click.Context) -> None:
     ctx.exit(run_server(config))
 
 
+@cli.command("init")
+@click.argument("directory", metavar="[DIR]", default=".", type=click.Path(file_okay=False))
+@click.option(
+    "--self-signed", "self_signed", metavar="HOSTNAME", help="Also make a TLS certificate."
+)
+@click.option("--data-dir", metavar="DIR", type=click.Path(file_okay=False), help="Spool dir.")
+def init_command(directory: str, self_signed: str | None, data_dir: str | None) -> None:
+    """Write a commented starter mxspool.toml and an admin token into DIR (default: here)."""
+    from pathlib import Path
+
+    from mxspool import starter
+
+    try:
+        written = starter.init(
+            Path(directory), self_signed=self_signed, data_dir=Path(data_dir) if data_dir else None
+        )
+    except starter.InitError as exc:
+        fail(str(exc), 1)
+    click.echo(starter.next_steps(written, str(written.config)))
+
+
 # -- domain --------------------------------------------------------------------------------
 
 
@@ -106,6 +146,10 @@ def _print_domain_line(verb: str, item: Domain) -> None:
 @click.option("--tls", default="verify", show_default=True, metavar="MODE")
 @click.option("--hold", is_flag=True, help="Keep mail instead of relaying it.")
 @click.option("--profile", default=None, metavar="NAME", help="e.g. exchange-online.")
+@click.option("--max-size", default=None, metavar="SIZE", help=MAX_SIZE_HELP)
+@click.option("--subdomains", is_flag=True, help="Accept its subdomains too, routed alike.")
+@click.option("--plus-separator", default="+", show_default=True, metavar="C", help=PLUS_HELP)
+@click.option("--no-plus-addressing", is_flag=True, help="local+tag@ is refused unless listed.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def domain_add(
@@ -117,13 +161,26 @@ def domain_add(
     tls: str,
     hold: bool,
     profile: str | None,
+    max_size: str | None,
+    subdomains: bool,
+    plus_separator: str,
+    no_plus_addressing: bool,
     as_json: bool,
 ) -> None:
     """Accept mail for DOMAIN and deliver it to the given routes (or keep it, with --hold)."""
     added = run(
         ctx,
         lambda store: ops.add_domain(
-            store, name, list(routes), use_mx=use_mx, tls=tls, hold=hold, profile=profile
+            store,
+            name,
+            list(routes),
+            use_mx=use_mx,
+            tls=tls,
+            hold=hold,
+            profile=profile,
+            max_size=max_size,
+            subdomains=subdomains,
+            plus_separator="" if no_plus_addressing else plus_separator,
         ),
     )
     if as_json:
@@ -166,9 +223,16 @@ def domain_list(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def domain_show(ctx: click.Context, name: str, as_json: bool) -> None:
     """One domain's configuration and its mail counts."""
-    detail = run(ctx, lambda store: ops.show_domain(store, name))
+
+    async def action(store: Store) -> tuple[ops.DomainDetail, list[RecipientHold]]:
+        detail = await ops.show_domain(store, name)
+        return detail, await ops.recipient_holds(store, detail.domain.name)
+
+    detail, holds = run(ctx, action)
     if as_json:
-        print_json(ops.domain_detail_to_dict(detail))
+        data = ops.domain_detail_to_dict(detail)
+        data["recipient_holds"] = [ops.recipient_hold_to_dict(item) for item in holds]
+        print_json(data)
         return
     item, status = detail.domain, detail.status
     table = Table(show_header=False, box=None)
@@ -188,6 +252,8 @@ def domain_show(ctx: click.Context, name: str, as_json: bool) -> None:
     oldest = status.oldest_pending_age_s
     rows.append(("oldest pending", "-" if oldest is None else format_duration(oldest)))
     rows.append(("delivered/min", str(status.delivered_last_minute)))
+    for hold in holds:  # hold --recipient: kept while the domain is released
+        rows.append(("recipient hold", f"{hold.address} ({plural(hold.held, 'message')} held)"))
     for key, value in rows:
         table.add_row(key, value)
     console().print(table)
@@ -196,10 +262,7 @@ def domain_show(ctx: click.Context, name: str, as_json: bool) -> None:
 @domain.command("route")
 @config_option
 @click.argument("name", metavar="DOMAIN")
-@click.option("--route", "routes", multiple=True, metavar="HOST[:PORT]", help="Destination.")
-@click.option("--mx/--no-mx", "use_mx", default=None, help="Route by MX records (or not).")
-@click.option("--tls", default=None, metavar="MODE")
-@click.option("--profile", default=None, metavar="NAME", help="exchange-online, or none.")
+@route_options
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def domain_route(
@@ -210,13 +273,25 @@ def domain_route(
     use_mx: bool | None,
     tls: str | None,
     profile: str | None,
+    max_size: str | None,
+    subdomains: bool | None,
+    plus_separator: str | None,
+    no_plus_addressing: bool,
     as_json: bool,
 ) -> None:
     """Change where DOMAIN's mail goes (the routes given replace the current ones)."""
     updated = run(
         ctx,
         lambda store: ops.route_domain(
-            store, name, list(routes) or None, use_mx=use_mx, tls=tls, profile=profile
+            store,
+            name,
+            list(routes) or None,
+            use_mx=use_mx,
+            tls=tls,
+            profile=profile,
+            max_size=max_size,
+            subdomains=subdomains,
+            plus_separator="" if no_plus_addressing else plus_separator,
         ),
     )
     if as_json:
@@ -244,11 +319,23 @@ def domain_hold(ctx: click.Context, name: str) -> None:
 @click.option("--rate", default=None, metavar="RATE", help="Pace, e.g. 600/min.")
 @click.option("--only", default=None, metavar="ADDRESS", help="Release one recipient (canary).")
 @click.option("--wait", is_flag=True, help="Show progress until the backlog is delivered.")
+@click.option("--dry-run", is_flag=True, help="Show the plan (per recipient, ETA); change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON.")
 @click.pass_context
 def domain_release(
-    ctx: click.Context, name: str, rate: str | None, only: str | None, wait: bool
+    ctx: click.Context,
+    name: str,
+    *,
+    rate: str | None,
+    only: str | None,
+    wait: bool,
+    dry_run: bool,
+    as_json: bool,
 ) -> None:
     """Deliver DOMAIN's held mail, oldest first (or only one recipient's, with --only)."""
+    if dry_run:
+        _release_plan(ctx, ops.normalize_domain(name), rate, as_json)
+        return
 
     async def action(store: Store) -> ops.ReleaseResult:
         result = await ops.release_domain(store, name, rate=rate, only=only)
@@ -265,6 +352,18 @@ def domain_release(
             f"stopped waiting; the release of {name} stays in effect ('mxspool status' follows it)",
             1,
         )
+
+
+def _release_plan(ctx: click.Context, name: str, rate: str | None, as_json: bool) -> None:
+    config = load_config(ctx)
+
+    async def action(store: Store) -> releaseplan.ReleasePlan:
+        try:
+            return await releaseplan.plan_release(store, config, [name], rate=rate)
+        except ValueError as exc:
+            raise ops.OperationError(str(exc)) from None
+
+    show_release_plan(run(ctx, action), as_json)
 
 
 def _print_release(result: ops.ReleaseResult) -> None:
@@ -528,6 +627,16 @@ def queue_retry(
     click.echo(f"{plural(count, 'recipient')} back in the queue")
 
 
+@queue.command("flush")
+@config_option
+@click.option("--domain", default=None, metavar="D", help="Only this domain's deferred mail.")
+@click.pass_context
+def queue_flush(ctx: click.Context, domain: str | None) -> None:
+    """Make every deferred recipient due now (a route came back), as postqueue -f does."""
+    count = run(ctx, lambda store: ops.queue_flush(store, domain))
+    click.echo(f"{plural(count, 'deferred recipient')} due now; a running serve sends them")
+
+
 @queue.command("discard")
 @config_option
 @click.argument("message_id", metavar="ID")
@@ -603,73 +712,41 @@ def status(ctx: click.Context, as_json: bool) -> None:
     if len(data["domains"]) > 1:
         table.add_row("total", "", *cells(data["totals"]), style="bold")
     console().print(table)
+    for hold in data.get("recipient_holds", ()):
+        click.echo(f"recipient hold: {hold['address']} ({plural(hold['held'], 'message')} held)")
 
 
 @cli.command()
 @config_option
 @click.option("--domain", default=None, metavar="D")
-@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv")
-@click.option("--check", is_flag=True, help="Only unfinished rows; exit 1 if there are any.")
+@report_options
 @click.pass_context
-def report(ctx: click.Context, domain: str | None, fmt: str, check: bool) -> None:
+def report(
+    ctx: click.Context,
+    domain: str | None,
+    fmt: str,
+    check: bool,
+    *,
+    sign: bool,
+    out_file: str | None,
+    key_file: str | None,
+) -> None:
     """Reconciliation report: one row per recipient of each message."""
     out = sys.stdout
-
-    async def action(store: Store) -> tuple[int, int]:
-        total = open_rows = 0
-        writer: _CsvRows | _JsonRows = _CsvRows(out) if fmt == "csv" else _JsonRows(out)
-        async for row in ops.report(store, domain):
-            total += 1
-            if ops.is_final(row):
-                if check:
-                    continue
-            else:
-                open_rows += 1
-            writer.write(row)
-        writer.close()
-        return total, open_rows
-
-    total, open_rows = run(ctx, action)
-    if not check:
-        return
-    if open_rows:
-        fail(
-            f"{open_rows} of {plural(total, 'recipient')} not final (held, pending, "
-            "delivering or parked); release, retry or discard them, then check again",
-            1,
+    if sign:
+        domains = None if domain is None else [domain]
+        total, open_rows = signed_report(
+            ctx, domains, fmt=fmt, check=check, out=out_file, key_file=key_file
         )
-    click.echo(
-        f"all {plural(total, 'recipient')} final (delivered, bounced or discarded)", err=True
+        report_check(check, total, open_rows)
+        return
+    total, open_rows = run(
+        ctx,
+        lambda store: write_report(
+            out, ops.report(store, domain), ops.REPORT_COLUMNS, fmt=fmt, check=check
+        ),
     )
-
-
-class _CsvRows:
-    def __init__(self, out: IO[str]) -> None:
-        self._writer = csv.writer(out)
-        self._writer.writerow(ops.REPORT_COLUMNS)
-
-    def write(self, row: dict[str, Any]) -> None:
-        self._writer.writerow(csv_cells(row[key] for key in ops.REPORT_COLUMNS))
-
-    def close(self) -> None:
-        pass
-
-
-class _JsonRows:
-    """A JSON array written row by row, so a report of millions never sits in memory."""
-
-    def __init__(self, out: IO[str]) -> None:
-        self._out = out
-        self._first = True
-        out.write("[")
-
-    def write(self, row: dict[str, Any]) -> None:
-        self._out.write("\n  " if self._first else ",\n  ")
-        self._out.write(json.dumps(row, ensure_ascii=False))
-        self._first = False
-
-    def close(self) -> None:
-        self._out.write("]\n" if self._first else "\n]\n")
+    report_check(check, total, open_rows)
 
 
 @cli.command()
@@ -725,10 +802,138 @@ def check_store(ctx: click.Context, repair: bool, as_json: bool) -> None:
         )
 
 
+# -- log -------------------------------------------------------------------------------------
+
+
+@cli.command("log")
+@config_option
+@click.argument("message_id", metavar="ID")
+@click.pass_context
+def log_command(ctx: click.Context, message_id: str) -> None:
+    """The mail-log lines of message ID (arrival, every delivery attempt), in order."""
+    from pathlib import Path
+
+    from mxspool.maillog.reader import lines_of
+
+    config = load_config(ctx)
+    if not config.log.file:
+        fail(
+            "the mail log goes to stderr ([log] file is empty), so mxspool cannot read it; "
+            f"with systemd: journalctl -u mxspool | grep {message_id}  (or set [log] file)",
+            2,
+        )
+    path = Path(config.log.file)
+    found = 0
+    try:
+        for line in lines_of(path, message_id):
+            click.echo(line)
+            found += 1
+    except OSError as exc:
+        fail(f"cannot read the mail log {path}: {exc.strerror or exc}; check [log] file", 1)
+    if not found:
+        fail(
+            f"no lines about {message_id} in {path}; check the queue id (mxspool queue show "
+            f"{message_id}), or look in rotated files (zgrep {message_id} {path}*)",
+            1,
+        )
+
+
+# -- arc -------------------------------------------------------------------------------------
+
+
+@cli.group()
+def arc() -> None:
+    """ARC sealing of released mail: the key and its DNS record."""
+
+
+@arc.command("keygen")
+@click.option("--domain", "domain_name", required=True, metavar="D", help="Sealing domain (d=).")
+@click.option("--selector", default="mxspool", show_default=True, metavar="S")
+@click.option("--out", default=None, metavar="FILE", help="Default: arc-<selector>.key here.")
+@click.option("--bits", default=2048, show_default=True, type=int, help="RSA key size.")
+def arc_keygen(domain_name: str, selector: str, out: str | None, bits: int) -> None:
+    """Make an RSA sealing key (mode 0600, never overwritten); print its DNS record."""
+    from pathlib import Path
+
+    from pydantic import ValidationError
+
+    from mxspool.config import ArcConfig
+    from mxspool.delivery.arckey import ArcKeyError, write_new_key, zone_line
+
+    try:
+        checked = ArcConfig(domain=domain_name, selector=selector)
+    except ValidationError as exc:
+        fail(
+            "; ".join(
+                f"--{item['loc'][0]}: {item['msg'].removeprefix('Value error, ')}"
+                for item in exc.errors()
+            ),
+            2,
+        )
+    path = Path(out or f"arc-{checked.selector}.key").absolute()
+    try:
+        key = write_new_key(path, bits)
+    except ArcKeyError as exc:
+        fail(str(exc), 2)
+    click.echo(f"; wrote a {key.bits}-bit RSA key to {path} (mode 0600)")
+    click.echo("; publish this record (TXT, in strings of at most 255 characters):")
+    click.echo(zone_line(checked.selector, checked.domain, key))
+    click.echo("; then add to the configuration and restart mxspool:")
+    click.echo(f'[arc]\ndomain = "{checked.domain}"\nselector = "{checked.selector}"')
+    click.echo(f"key_file = {json.dumps(str(path))}")
+
+
+@cli.command("hold")
+@config_option
+@click.option("--recipient", "address", default=None, metavar="ADDRESS", help="Hold one mailbox.")
+@click.option("--list", "listing", is_flag=True, help="List the recipient holds.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def hold(ctx: click.Context, address: str | None, listing: bool, as_json: bool) -> None:
+    """Keep one mailbox's mail (and new mail for it) held while its domain is released, until
+    'mxspool domain release DOMAIN --only ADDRESS'."""
+    if (address is None) == (not listing):
+        fail("give one of: --recipient ADDRESS (hold it), or --list", 2)
+    if address is not None:
+        made = run(ctx, lambda store: ops.hold_recipient(store, address))
+        if as_json:
+            print_json(ops.recipient_hold_to_dict(made))
+            return
+        domain = made.suffix.removeprefix("@")
+        click.echo(
+            f"{made.address} is held ({plural(made.held, 'message')} now, and new mail for it"
+            f"{' and its sub-addresses' if made.prefix else ''}); 'mxspool domain release "
+            f"{domain} --only {made.address}' lets it go"
+        )
+        return
+    holds = run(ctx, ops.recipient_holds)
+    if as_json:
+        print_json([ops.recipient_hold_to_dict(item) for item in holds])
+        return
+    if not holds:
+        click.echo("no recipient holds")
+        return
+    table = Table("Recipient", "Held", "Sub-addresses", "Since", "By")
+    for item in holds:
+        table.add_row(
+            item.address,
+            str(item.held),
+            "yes" if item.prefix else "no",
+            dash(ops.iso_time(item.created_at)),
+            dash(item.actor),
+        )
+    console().print(table)
+
+
 register_migration_commands(cli)
+register_migration_group(cli)  # migration create|list|show|hold|release|...
 _check_group = cli.commands["check"]
 assert isinstance(_check_group, click.Group)
 _check_group.add_command(check_store)
+register_tls_commands(cli)  # check tls, acme issue
+register_maintenance_commands(cli)  # backup, restore, purge, doctor
+register_notify_commands(cli)  # notify test
+register_evidence_commands(cli)  # ledger keygen|verify, export
 
 
 def main() -> None:

@@ -12,17 +12,20 @@ configuration error. Errors go to stderr as ``mxspool: ...`` and say what to do 
 from __future__ import annotations
 
 import asyncio
+import csv
 import json
 import sys
-from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn, TypeVar
+from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
+from typing import IO, Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
 
 from mxspool import operations as ops
+from mxspool.actor import cli_actor, use_cli_actor
 from mxspool.config import Config, ConfigError
 from mxspool.config import load_config as read_config
+from mxspool.csvsafe import csv_cells
 from mxspool.store import create_store
 from mxspool.store.base import Store, StoreError
 
@@ -74,6 +77,7 @@ def run(ctx: click.Context, action: Callable[[Store], Awaitable[T]]) -> T:
         fail(str(exc), 2)
 
     async def go() -> T:
+        use_cli_actor(cli_actor())  # the audit log names the OS user, not "cli"
         await store.open()
         try:
             return await action(store)
@@ -86,6 +90,8 @@ def run(ctx: click.Context, action: Callable[[Store], Awaitable[T]]) -> T:
         fail(str(exc), exc.exit_code)
     except StoreError as exc:
         fail(str(exc), 1)
+    except ConfigError as exc:  # found only when used, e.g. [delivery] source_address
+        fail(f"{exc}\nfix the configuration file, or point --config at another one", 2)
 
 
 def console() -> Console:
@@ -109,3 +115,117 @@ def plural(number: int, noun: str) -> str:
 def dash(value: object) -> str:
     """A table cell: ``-`` for nothing."""
     return "-" if value is None or value == "" else str(value)
+
+
+# -- options and output shared by the core commands and the command modules ------------------
+
+MAX_SIZE_HELP = "Largest message the target takes (e.g. 36MiB); none: the profile's default."
+PLUS_HELP = "Plus addressing: local<C>tag@ is accepted when local@ is."
+
+
+def _with_options(func: F, options: Sequence[Callable[[F], F]]) -> F:
+    for option in reversed(options):  # the first listed is shown first in --help
+        func = option(func)
+    return func
+
+
+def route_options(func: F) -> F:
+    """The options of a route change (``domain route``, ``migration route``): ``routes``,
+    ``use_mx``, ``tls``, ``profile``, ``max_size``, ``subdomains``, ``plus_separator`` (None:
+    leave it as it is) and ``no_plus_addressing``."""
+    return _with_options(
+        func,
+        (
+            click.option(
+                "--route", "routes", multiple=True, metavar="HOST[:PORT]", help="Destination."
+            ),
+            click.option(
+                "--mx/--no-mx", "use_mx", default=None, help="Route by MX records (or not)."
+            ),
+            click.option("--tls", default=None, metavar="MODE"),
+            click.option(
+                "--profile", default=None, metavar="NAME", help="exchange-online, or none."
+            ),
+            click.option("--max-size", default=None, metavar="SIZE", help=MAX_SIZE_HELP),
+            click.option(
+                "--subdomains/--no-subdomains", default=None, help="Accept its subdomains too."
+            ),
+            click.option("--plus-separator", default=None, metavar="C", help=PLUS_HELP),
+            click.option(
+                "--no-plus-addressing", is_flag=True, help="local+tag@ is refused unless listed."
+            ),
+        ),
+    )
+
+
+def report_options(func: F) -> F:
+    """The options of a reconciliation report (``report``, ``migration report``): ``fmt``,
+    ``check``, ``sign``, ``out_file`` and ``key_file``."""
+    return _with_options(
+        func,
+        (
+            click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv"),
+            click.option(
+                "--check", is_flag=True, help="Only unfinished rows; exit 1 if there are any."
+            ),
+            click.option(
+                "--sign", is_flag=True, help="Write a signed ledger to --out (mxspool ledger)."
+            ),
+            click.option(
+                "--out", "out_file", default=None, metavar="FILE", help="With --sign: the ledger."
+            ),
+            click.option(
+                "--key", "key_file", default=None, metavar="FILE", help="With --sign: ledger.key."
+            ),
+        ),
+    )
+
+
+async def write_report(
+    out: IO[str],
+    rows: AsyncIterable[dict[str, Any]],
+    columns: Sequence[str],
+    *,
+    fmt: str,
+    check: bool,
+) -> tuple[int, int]:
+    """Write a reconciliation report as CSV (``columns``, in order) or as a JSON array, row by
+    row, so a report of millions never sits in memory; with ``check`` only the rows not final.
+    Returns (rows read, rows not final) for :func:`report_check`."""
+    total = open_rows = written = 0
+    writer = csv.writer(out) if fmt == "csv" else None
+    if writer is not None:
+        writer.writerow(columns)
+    else:
+        out.write("[")
+    async for row in rows:
+        total += 1
+        if ops.is_final(row):
+            if check:
+                continue
+        else:
+            open_rows += 1
+        written += 1
+        if writer is not None:
+            writer.writerow(csv_cells(row[key] for key in columns))
+        else:
+            out.write("\n  " if written == 1 else ",\n  ")
+            out.write(json.dumps(row, ensure_ascii=False))
+    if writer is None:
+        out.write("\n]\n" if written else "]\n")
+    return total, open_rows
+
+
+def report_check(check: bool, total: int, open_rows: int) -> None:
+    """``report --check``: exit 1 while some rows are not final."""
+    if not check:
+        return
+    if open_rows:
+        fail(
+            f"{open_rows} of {plural(total, 'recipient')} not final (held, pending, "
+            "delivering or parked); release, retry or discard them, then check again",
+            1,
+        )
+    click.echo(
+        f"all {plural(total, 'recipient')} final (delivered, bounced or discarded)", err=True
+    )

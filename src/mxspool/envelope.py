@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mxspool import addresses
+
 
 @dataclass(frozen=True, slots=True)
 class MailParams:
@@ -45,5 +47,6 @@ class Envelope:
 
 
 def domain_of(address: str) -> str:
-    """The domain of a mailbox address, lowercased: domains compare case-insensitively."""
-    return address.rpartition("@")[2].lower()
+    """The domain of a mailbox address in comparison form (``mxspool.addresses``): its A-label,
+    ASCII-lowercased."""
+    return addresses.domain_of(address)

@@ -14,12 +14,14 @@ module in tests or in a CLI command has no side effects on other registries.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from mxspool import maillog
 from mxspool.envelope import domain_of
 from mxspool.store.base import DomainMode, DomainStatus, RecipientOutcome, RecipientState
 
@@ -75,6 +77,37 @@ SMTP_SESSIONS = Gauge(
     "SMTP sessions open now.",
     registry=REGISTRY,
 )
+AUTH_RESULTS = Counter(
+    "mxspool_auth_results",
+    "Authentication verdicts at arrival, per method (spf, dkim, dmarc) and result (pass, fail, "
+    "none, temperror...); SPF is not counted for internal clients, which are not checked.",
+    ["method", "result"],
+    registry=REGISTRY,
+)
+AUTH_SECONDS = Histogram(
+    "mxspool_auth_verdict_seconds",
+    "Time one message's authentication verdict took, from the start of its check (DNS, DKIM "
+    "and DMARC in a worker process, waiting for SPF) to the verdict.",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    registry=REGISTRY,
+)
+AUTH_DEFERRED = Counter(
+    "mxspool_auth_deferred",
+    "Messages whose authentication was left to the background pass because too many were "
+    "being checked (their verdict comes later, from the stored bytes).",
+    registry=REGISTRY,
+)
+AUTH_RELEASED_UNJUDGED = Counter(
+    "mxspool_auth_released_without_verdict",
+    "Relayed messages sent without their arrival verdict: none stored within "
+    "authentication_timeout (plus a second) of their arrival (the intake was behind).",
+    registry=REGISTRY,
+)
+AUTH_WORKER_RESTARTS = Counter(
+    "mxspool_auth_worker_restarts",
+    "Times the authentication worker processes were restarted after one died.",
+    registry=REGISTRY,
+)
 COMMIT_SECONDS = Histogram(
     "mxspool_commit_seconds",
     "Time from end of DATA to the durable commit of a message (the wait before 250).",
@@ -106,6 +139,33 @@ def message_accepted(recipients: Iterable[str], commit_seconds: float) -> None:
             counter = _accepted_by_domain[domain] = ACCEPTED.labels(domain=domain)
         counter.inc()
     COMMIT_SECONDS.observe(commit_seconds)
+
+
+def auth_verdict(results: Iterable[tuple[str, str]], seconds: float) -> None:
+    """One message's verdict: (method, result) pairs and the time it took."""
+    for method, result in results:
+        AUTH_RESULTS.labels(method, result).inc()
+    AUTH_SECONDS.observe(seconds)
+
+
+def auth_verdicts(counts: Mapping[tuple[str, str], int], seconds: Iterable[float]) -> None:
+    """Many messages' verdicts at once: (method, result) counts, and each one's time."""
+    for (method, result), count in counts.items():
+        AUTH_RESULTS.labels(method, result).inc(count)
+    for value in seconds:
+        AUTH_SECONDS.observe(value)
+
+
+def auth_deferred() -> None:
+    AUTH_DEFERRED.inc()
+
+
+def auth_released_unjudged(count: int) -> None:
+    AUTH_RELEASED_UNJUDGED.inc(count)
+
+
+def auth_worker_restarted() -> None:
+    AUTH_WORKER_RESTARTS.inc()
 
 
 def rejected(reason: str) -> None:
@@ -145,6 +205,71 @@ def destination_dead(domain: str, dead: bool) -> None:
 def destination_deferred(domain: str, recipients: int) -> None:
     """A dead destination's queue was deferred in one go: ``recipients`` rows changed."""
     DEFERRED_DEAD.labels(domain=domain).inc(recipients)
+
+
+# -- what the TLS certificate code calls -----------------------------------------------------
+
+TLS_CERTIFICATE_EXPIRY = Gauge(
+    "mxspool_tls_certificate_expiry_seconds",
+    "Seconds until the certificate STARTTLS serves expires (negative once expired; NaN while "
+    "none is loaded).",
+    registry=REGISTRY,
+)
+TLS_CERTIFICATE_EXPIRY.set(float("nan"))
+TLS_RELOADS = Counter(
+    "mxspool_tls_certificate_reloads",
+    "Loads of the certificate files (at start, on change, on SIGHUP), by result: loaded or "
+    "failed (the previous certificate stays in use).",
+    ["result"],
+    registry=REGISTRY,
+)
+ACME_ORDERS = Counter(
+    "mxspool_acme_orders",
+    "Certificate orders to the ACME server, by result: issued or failed.",
+    ["result"],
+    registry=REGISTRY,
+)
+
+
+def tls_certificate_loaded(not_after: float) -> None:
+    """A certificate valid until ``not_after`` (a Unix time) is served from now on."""
+    TLS_RELOADS.labels(result="loaded").inc()
+    TLS_CERTIFICATE_EXPIRY.set_function(lambda: not_after - time.time())
+
+
+def tls_certificate_failed() -> None:
+    TLS_RELOADS.labels(result="failed").inc()
+
+
+def acme_order(issued: bool) -> None:
+    ACME_ORDERS.labels(result="issued" if issued else "failed").inc()
+
+
+# -- what the notifications (mxspool.notify) call ---------------------------------------------
+
+NOTIFICATIONS = Counter(
+    "mxspool_notifications",
+    "Notifications handed to a [[notify]] target, by result: sent (accepted by the target), "
+    "failed (given up after its retries, or refused for good) or dropped (its target's queue "
+    "was full: the oldest waiting one is dropped).",
+    ["target", "result"],
+    registry=REGISTRY,
+)
+NOTIFICATION_RETRIES = Counter(
+    "mxspool_notification_retries",
+    "Attempts to send a notification that failed and were retried.",
+    ["target"],
+    registry=REGISTRY,
+)
+
+
+def notification(target: str, result: str) -> None:
+    """One notification ``sent``, ``failed`` or ``dropped`` for ``target``."""
+    NOTIFICATIONS.labels(target=target, result=result).inc()
+
+
+def notification_retry(target: str) -> None:
+    NOTIFICATION_RETRIES.labels(target=target).inc()
 
 
 # -- what the store says at scrape time ------------------------------------------------------
@@ -197,3 +322,18 @@ class StoreStatusCollector(Collector):
 
 STORE_STATUS = StoreStatusCollector()
 REGISTRY.register(STORE_STATUS)
+
+
+class MailLogCollector(Collector):
+    """Mail-log lines lost (the writer thread far behind, or the file not writable)."""
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "mxspool_maillog_dropped_lines",
+            "Mail-log lines dropped because the writer was too far behind (its bounded queue "
+            "was full) or the log file could not be written.",
+            value=float(maillog.dropped()),
+        )
+
+
+REGISTRY.register(MailLogCollector())

@@ -20,8 +20,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from mxspool import stage as stages
+from mxspool.actor import audit_actor
+from mxspool.addresses import ascii_lower, parent_domains
 from mxspool.config import Config, split_host_port
 from mxspool.stage import stage
+from mxspool.store import purge
 from mxspool.store.base import (
     EVERY_ROW,
     FINAL_STATES,
@@ -34,15 +38,17 @@ from mxspool.store.base import (
     DomainMode,
     DomainStatus,
     NotFound,
+    PurgeResult,
     QueueEntry,
     QueueFilter,
+    RecipientHold,
     ReportRow,
     Route,
     Store,
     StoredMessage,
     TlsMode,
 )
-from mxspool.units import parse_rate
+from mxspool.units import parse_duration, parse_rate, parse_size
 
 if TYPE_CHECKING:
     from mxspool.delivery.bounce import BounceResult
@@ -64,8 +70,18 @@ REPORT_COLUMNS = (
     "attempts",
     "delivered_at",
     "remote_reply",
+    "sent_sha256",
+    "spf",
+    "dkim",
+    "dmarc",
+    "purged",
 )
-"""The reconciliation report's columns, in docs/interface.md's order."""
+"""The reconciliation report's columns, in docs/interface.md's order. ``sha256`` is of the
+stored bytes; ``sent_sha256`` of the bytes that left for a delivered recipient (with the ARC
+set when sealed); spf, dkim, dmarc are the verdicts at arrival (the message's tags)."""
+
+AUTH_TAGS = ("spf", "dkim", "dmarc")
+"""Report columns read from the message's ``<name>=<result>`` tags."""
 
 STATUS_COUNTS = (
     "held",
@@ -201,6 +217,44 @@ def parse_profile(value: str) -> str | None:
     return text
 
 
+PLUS_SEPARATORS = "+-_=#~&^$"
+"""Characters ``--plus-separator`` takes: dot-atom characters that are not routing syntax."""
+
+
+def parse_max_size(value: str) -> int | None:
+    """Bytes from ``--max-size`` ("36MiB", "150MB", bytes); None for "none" (no own limit)."""
+    text = value.strip()
+    if text.lower() in ("none", "default", ""):
+        return None
+    try:
+        size = parse_size(text)
+    except ValueError as exc:
+        raise OperationError(f"--max-size: {exc}, or none for the profile's default") from None
+    if size < 1024:
+        raise OperationError(
+            f"--max-size {value!r} is under 1 KiB; no real message fits. Give e.g. 36MiB"
+        )
+    return size
+
+
+def parse_plus_separator(value: str) -> str:
+    """The sub-addressing separator: one of PLUS_SEPARATORS, or "" (off)."""
+    if len(value) <= 1 and value in PLUS_SEPARATORS:  # "" is in it: off
+        return value
+    raise OperationError(
+        f"--plus-separator {value!r} is not one of {' '.join(PLUS_SEPARATORS)}; give one of "
+        "those characters, or --no-plus-addressing to switch plus addressing off"
+    )
+
+
+def _describe_gate(domain: Domain) -> str:
+    return (
+        f"max_size={domain.max_size if domain.max_size is not None else '-'} "
+        f"subdomains={'yes' if domain.subdomains else 'no'} "
+        f"plus={domain.plus_separator or 'off'}"
+    )
+
+
 def parse_state(value: str) -> str:
     text = value.strip().lower()
     if text not in QUEUE_STATES:
@@ -250,9 +304,16 @@ async def add_domain(
     tls: str = "verify",
     hold: bool = False,
     profile: str | None = None,
+    max_size: str | None = None,
+    subdomains: bool = False,
+    plus_separator: str = "+",
     actor: str = "cli",
 ) -> Domain:
-    """Configure a domain: mxspool accepts its mail from now on, relaying unless ``hold``."""
+    """Configure a domain: mxspool accepts its mail from now on, relaying unless ``hold``.
+
+    ``max_size`` (e.g. "36MiB"): the largest message its target takes; ``subdomains``: accept,
+    route and hold its subdomains too; ``plus_separator``: sub-addressing ("" = off).
+    """
     domain_name = normalize_domain(name)
     parsed_routes = parse_routes(routes)
     if not parsed_routes and not use_mx:
@@ -268,6 +329,9 @@ async def add_domain(
         tls=parse_tls(tls),
         profile=parse_profile(profile) if profile is not None else None,
         created_at=time.time(),
+        max_size=parse_max_size(max_size) if max_size is not None else None,
+        subdomains=subdomains,
+        plus_separator=parse_plus_separator(plus_separator),
     )
     await store.add_domain(domain)
     await store.record_audit(
@@ -275,7 +339,10 @@ async def add_domain(
         "domain.add",
         domain_name,
         f"mode={domain.mode.value} {_describe_routing(parsed_routes, use_mx)} "
-        f"tls={domain.tls.value} profile={domain.profile or '-'}",
+        f"tls={domain.tls.value} profile={domain.profile or '-'} {_describe_gate(domain)}",
+    )
+    await stages.record(
+        store, domain_name, ["planned", *(["holding"] if hold else [])], actor=actor
     )
     return await _require_domain(store, domain_name)
 
@@ -304,6 +371,73 @@ async def _domain_status(store: Store, domain: Domain, now: float) -> DomainStat
     return DomainStatus(domain=domain.name, mode=domain.mode)
 
 
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    """What ``domain route`` (or ``migration route``, for each of its domains) asks to change;
+    None leaves a field as it is."""
+
+    routes: list[str] | None = None
+    use_mx: bool | None = None
+    tls: str | None = None
+    profile: str | None = None
+    max_size: str | None = None
+    subdomains: bool | None = None
+    plus_separator: str | None = None
+
+    def check(self) -> None:
+        """OperationError when nothing is asked or a value is not valid."""
+        if all(getattr(self, key) is None for key in self.__slots__):
+            raise OperationError(
+                "nothing to change; give --route HOST[:PORT], --mx, --tls MODE, --profile NAME, "
+                "--max-size SIZE, --subdomains or --plus-separator C"
+            )
+        self._parsed()
+
+    def _parsed(self) -> tuple[Any, ...]:
+        return (
+            parse_max_size(self.max_size) if self.max_size is not None else None,
+            parse_plus_separator(self.plus_separator) if self.plus_separator is not None else None,
+            parse_routes(self.routes) if self.routes is not None else None,
+            parse_tls(self.tls) if self.tls is not None else None,
+            parse_profile(self.profile) if self.profile is not None else None,
+        )
+
+    def changes(self, current: Domain) -> DomainChanges:
+        """The changes to ``current``; OperationError when it would have no destination.
+
+        ``routes`` replaces the routes as a whole; when routes are given and ``use_mx`` is
+        not, MX routing is switched off, because a new static route list is a complete
+        statement of where mail should go. ``profile=""`` removes the profile.
+        """
+        new_max_size, new_separator, new_routes, new_tls, new_profile = self._parsed()
+        routes, use_mx = self.routes, self.use_mx
+        effective_mx = use_mx if use_mx is not None else (False if routes else current.use_mx)
+        effective_routes = new_routes if new_routes is not None else current.routes
+        if not effective_routes and not effective_mx:
+            raise OperationError(
+                f"domain {current.name} would have no destination; give --route HOST[:PORT] or --mx"
+            )
+        return DomainChanges(
+            routes=new_routes,
+            use_mx=effective_mx,
+            tls=new_tls,
+            # The store treats "" as "clear the profile" and None as "leave it".
+            profile=(new_profile or "") if self.profile is not None else None,
+            max_size=new_max_size,
+            clear_max_size=self.max_size is not None and new_max_size is None,
+            subdomains=self.subdomains,
+            plus_separator=new_separator,
+        )
+
+
+def describe_route(updated: Domain) -> str:
+    """The audit detail of a route change."""
+    return (
+        f"{_describe_routing(updated.routes, updated.use_mx)} tls={updated.tls.value} "
+        f"profile={updated.profile or '-'} {_describe_gate(updated)}"
+    )
+
+
 async def route_domain(
     store: Store,
     name: str,
@@ -312,44 +446,24 @@ async def route_domain(
     use_mx: bool | None = None,
     tls: str | None = None,
     profile: str | None = None,
+    max_size: str | None = None,
+    subdomains: bool | None = None,
+    plus_separator: str | None = None,
     actor: str = "cli",
 ) -> Domain:
-    """Change where a domain's mail goes.
+    """Change where a domain's mail goes, and its recipient gate.
 
     ``routes`` replaces the routes as a whole; when routes are given and ``use_mx`` is not,
     MX routing is switched off, because a new static route list is a complete statement of
     where mail should go. ``profile=""`` removes the profile.
     """
     domain_name = normalize_domain(name)
-    if routes is None and use_mx is None and tls is None and profile is None:
-        raise OperationError(
-            "nothing to change; give --route HOST[:PORT], --mx, --tls MODE or --profile NAME"
-        )
-    new_routes = parse_routes(routes) if routes is not None else None
-    new_tls = parse_tls(tls) if tls is not None else None
-    new_profile = parse_profile(profile) if profile is not None else None
+    asked = RouteRequest(routes, use_mx, tls, profile, max_size, subdomains, plus_separator)
+    asked.check()
     current = await _require_domain(store, domain_name)
-    effective_mx = use_mx if use_mx is not None else (False if routes else current.use_mx)
-    effective_routes = new_routes if new_routes is not None else current.routes
-    if not effective_routes and not effective_mx:
-        raise OperationError(
-            f"domain {domain_name} would have no destination; give --route HOST[:PORT] or --mx"
-        )
-    changes = DomainChanges(
-        routes=new_routes,
-        use_mx=effective_mx,
-        tls=new_tls,
-        # The store treats "" as "clear the profile" and None as "leave it".
-        profile=(new_profile or "") if profile is not None else None,
-    )
+    changes = asked.changes(current)
     updated = await store.update_domain(domain_name, changes)
-    await store.record_audit(
-        actor,
-        "domain.route",
-        domain_name,
-        f"{_describe_routing(updated.routes, updated.use_mx)} tls={updated.tls.value} "
-        f"profile={updated.profile or '-'}",
-    )
+    await store.record_audit(actor, "domain.route", domain_name, describe_route(updated))
     return updated
 
 
@@ -359,6 +473,7 @@ async def hold_domain(store: Store, name: str, *, actor: str = "cli") -> Domain:
     current = await _require_domain(store, domain_name)
     updated = await store.update_domain(domain_name, DomainChanges(mode=DomainMode.HOLD))
     await store.record_audit(actor, "domain.hold", domain_name, f"was={current.mode.value}")
+    await stages.record(store, domain_name, ["holding"], actor=actor)
     return updated
 
 
@@ -395,7 +510,12 @@ async def release_domain(
         domain = current
         if rate_value is not None:
             domain = await store.update_domain(domain_name, DomainChanges(rate=rate_value))
+        # A recipient hold (hold --recipient) of the address ends here too: its rows are due.
+        unheld = await store.release_recipient_hold(address)
         count = await store.release_recipient(domain_name, address)
+        if unheld is not None:
+            count = max(count, unheld)
+            rate_detail += f" recipient_hold={unheld}"
         await store.record_audit(
             actor, "domain.release", domain_name, f"only={address} recipients={count}{rate_detail}"
         )
@@ -411,6 +531,8 @@ async def release_domain(
     await store.record_audit(
         actor, "domain.release", domain_name, f"was={current.mode.value}{rate_detail}"
     )
+    if was_held:
+        await stages.record(store, domain_name, ["released"], actor=actor, at=at)
     return ReleaseResult(updated)
 
 
@@ -541,6 +663,77 @@ async def queue_retry(
     return count
 
 
+async def queue_flush(
+    store: Store, domain: str | None = None, *, actor: str = "cli", now: float | None = None
+) -> int:
+    """Make every deferred recipient due now (``postqueue -f``), of one domain or all: for when
+    a route comes back. Mail in hold and recipient holds stay; the recipients made due."""
+    domain_name = normalize_domain(domain) if domain else None
+    if domain_name is not None:
+        await _require_domain(store, domain_name)
+    count = await store.flush_queue(time.time() if now is None else now, domain_name)
+    await store.record_audit(actor, "queue.flush", domain_name or "*", f"recipients={count}")
+    return count
+
+
+async def hold_recipient(store: Store, address: str, *, actor: str = "cli") -> RecipientHold:
+    """Keep one mailbox's mail (and its sub-addresses') held while its domain is released,
+    until ``domain release DOMAIN --only ADDRESS``; new mail for it is held too."""
+    local, at, domain_part = address.strip().rpartition("@")
+    if not at or not local or any(char in local for char in ' "<>\\'):
+        raise OperationError(f"{address!r} is not an address; give it as user@example.com")
+    domain_name = normalize_domain(domain_part)
+    configured = {item.name: item for item in await store.list_domains()}
+    owner = configured.get(domain_name)
+    if owner is None:
+        owner = next(
+            (
+                configured[name]
+                for name in parent_domains(domain_name)
+                if name in configured and configured[name].subdomains
+            ),
+            None,
+        )
+    if owner is None:
+        raise OperationError(
+            f"{domain_name} is not a configured domain; 'mxspool domain list' shows them",
+            exit_code=1,
+        )
+    key = f"{ascii_lower(local)}@{domain_name}"
+    separator = owner.plus_separator
+    base = ascii_lower(local).split(separator, 1)[0] if separator else ascii_lower(local)
+    hold = RecipientHold(
+        address=key,
+        domain=domain_name,
+        # A sub-address (local+tag) of the held address lands in the same mailbox: held too.
+        # Holding a sub-address holds only itself.
+        prefix=f"{base}{separator}" if separator and base == ascii_lower(local) else "",
+        suffix=f"@{domain_name}",
+        created_at=time.time(),
+        actor=audit_actor(actor),
+    )
+    marked = await store.hold_recipient(hold)
+    await store.record_audit(actor, "recipient.hold", key, f"recipients={marked}")
+    holds = await store.recipient_holds(domain_name)
+    return next((item for item in holds if item.address == key), hold)
+
+
+async def recipient_holds(store: Store, domain: str | None = None) -> list[RecipientHold]:
+    """Every recipient hold (of ``domain``), with the messages each keeps."""
+    return await store.recipient_holds(normalize_domain(domain) if domain else None)
+
+
+def recipient_hold_to_dict(hold: RecipientHold) -> dict[str, Any]:
+    return {
+        "address": hold.address,
+        "domain": hold.domain,
+        "sub_addresses": bool(hold.prefix),
+        "held": hold.held,
+        "since": iso_time(hold.created_at),
+        "by": hold.actor,
+    }
+
+
 # -- status, report, audit -----------------------------------------------------------------
 
 
@@ -557,8 +750,8 @@ def status_entry_to_dict(entry: DomainStatus) -> dict[str, Any]:
     return data
 
 
-STAGE_AUDIT_LIMIT = 10_000
-"""Audit entries read to derive each domain's migration stage (``mxspool.stage``)."""
+STAGE_EVENT_LIMIT = 10_000
+"""Stage events read for each domain's migration stage (``mxspool.stage``)."""
 
 
 async def status(store: Store, now: float | None = None) -> dict[str, Any]:
@@ -569,15 +762,19 @@ async def status(store: Store, now: float | None = None) -> dict[str, Any]:
     entries = await store.status(time.time() if now is None else now)
     domains = [status_entry_to_dict(entry) for entry in entries]
     configured = {domain.name: domain for domain in await store.list_domains()}
-    audit = await store.list_audit(STAGE_AUDIT_LIMIT) if configured else []
+    events = await store.stage_events(list(configured), STAGE_EVENT_LIMIT) if configured else []
     for row, entry in zip(domains, entries, strict=True):
         known = configured.get(entry.domain)
-        row["stage"] = stage(known, entry, audit) if known is not None else None
+        row["stage"] = stage(known, entry, events) if known is not None else None
     totals: dict[str, Any] = {key: sum(row[key] for row in domains) for key in STATUS_COUNTS}
     ages = [row["oldest_pending_age_s"] for row in domains if row["oldest_pending_age_s"]]
     totals["oldest_pending_age_s"] = max(ages) if ages else None
     totals["delivery_rate_per_min"] = sum(row["delivery_rate_per_min"] for row in domains)
-    return {"domains": domains, "totals": totals}
+    result: dict[str, Any] = {"domains": domains, "totals": totals}
+    holds = await store.recipient_holds()
+    if holds:  # hold --recipient; the key is there only when there are some
+        result["recipient_holds"] = [recipient_hold_to_dict(item) for item in holds]
+    return result
 
 
 @dataclass(frozen=True, slots=True)
@@ -601,6 +798,27 @@ async def check_store(store: Store, *, repair: bool = False, actor: str = "cli")
             actor, "store.repair", "recipient_counts", f"counters reset={len(drift)}"
         )
     return StoreCheck(drift, repaired=repair and bool(drift))
+
+
+async def purge_delivered(
+    store: Store, older_than: str | float, *, dry_run: bool = False, actor: str = "cli"
+) -> PurgeResult:
+    """Drop the bodies of mail delivered longer than ``older_than`` ago (e.g. ``30d``); the
+    ledger rows stay (see store/purge.py)."""
+    try:
+        age = parse_duration(older_than)
+    except ValueError as exc:
+        raise OperationError(f"--delivered-older-than: {exc} (e.g. 30d, 12h)") from None
+    if age < 3600:
+        raise OperationError(
+            f"--delivered-older-than {older_than} is under an hour; purge is for retention "
+            "(e.g. 30d), not to empty the spool"
+        )
+    result = await store.purge_delivered(time.time() - age, dry_run=dry_run)
+    if not dry_run:
+        detail = f"older_than={older_than} messages={result.messages} bytes={result.bytes}"
+        await store.record_audit(actor, "store.purge", "delivered", detail)
+    return result
 
 
 def store_check_to_dict(check: StoreCheck) -> dict[str, Any]:
@@ -640,7 +858,20 @@ def report_row_to_dict(row: ReportRow) -> dict[str, Any]:
         "attempts": row.attempts,
         "delivered_at": iso_time(row.delivered_at),
         "remote_reply": row.remote_reply,
+        "sent_sha256": row.sent_sha256,
+        **_auth_tags(row.tags),
+        "purged": purge.purged_at(row.tags),  # when `mxspool purge` dropped the body
     }
+
+
+def _auth_tags(tags: tuple[str, ...]) -> dict[str, str | None]:
+    """``{"spf": "pass", "dkim": None, ...}`` from tags like ``spf=pass``."""
+    found: dict[str, str | None] = dict.fromkeys(AUTH_TAGS)
+    for tag in tags:
+        name, sep, result = tag.partition("=")
+        if sep and name in found:
+            found[name] = result
+    return found
 
 
 async def report(store: Store, domain: str | None = None) -> AsyncIterator[dict[str, Any]]:
@@ -679,6 +910,9 @@ def domain_to_dict(domain: Domain) -> dict[str, Any]:
         "tls": domain.tls.value,
         "rate_per_s": domain.rate,
         "profile": domain.profile,
+        "max_size": domain.max_size,
+        "subdomains": domain.subdomains,
+        "plus_separator": domain.plus_separator or None,
         "created_at": iso_time(domain.created_at),
         "released_at": iso_time(domain.released_at),
     }

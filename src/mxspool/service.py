@@ -9,14 +9,19 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable
 
-from mxspool.config import Config, split_host_port
+from mxspool import liveness, maillog, sdnotify
+from mxspool.config import Config, ConfigError, split_host_port
+from mxspool.intake.auth import Authenticator
 from mxspool.intake.domains import DomainTable
-from mxspool.intake.listener import Intake, server_ssl_context
-from mxspool.intake.spf import SpfChecker
-from mxspool.store import Store, StoreError, create_store
+from mxspool.intake.listener import Intake
+from mxspool.store import MissingDependency, Store, StoreError, create_store
+from mxspool.store.serverlock import SpoolLock
 from mxspool.store.sqlite import sqlite_path
+from mxspool.tls.certinfo import CertificateError
+from mxspool.tls.serving import ServerTls
 
 log = logging.getLogger("mxspool")
 
@@ -27,8 +32,18 @@ Component = Callable[[Config, Store, DomainTable], Awaitable[None]]
 def _default_components() -> list[Component]:
     from mxspool.admin import admin_component
     from mxspool.delivery.scheduler import delivery_component
+    from mxspool.migrate.migration import component as migration_component
+    from mxspool.notify.component import notify_component
+    from mxspool.retention import retention_component
 
-    return [delivery_component, admin_component]
+    # migration_component: scheduled releases (`migration release --at`) and stage events.
+    return [
+        delivery_component,
+        admin_component,
+        notify_component,
+        migration_component,
+        retention_component,  # [store] purge_delivered_after
+    ]
 
 
 extra_components: list[Component] = _default_components()
@@ -66,10 +81,22 @@ async def start_listeners(config: Config, intake: Intake) -> list[asyncio.Server
     return servers
 
 
-async def run(config: Config, ready: asyncio.Event | None = None) -> None:
-    """Run a node until cancelled or signalled."""
+async def run(
+    config: Config,
+    ready: asyncio.Event | None = None,
+    notifier: sdnotify.Notifier | None = None,
+) -> None:
+    """Run a node until cancelled or signalled; tells systemd (``notifier``) READY=1 once the
+    store is open and every SMTP listener accepts, STOPPING=1 when it starts shutting down."""
+    notifier = notifier or sdnotify.Notifier(None)
     store = create_store(config.store.url)
-    await store.open()
+    lock = _spool_lock(config)  # restore refuses while it is held
+    try:
+        await store.open()
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -81,9 +108,10 @@ async def run(config: Config, ready: asyncio.Event | None = None) -> None:
     try:
         domains = DomainTable()
         await domains.refresh(store)
-        ssl_context = None
-        if config.smtp.tls_enabled:
-            ssl_context = server_ssl_context(config.smtp.tls_cert, config.smtp.tls_key)
+        tls = ServerTls(config)  # certificate reloads (files, SIGHUP) and ACME
+        ssl_context = tls.initial_context()
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signal.SIGHUP, tls.reload_now)
         intake = Intake(
             config.smtp,
             store,
@@ -91,18 +119,28 @@ async def run(config: Config, ready: asyncio.Event | None = None) -> None:
             min_free_space=config.store.min_free_space,
             spill_dir=_spill_dir(config),
             ssl_context=ssl_context,
-            spf=SpfChecker.from_config(config),
+            auth=Authenticator.from_config(config, store),
         )
+        if intake.auth is not None:  # its workers; messages left without a verdict
+            tasks.append(asyncio.create_task(intake.auth.run(time.time()), name="auth"))
         tasks.append(asyncio.create_task(domains.follow(store), name="domains"))
+        for work in tls.start(intake.set_ssl_context):
+            tasks.append(asyncio.create_task(_guard(work)))
         for component in extra_components:
             tasks.append(asyncio.create_task(_guard(component(config, store, domains))))
         servers = await start_listeners(config, intake)
+        liveness.NODE.listeners = lambda: bool(servers) and all(s.is_serving() for s in servers)
         log.info("mxspool ready (store %s)", config.store.url)
+        notifier.ready(f"accepting mail on {', '.join(config.smtp.listen)}")
+        watchdog = sdnotify.start_watchdog(notifier)
+        if watchdog is not None:
+            tasks.append(watchdog)
         if ready is not None:
             ready.set()
         await stop.wait()
         log.info("shutting down")
     finally:
+        notifier.stopping("shutting down")
         for server in servers:
             server.close()
         for task in tasks:
@@ -113,9 +151,24 @@ async def run(config: Config, ready: asyncio.Event | None = None) -> None:
             # and a duplicate is possible, never a loss); everything else is cut.
             await asyncio.sleep(0)
             intake.close_all()
-            if intake.spf is not None:
-                intake.spf.close()  # queued SPF checks are dropped, not run at exit
+            if intake.auth is not None:
+                # Checks in progress are dropped (judged by the background pass at the next
+                # start); verdicts already computed are written; the worker processes end.
+                intake.auth.close()
+                await intake.auth.drain()
         await store.close()
+        liveness.NODE.listeners = None
+        if lock is not None:
+            lock.release()
+
+
+def _spool_lock(config: Config) -> SpoolLock | None:
+    """A SQLite spool's serve lock, taken (see store.serverlock); None for PostgreSQL."""
+    if not config.store.url.startswith("sqlite:///"):
+        return None
+    lock = SpoolLock(sqlite_path(config.store.url), "mxspool serve")
+    lock.acquire()
+    return lock
 
 
 async def _guard(work: Awaitable[None]) -> None:
@@ -145,19 +198,43 @@ def serve(config: Config) -> int:
         stream=sys.stderr,
     )
     from mxspool.admin import AdminConfigError, check_config
+    from mxspool.delivery.arc import ArcSealer
+    from mxspool.delivery.arckey import ArcKeyError
+    from mxspool.delivery.identity import IdentityError, outbound_identity
+    from mxspool.notify.build import build_targets
 
     try:
         check_config(config)
-    except AdminConfigError as exc:
+        build_targets(config)  # [[notify]] secret_file readable
+        outbound_identity(config.delivery)  # source_address local, client cert and key usable
+        ArcSealer.from_config(config)  # [arc] key_file readable, an RSA key
+    except (AdminConfigError, IdentityError, ArcKeyError, ConfigError) as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        maillog.start(config.log)  # the mail log's writer thread (mxspool.maillog)
+    except maillog.LogFileError as exc:
         log.error("%s", exc)
         return 2
     flavour = _install_uvloop()
     log.info("event loop: %s; configuration: %s", flavour, config.source)
+    notifier = sdnotify.Notifier.from_environ()
     try:
-        asyncio.run(run(config))
+        asyncio.run(run(config, notifier=notifier))
+    except MissingDependency as exc:
+        log.error("%s", exc)
+        notifier.status(str(exc))
+        return 2
+    except CertificateError as exc:
+        log.error("STARTTLS cannot start: %s; fix [smtp] tls_cert / tls_key", exc)
+        notifier.status(str(exc))
+        return 2
     except StoreError as exc:
         log.error("%s", exc)
+        notifier.status(str(exc))
         return 1
     except KeyboardInterrupt:
         pass
+    finally:
+        maillog.stop()  # what is queued is written
     return 0

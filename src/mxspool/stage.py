@@ -1,8 +1,8 @@
-"""Where a domain stands in its migration, from what mxspool knows.
+"""Where a domain stands in its migration: typed events recorded when the actions happen.
 
 The stages, in order (the operator's story in docs/design.md):
 
-    planned        the domain is configured (or a runbook was made for it)
+    planned        the domain was added (``domain add``, ``migration create``)
     mx-to-spooler  `check dns` saw MX at the spooler
     relaying       relay mode and mail (other than probes) came in through the spooler
     holding        in hold: detached from the source tenant, mail accumulating
@@ -10,75 +10,111 @@ The stages, in order (the operator's story in docs/design.md):
     mx-to-target   after the release, `check dns` saw MX at the domain's route (the target)
     done           MX at the target and every recipient final (delivered, bounced, discarded)
 
-The stage is derived, never stored: from the domain's mode and counts and from the audit log
-(``check.dns`` entries record where MX pointed: ``mx=spooler`` / ``mx=route``). A domain that
-goes back (held again after a release) shows its current stage, not its best one.
+Each is a ``StageEvent`` row written by the action itself (``operations`` for add, hold and
+release, ``migrate.actions`` for ``check dns``, the serve's background task for ``relaying``
+and ``done``, which come from counters, so the intake never writes per message). The current
+stage is the last event's, so a domain that goes back (held again after a release) shows where
+it is now, not its best. Beside the stages, the manual steps the runbook asks the engineer to
+confirm (``MANUAL_STEPS``: detached from the source tenant, attached to and verified in the
+target) are events too; they do not move the stage. This module is the one home of the rules:
+``status``, the checklist and the migration views all read stages through it.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
-from mxspool.store.base import AuditEntry, Domain, DomainMode, DomainStatus
+from mxspool.store.base import Domain, DomainMode, DomainStatus, StageEvent, Store
 
 STAGES = ("planned", "mx-to-spooler", "relaying", "holding", "released", "mx-to-target", "done")
 
+MANUAL_STEPS = ("detached", "attached", "verified")
+"""Confirmed by the engineer (``migration step``): the domain was detached from the source
+tenant, attached to the target tenant, verified there."""
 
-def _mine(domain: str, audit: Sequence[AuditEntry]) -> list[AuditEntry]:
-    return sorted((entry for entry in audit if entry.target == domain), key=lambda e: e.at)
+PRE_RELAY = ("planned", "mx-to-spooler")
+"""Stages from which the first real mail makes the domain ``relaying``."""
 
 
-def mx_seen(entries: Sequence[AuditEntry], where: str, after: float = 0.0) -> AuditEntry | None:
-    """The last ``check dns`` entry at or after ``after`` that saw MX at ``where``."""
+def of_domain(domain: str, events: Sequence[StageEvent]) -> list[StageEvent]:
+    """The domain's events (stages and manual steps), oldest first."""
+    return [event for event in events if event.domain == domain]
+
+
+def last_stage_event(domain: str, events: Sequence[StageEvent]) -> StageEvent | None:
     found = None
-    for entry in entries:
-        if entry.action == "check.dns" and entry.at >= after and f"mx={where}" in entry.detail:
-            found = entry
+    for event in events:
+        if event.domain == domain and event.stage in STAGES:
+            found = event
     return found
 
 
-def hold_started(domain: Domain, entries: Sequence[AuditEntry]) -> float | None:
-    """When the domain was last put in hold (None: never)."""
-    at = None
-    for entry in entries:
-        if entry.action == "domain.hold" or (
-            entry.action == "domain.add" and "mode=hold" in entry.detail
-        ):
-            at = entry.at
-    if at is None and domain.mode is DomainMode.HOLD:
-        at = domain.created_at
-    return at
+def stage(domain: Domain, status: DomainStatus, events: Sequence[StageEvent]) -> str:
+    """The domain's current stage (one of STAGES); ``events`` may hold other domains' too."""
+    last = last_stage_event(domain.name, events)
+    if last is None:
+        # Configured before stages were recorded: what the domain's mode says.
+        if domain.mode is DomainMode.HOLD:
+            return "holding"
+        return "released" if domain.released_at is not None else "planned"
+    if last.stage in ("mx-to-target", "done"):
+        # Final once nothing is left; new mail after "done" reopens it until delivered.
+        return "done" if status.unfinished == 0 else "mx-to-target"
+    return last.stage
 
 
-def released_at(domain: Domain, entries: Sequence[AuditEntry]) -> float | None:
-    """When the hold was last released as a whole (not a canary); None while held."""
-    if domain.mode is DomainMode.HOLD:
-        return None
-    at = None
-    for entry in entries:
-        if entry.action == "domain.release" and "was=hold" in entry.detail:
-            at = entry.at
-    return at if at is not None else domain.released_at
+def steps_confirmed(domain: str, events: Sequence[StageEvent]) -> dict[str, StageEvent]:
+    """The manual steps confirmed for the domain: the last confirmation of each."""
+    return {
+        event.stage: event
+        for event in events
+        if event.domain == domain and event.stage in MANUAL_STEPS
+    }
 
 
-def stage(domain: Domain, status: DomainStatus, audit: Sequence[AuditEntry]) -> str:
-    """The domain's current stage (one of STAGES)."""
-    entries = _mine(domain.name, audit)
-    total = status.total
-    open_count = status.unfinished
-    released = released_at(domain, entries)
-    if released is not None:
-        if mx_seen(entries, "route", after=released) is not None:
-            return "done" if open_count == 0 else "mx-to-target"
-        return "released"
-    if domain.mode is DomainMode.HOLD:
-        return "holding"
-    at_spooler = mx_seen(entries, "spooler") is not None
-    # Probes (one recipient each) come through the spooler before the cut-over too: only other
-    # mail shows that MX points here.
-    probes = sum(1 for entry in entries if entry.action == "probe")
-    if total - probes > 0:
+def after_dns_check(current: str, mx_at: str, status: DomainStatus) -> list[str]:
+    """The stages a ``check dns`` result moves the domain to (``mx_at``: spooler, route...)."""
+    if mx_at == "spooler" and current == "planned":
+        return ["mx-to-spooler"]
+    if mx_at == "route" and current == "released":
+        return ["mx-to-target", *(["done"] if status.unfinished == 0 else [])]
+    return []
+
+
+def from_counters(current: str, domain: Domain, status: DomainStatus, probes: int) -> str | None:
+    """The stage the counters show the domain reached, if its last event is behind: real mail
+    (not probes) relayed makes it ``relaying``; nothing left after MX moved makes it ``done``."""
+    if current in PRE_RELAY and domain.mode is DomainMode.RELAY and status.total > probes:
         return "relaying"
-    if at_spooler:
-        return "mx-to-spooler"
-    return "planned"
+    if current == "mx-to-target" and status.unfinished == 0:
+        return "done"
+    return None
+
+
+async def migration_of(store: Store, domain: str) -> str | None:
+    """The migration the domain belongs to, if any."""
+    for migration in await store.list_migrations():
+        if domain in migration.domains:
+            return migration.name
+    return None
+
+
+async def record(
+    store: Store,
+    domain: str,
+    stages: Sequence[str],
+    *,
+    actor: str,
+    detail: str = "",
+    migration: str | None = None,
+    at: float | None = None,
+) -> None:
+    """Record that ``domain`` reached ``stages`` (in order), naming its migration."""
+    if not stages:
+        return
+    name = migration if migration is not None else await migration_of(store, domain)
+    when = time.time() if at is None else at
+    await store.record_stage_events(
+        [StageEvent(domain, item, when, actor, detail, name) for item in stages]
+    )

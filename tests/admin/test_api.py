@@ -384,6 +384,11 @@ def test_messages_report_and_metrics(admin_node: AdminNode, target: Target) -> N
         "attempts",
         "delivered_at",
         "remote_reply",
+        "sent_sha256",
+        "spf",
+        "dkim",
+        "dmarc",
+        "purged",
     ]
     assert api.get("/api/v1/report", params={"domain": "none.test"}).json() == []
     api.close()

@@ -43,6 +43,7 @@ def node(
             "idle_timeout": "2s",
             "tls_cert": str(cert_path),
             "tls_key": str(key_path),
+            "bare_newlines": "reject",  # not the default: these tests pin the 500 5.5.2 path
         },
     )
     spooler.cli("domain", "add", "example.test", "--route", "127.0.0.1:2526", "--hold")

@@ -81,10 +81,10 @@ def test_normalize_mode_stores_crlf_and_keeps_reading_to_the_real_end(
     client.close()
     stored = node.cli("queue", "export", queue_id, binary=True).stdout
     _, rest = split_received(stored)
-    # The lone-dot line is unstuffed like any line after a real CRLF (as Postfix's
-    # "normalize" does): the end marker is only a genuine <CRLF>.<CRLF>.
+    # The lone-dot line ended by a bare LF is neither the end nor content: it is dropped, as
+    # Postfix's "normalize" does; the end marker is only a genuine <CRLF>.<CRLF>.
     assert rest == (
-        b"Subject: norm\r\nX-A: b\r\n\r\nline one\r\nline two\r\n\r\nMAIL FROM:<evil@x.test>\r\n"
+        b"Subject: norm\r\nX-A: b\r\n\r\nline one\r\nline two\r\nMAIL FROM:<evil@x.test>\r\n"
     )
     conn = sqlite3.connect(node.db)
     try:

@@ -113,7 +113,8 @@ def test_check_recipients_ready_and_not_ready(mxcli: Cli, tls_target: Target) ->
     }
     carol = next(item for item in data["recipients"] if item["address"].startswith("carol"))
     assert "does not exist at the target yet" in carol["hint"]
-    assert (data["checked"], data["ready"], data["not_ready"]) == (4, 2, 2)
+    # dave's 450 is a temporary refusal: unknown, not "not ready" (issue 11).
+    assert (data["checked"], data["ready"], data["not_ready"], data["unknown"]) == (4, 2, 1, 1)
     assert tls_target.recorder.received == []
     table = mxcli("check", "recipients", DOMAIN, code=1).output
     assert "not ready" in table and "2 of 4 recipients ready" in table

@@ -13,7 +13,7 @@ import csv
 import io
 import json
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,7 +93,7 @@ async def list_domains(call: Call) -> Response:
 
 
 async def add_domain(call: Call) -> Response:
-    fields = Fields(call.body, ("domain", "routes", "mx", "tls", "hold", "profile"))
+    fields = Fields(call.body, ("domain", "routes", "mx", "tls", "hold", "profile", *_GATE))
     domain = await ops.add_domain(
         call.admin.store,
         fields.required_text("domain"),
@@ -102,9 +102,25 @@ async def add_domain(call: Call) -> Response:
         tls=fields.text("tls", "verify") or "verify",
         hold=bool(fields.flag("hold", False)),
         profile=fields.text("profile"),
+        max_size=_max_size(call.body, fields),
+        subdomains=bool(fields.flag("subdomains", False)),
+        plus_separator=fields.text("plus_separator", "+") or "",
         actor=call.actor,
     )
     return _json(ops.domain_to_dict(domain), 201)
+
+
+_GATE = ("max_size", "subdomains", "plus_separator")
+"""The recipient gate's fields, as ``domain add|route --max-size --subdomains
+--plus-separator`` ("plus_separator": "" switches plus addressing off)."""
+
+
+def _max_size(body: Mapping[str, Any], fields: Fields) -> str | None:
+    """``max_size`` as bytes (a number) or a size text ("36MiB"); "none" clears it."""
+    value = body.get("max_size")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return fields.text("max_size")
 
 
 async def get_domain(call: Call) -> Response:
@@ -113,9 +129,14 @@ async def get_domain(call: Call) -> Response:
 
 
 async def patch_domain(call: Call) -> Response:
-    fields = Fields(call.body, ("routes", "mx", "tls", "profile"))
-    if not any(fields.given(key) for key in ("routes", "mx", "tls", "profile")):
-        raise ApiError(422, "invalid", "nothing to change; give routes, mx, tls or profile")
+    fields = Fields(call.body, ("routes", "mx", "tls", "profile", *_GATE))
+    if not any(fields.given(key) for key in ("routes", "mx", "tls", "profile", *_GATE)):
+        raise ApiError(
+            422,
+            "invalid",
+            "nothing to change; give routes, mx, tls, profile, max_size, subdomains or "
+            "plus_separator",
+        )
     domain = await ops.route_domain(
         call.admin.store,
         call.path("domain"),
@@ -123,6 +144,9 @@ async def patch_domain(call: Call) -> Response:
         use_mx=fields.flag("mx"),
         tls=fields.text("tls"),
         profile=fields.text("profile"),
+        max_size=_max_size(call.body, fields),
+        subdomains=fields.flag("subdomains"),
+        plus_separator=fields.text("plus_separator"),
         actor=call.actor,
     )
     return _json(ops.domain_to_dict(domain))
@@ -240,23 +264,32 @@ async def get_report(call: Call) -> Response:
     """The reconciliation report, streamed: a JSON array (as ``report --format json``) or CSV."""
     fmt = query_choice(call.request, "format", ("json", "csv"), "json")
     domain = query_str(call.request, "domain")
-    rows = ops.report(call.admin.store, domain)
-    first = await anext(rows, None)  # bad domain names fail here, as a 422
+    return await report_response(
+        ops.report(call.admin.store, domain),  # bad domain names fail at the first row: a 422
+        ops.REPORT_COLUMNS,
+        fmt,
+        csv_headers={"Content-Disposition": 'attachment; filename="mxspool-report.csv"'},
+    )
 
-    if fmt == "csv":
 
-        async def csv_body() -> AsyncIterator[bytes]:
-            yield _csv_line(list(ops.REPORT_COLUMNS))
-            if first is not None:
-                yield _csv_line(_csv_cells(first))
-            async for row in rows:
-                yield _csv_line(_csv_cells(row))
+async def report_response(
+    rows: AsyncIterator[dict[str, Any]],
+    columns: Sequence[str],
+    fmt: str,
+    *,
+    csv_headers: Mapping[str, str] | None = None,
+) -> Response:
+    """A reconciliation report streamed as CSV (``columns``, in order) or as a JSON array (as
+    ``report --format json``). The first row is read before the response starts, so an error
+    (an unknown domain or migration) is still an error status, not a cut-off body."""
+    first = await anext(rows, None)
 
-        return StreamingResponse(
-            csv_body(),
-            media_type="text/csv; charset=utf-8",
-            headers={"Content-Disposition": 'attachment; filename="mxspool-report.csv"'},
-        )
+    async def csv_body() -> AsyncIterator[bytes]:
+        yield _csv_line(list(columns))
+        if first is not None:
+            yield _csv_line(csv_cells(first[key] for key in columns))
+        async for row in rows:
+            yield _csv_line(csv_cells(row[key] for key in columns))
 
     async def json_body() -> AsyncIterator[bytes]:
         if first is None:
@@ -267,15 +300,15 @@ async def get_report(call: Call) -> Response:
             yield b",\n  " + _dumps(row)
         yield b"\n]\n"
 
+    if fmt == "csv":
+        return StreamingResponse(
+            csv_body(), media_type="text/csv; charset=utf-8", headers=csv_headers
+        )
     return StreamingResponse(json_body(), media_type="application/json")
 
 
 def _dumps(row: dict[str, Any]) -> bytes:
     return json.dumps(row, ensure_ascii=False).encode()
-
-
-def _csv_cells(row: dict[str, Any]) -> list[str]:
-    return csv_cells(row[key] for key in ops.REPORT_COLUMNS)
 
 
 def _csv_line(cells: list[str]) -> bytes:

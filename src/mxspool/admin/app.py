@@ -16,7 +16,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mxspool import metrics
-from mxspool.admin import api, dashboard
+from mxspool.admin import api, dashboard, migration_pages, migrations, readyz
 from mxspool.admin.auth import host_policy
 from mxspool.admin.context import AdminContext, context_of
 from mxspool.admin.errors import ApiError, error_response
@@ -148,11 +148,14 @@ def create_app(admin: AdminContext) -> Starlette:
 
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz.readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/static/{name}", static_file, methods=["GET"]),
         Route("/favicon.ico", lambda request: Response(status_code=204), methods=["GET"]),
+        *migrations.routes,  # before api.routes: its last route is the /api/v1 catch-all
         *api.routes,
         *dashboard.routes,
+        *migration_pages.routes,
     ]
     app = Starlette(
         routes=routes,
@@ -163,4 +166,5 @@ def create_app(admin: AdminContext) -> Starlette:
         exception_handlers={HTTPException: http_error},
     )
     app.state.admin = admin
+    app.state.readyz_probe = readyz.StoreProbe()
     return app

@@ -1,7 +1,8 @@
 """Who may use the admin plane: bearer tokens for scripts, a session cookie for the dashboard.
 
-Tokens come from ``[admin] token`` (named "api") and ``[admin] token_file`` (named "token");
-the name is the audit log's actor for actions taken with it. Every presented token is compared
+Tokens come from ``[admin] token`` (named "api"), ``[admin] token_file`` (named "token") and
+``[[admin.tokens]]`` entries, each with its own ``name`` (one per person or script); the name is
+the audit log's actor for actions taken with it. Every presented token is compared
 with every configured one by ``hmac.compare_digest``, so timing says nothing about the token.
 
 The dashboard signs in once with a token and then carries a random session id in an HttpOnly,
@@ -50,25 +51,63 @@ class Token:
     secret: bytes
 
 
+MIN_NAMED_TOKEN = 16
+"""Characters a named token must have at least (``secrets.token_urlsafe(32)`` gives 43)."""
+
+
+def _read_token_file(path: Path, setting: str) -> str:
+    """The first line of a token file; AdminConfigError when unreadable or empty."""
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise AdminConfigError(
+            f"cannot read {setting} {path}: {reason}; "
+            "create it with the token on one line, or remove the setting"
+        ) from None
+    if not text:
+        raise AdminConfigError(f"{setting} {path} is empty; put the token on its first line")
+    return text.splitlines()[0].strip()
+
+
 def load_tokens(admin: AdminConfig) -> tuple[Token, ...]:
-    """The configured tokens; AdminConfigError when token_file is unreadable or empty."""
+    """The configured tokens: ``token`` (named "api"), ``token_file`` (named "token") and each
+    ``[[admin.tokens]]`` under its own name; AdminConfigError when a file is unreadable or empty,
+    a name is used twice or reserved, or two tokens are the same secret (the audit log could not
+    tell them apart)."""
     tokens: list[Token] = []
     if admin.token:
         tokens.append(Token("api", admin.token.encode()))
     if admin.token_file:
-        path = Path(admin.token_file)
-        try:
-            text = path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
+        secret = _read_token_file(Path(admin.token_file), "[admin] token_file")
+        tokens.append(Token("token", secret.encode()))
+    for entry in admin.tokens:
+        where = f"[[admin.tokens]] {entry.name!r}"
+        secret = entry.token or _read_token_file(Path(entry.token_file), f"{where} token_file")
+        if len(secret) < MIN_NAMED_TOKEN:
             raise AdminConfigError(
-                f"cannot read [admin] token_file {path}: {exc.strerror or exc}; "
-                "create it with the token on one line, or remove token_file"
-            ) from None
-        if not text:
-            raise AdminConfigError(
-                f"[admin] token_file {path} is empty; put the token on its first line"
+                f"{where}: the token has {len(secret)} characters, fewer than {MIN_NAMED_TOKEN}; "
+                "make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
             )
-        tokens.append(Token("token", text.splitlines()[0].strip().encode()))
+        tokens.append(Token(entry.name, secret.encode()))
+    names = [token.name for token in tokens]
+    for token in tokens:
+        if token.name == DASHBOARD_ACTOR:
+            raise AdminConfigError(
+                f'the token name "{DASHBOARD_ACTOR}" is reserved for dashboard sessions in the '
+                "audit log; choose another name"
+            )
+        if names.count(token.name) > 1:
+            raise AdminConfigError(
+                f'two admin tokens are named {token.name!r} ([admin] token is named "api", '
+                '[admin] token_file "token"); give each [[admin.tokens]] its own name'
+            )
+    secrets_seen = [token.secret for token in tokens]
+    if len(set(secrets_seen)) < len(secrets_seen):
+        raise AdminConfigError(
+            "two admin tokens have the same value, so the audit log could not tell who acted; "
+            "give each its own token"
+        )
     return tuple(tokens)
 
 
@@ -81,7 +120,8 @@ def admin_address(admin: AdminConfig, tokens: tuple[Token, ...]) -> tuple[str, i
     if not is_loopback(host) and not tokens:
         raise AdminConfigError(
             f"the admin API would listen on {admin.listen} without a token, so anyone who can "
-            "reach it could release or discard mail; set [admin] token (or token_file), or "
+            "reach it could release or discard mail; set [admin] token (or token_file, or "
+            "[[admin.tokens]] entries), or "
             'listen on a loopback address such as "127.0.0.1:8025"'
         )
     return host, port

@@ -1,10 +1,11 @@
 """The migration checklist of one domain: the operator's story (docs/design.md), with progress.
 
-Each step is judged from what mxspool knows: the domain's state and counts, and the audit log
-(actions on the domain, oldest first). DNS changes are tracked through ``mxspool check dns``,
-which records where MX pointed; planning through ``mxspool runbook``. Steps mxspool cannot see
-are shown as "not tracked" rather than guessed, with the command that helps. The first line is
-the domain's migration stage (``mxspool.stage``), the same as ``status`` shows.
+Each step is judged from what mxspool knows: the domain's state and counts, its stage events
+(``mxspool.stage``: hold, release, where ``check dns`` saw MX, the manual steps the engineer
+confirmed with ``migration step``) and the audit log for actions that are not stages (runbook,
+checks, re-route, canary). Steps mxspool cannot see are shown as "not tracked" rather than
+guessed, with the command that helps. The first line is the domain's migration stage, the same
+as ``status`` shows.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mxspool.stage import STAGES, mx_seen, stage
-from mxspool.store.base import AuditEntry, Domain, DomainMode, DomainStatus
+from mxspool.stage import STAGES, of_domain, stage, steps_confirmed
+from mxspool.store.base import AuditEntry, Domain, DomainMode, DomainStatus, StageEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,32 +38,61 @@ def _by(entry: AuditEntry | None) -> str:
     return "" if entry is None else f"by {entry.actor}"
 
 
-def checklist(domain: Domain, status: DomainStatus, audit: Sequence[AuditEntry]) -> list[Step]:
-    """The steps for ``domain``; ``audit`` may hold any entries (others' are ignored)."""
+def _event(events: Sequence[StageEvent], name: str) -> StageEvent | None:
+    """The last event of stage ``name``."""
+    found = None
+    for event in events:
+        if event.stage == name:
+            found = event
+    return found
+
+
+def _who(event: StageEvent | None) -> str:
+    return "" if event is None else f"by {event.actor}"
+
+
+def checklist(
+    domain: Domain,
+    status: DomainStatus,
+    audit: Sequence[AuditEntry],
+    events: Sequence[StageEvent] = (),
+) -> list[Step]:
+    """The steps for ``domain``; ``audit`` and ``events`` may hold others' (ignored)."""
     name = domain.name
     mine = sorted((entry for entry in audit if entry.target == name), key=lambda e: e.at)
+    own = of_domain(name, events)
     total = status.total
     open_count = status.unfinished
 
     added = _first(mine, "domain.add")
     checks = [entry for entry in mine if entry.action.startswith(("check.", "probe"))]
-    hold = _first(mine, "domain.hold")
-    if hold is None and added is not None and "mode=hold" in added.detail:
-        hold = added
-    hold_at = hold.at if hold is not None else None
+    hold = _event(own, "holding")
     held_now = domain.mode is DomainMode.HOLD
-    after_hold = hold_at if hold_at is not None else float("inf")
+    after_hold = hold.at if hold is not None else float("inf")
     rerouted = _first(mine, "domain.route", after=after_hold)
+    rerouted = rerouted or _first(mine, "migration.route", after=after_hold)
     releases = [e for e in mine if e.action == "domain.release" and e.at >= after_hold]
     canary = next((e for e in releases if "only=" in e.detail), None)
-    full = next((e for e in releases if "only=" not in e.detail and "was=hold" in e.detail), None)
+    full = _event(own, "released")
     released = full is not None or (not held_now and domain.released_at is not None)
     planned = _first(mine, "runbook")
-    mx_spooler = mx_seen(mine, "spooler")
-    released_time = full.at if full is not None else (domain.released_at or 0.0)
-    mx_target = mx_seen(mine, "route", after=released_time) if released else None
-    current = stage(domain, status, audit)
+    mx_spooler = _event(own, "mx-to-spooler")
+    mx_target = _event(own, "mx-to-target")
+    current = stage(domain, status, events)
     position = STAGES.index(current) + 1
+    manual = steps_confirmed(name, own)
+
+    def confirmed(step: str, title: str, hint: str) -> Step:
+        event = manual.get(step)
+        return Step(
+            step,
+            title,
+            event is not None,
+            f"confirmed {_who(event)}" + (f": {event.detail}" if event and event.detail else "")
+            if event is not None
+            else "not confirmed yet",
+            hint,
+        )
 
     return [
         Step(
@@ -93,7 +123,7 @@ def checklist(domain: Domain, status: DomainStatus, audit: Sequence[AuditEntry])
             "check",
             "Check: preflight (MX, TTL, MTA-STS, route with TLS) and an end-to-end probe",
             True if checks else None,
-            f"{len(checks)} check(s) recorded" if checks else "checks are not recorded here",
+            f"{len(checks)} check(s) recorded" if checks else "no check recorded yet",
             f"mxspool check dns {name}; mxspool check route {name}; mxspool probe {name}",
         ),
         Step(
@@ -112,9 +142,24 @@ def checklist(domain: Domain, status: DomainStatus, audit: Sequence[AuditEntry])
             "hold",
             "Hold: the domain is detached from the source tenant; mail accumulates",
             hold is not None or held_now,
-            (f"held {_by(hold)}" if hold is not None else "in hold")
+            (f"held {_who(hold)}" if hold is not None else "in hold")
             + (f"; {status.held} recipient(s) held now" if held_now else ""),
-            f"mxspool domain hold {name}",
+            f"mxspool domain hold {name} (or mxspool migration hold NAME)",
+        ),
+        confirmed(
+            "detached",
+            "Detach the domain from the source tenant",
+            f"mxspool migration step NAME {name} detached --note TEXT",
+        ),
+        confirmed(
+            "attached",
+            "Add the domain to the target tenant",
+            f"mxspool migration step NAME {name} attached",
+        ),
+        confirmed(
+            "verified",
+            "Verify the domain in the target tenant",
+            f"mxspool migration step NAME {name} verified",
         ),
         Step(
             "reroute",
@@ -135,7 +180,7 @@ def checklist(domain: Domain, status: DomainStatus, audit: Sequence[AuditEntry])
             "Release the backlog, paced to what the target accepts",
             released,
             (
-                f"released {_by(full)}; {status.pending + status.delivering} still to deliver"
+                f"released {_who(full)}; {status.pending + status.delivering} still to deliver"
                 if released
                 else f"{status.held} recipient(s) waiting"
             ),

@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from mxspool import operations as ops
 from mxspool.admin.auth import SESSION_COOKIE, SESSION_SECONDS, Session
-from mxspool.admin.checklist import checklist
+from mxspool.admin.checklist import Step, checklist
 from mxspool.admin.context import AdminContext, context_of
 from mxspool.admin.errors import ApiError, as_api_error
 from mxspool.admin.history import History
@@ -311,6 +311,22 @@ async def overview(request: Request, admin: AdminContext) -> Page:
 
 # -- one domain -------------------------------------------------------------------------------
 
+CHECK_MARKS = {True: ("done", "✓"), False: ("todo", "○"), None: ("untracked", "?")}
+"""A checklist step's CSS class and mark: done, not yet, not tracked by mxspool."""
+
+
+def checklist_html(steps: list[Step]) -> str:
+    """A domain's migration checklist (the domain page, and each domain of a migration's)."""
+    items = []
+    for step in steps:
+        css, mark = CHECK_MARKS[step.done]
+        items.append(
+            f'<li class="step {css}" data-step="{esc(step.key)}"><span class="mark">{mark}</span>'
+            f" <strong>{esc(step.title)}</strong><br><small>{esc(step.detail)}</small>"
+            f"<br><code>{esc(step.command)}</code></li>"
+        )
+    return f'<ol class="checklist">{"".join(items)}</ol>'
+
 
 async def domain_page(request: Request, admin: AdminContext) -> Page:
     now = time.time()
@@ -318,19 +334,10 @@ async def domain_page(request: Request, admin: AdminContext) -> Page:
     domain, status = detail.domain, detail.status
     name = domain.name
     audit = await ops.audit_list(admin.store, 1000)
-    steps = checklist(domain, status, audit)
+    steps = checklist(domain, status, audit, await admin.store.stage_events([name]))
     base = f"/api/v1/domains/{quote(name)}"
     data = ops.domain_detail_to_dict(detail)
     counts = data["status"]
-    marks = {True: ("done", "✓"), False: ("todo", "○"), None: ("untracked", "?")}
-    items = []
-    for step in steps:
-        css, mark = marks[step.done]
-        items.append(
-            f'<li class="step {css}" data-step="{esc(step.key)}"><span class="mark">{mark}</span>'
-            f" <strong>{esc(step.title)}</strong><br><small>{esc(step.detail)}</small>"
-            f"<br><code>{esc(step.command)}</code></li>"
-        )
     buttons = _domain_actions(name, domain.mode.value)
     if domain.mode is DomainMode.HOLD:
         buttons += action_form(
@@ -382,7 +389,7 @@ async def domain_page(request: Request, admin: AdminContext) -> Page:
             [p.delivered for p in series], title="Delivered", css="delivered", labels=labels
         )
         + "</div>"
-        f'<section><h2>Migration checklist</h2><ol class="checklist">{"".join(items)}</ol>'
+        f"<section><h2>Migration checklist</h2>{checklist_html(steps)}"
         "</section><section><h2>Recent actions</h2>" + _audit_table(mine) + "</section>"
     )
     return Page(f"Domain {name}", body, PAGE_REFRESH_MS)

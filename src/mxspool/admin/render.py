@@ -18,6 +18,7 @@ from mxspool.units import format_duration
 
 NAV_ALL = (
     ("overview", "/", "Overview"),
+    ("migrations", "/migrations", "Migrations"),
     ("messages", "/messages", "Messages"),
     ("parked", "/parked", "Parked"),
     ("audit", "/audit", "Audit"),

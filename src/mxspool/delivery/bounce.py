@@ -10,7 +10,7 @@ list without FAILURE) are left out.
 
 No backscatter, no reaching inside. Unless the operator forces it (``--force``), the DSN is
 withheld when the reverse-path is an address literal (``user@[127.0.0.1]``), when the sender's
-SPF result at arrival was ``fail`` (the ``spf=fail`` tag that ``intake.spf`` records: the
+SPF result at arrival was ``fail`` (the ``spf=fail`` tag that ``intake.auth`` records: the
 sender is most likely forged), and when the sender's domain resolves only to addresses that are
 not global unicast (loopback, private, link-local, reserved...). That last check is made on the
 very addresses the connection goes to (``PublicOnly``), so a domain re-pointed at 127.0.0.1
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from mxspool.config import Config
 from mxspool.delivery.dnscache import DnsCache
 from mxspool.delivery.errors import ConnectFailed
+from mxspool.delivery.identity import outbound_identity
 from mxspool.delivery.routing import Hop, Router
 from mxspool.delivery.smtpclient import SmtpConnector
 from mxspool.delivery.transport import Connector, Session, Transaction, open_any
@@ -45,7 +46,7 @@ HEADER_LIMIT = 64 * 1024
 _OPEN = (RecipientState.PENDING, RecipientState.DELIVERING, RecipientState.PARKED)
 _ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
 SPF_FAIL_TAG = "spf=fail"
-"""Recorded at arrival by ``mxspool.intake.spf``."""
+"""Recorded at arrival by ``mxspool.intake.auth`` (with the verdict, just after the commit)."""
 WITHHELD_TAG = "dsn=withheld"
 SENT_TAG = "dsn=sent"
 
@@ -335,11 +336,13 @@ async def bounce_message(
     reason = "" if force else withhold_reason(message)
     reply: Reply | None = None
     if not reason:
-        router = router or Router(DnsCache(config.delivery.resolver))
+        identity = outbound_identity(config.delivery)
+        router = router or Router(DnsCache(config.delivery.resolver), identity)
         connector = connector or SmtpConnector(
             local_hostname=config.smtp.hostname,
             connect_timeout=config.delivery.connect_timeout,
             ca_file=config.delivery.ca_file,
+            identity=identity,
         )
         try:
             reply = await send_dsn(

@@ -1,6 +1,7 @@
 """DNS lookups for delivery: dnspython's async resolver behind a small TTL cache.
 
-Only two questions are asked: MX of a domain, and the addresses (A, then AAAA) of a host.
+Only two questions are asked: MX of a domain, and the addresses (A, then AAAA) of a host; with
+``[delivery] address_family`` limited to one IP version, only A or only AAAA.
 Answers are cached for their TTL, capped, so a release of a million messages to one domain asks
 DNS a few times, not a million. Negative answers (no such name, no records of that type) are
 cached briefly. Temporary failures are never cached: the next attempt asks again.
@@ -24,7 +25,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from mxspool.config import split_host_port
+from mxspool.config import AddressFamily, split_host_port
 from mxspool.delivery.errors import RoutingError, RoutingRefused
 
 MAX_TTL = 300.0
@@ -149,28 +150,31 @@ class DnsCache:
         self._store(key, tuple(records), ttl)
         return tuple(records)
 
-    async def addresses(self, host: str) -> tuple[str, ...]:
-        """IPv4 then IPv6 addresses of ``host`` (IP literals as themselves)."""
+    async def addresses(self, host: str, family: AddressFamily = "any") -> tuple[str, ...]:
+        """IPv4 then IPv6 addresses of ``host`` (IP literals as themselves); with ``family``
+        "ipv4" or "ipv6" only that version is asked for (A or AAAA alone)."""
         if is_ip_literal(host):
             return (host.strip("[]"),)
-        key = (host.lower().rstrip("."), "ADDR")
+        key = (host.lower().rstrip("."), _ADDRESS_KEYS[family])
         cached = self._cached(key)
         if cached is not None:
             return tuple(str(item) for item in cached)
         try:
             if self._nameserver:
-                found, ttl = await self._dns_addresses(key[0])
+                found, ttl = await self._dns_addresses(key[0], _QUESTIONS[family])
             else:
-                found, ttl = await _system_addresses(key[0]), MAX_TTL
+                found, ttl = await _system_addresses(key[0], family), MAX_TTL
         except NameNotFound as exc:
             self._store(key, exc, NEGATIVE_TTL)
             raise
         self._store(key, found, ttl if found else NEGATIVE_TTL)
         return found
 
-    async def _dns_addresses(self, name: str) -> tuple[tuple[str, ...], float]:
+    async def _dns_addresses(
+        self, name: str, questions: tuple[str, ...]
+    ) -> tuple[tuple[str, ...], float]:
         results = await asyncio.gather(
-            self._query(name, "A"), self._query(name, "AAAA"), return_exceptions=True
+            *(self._query(name, rdtype) for rdtype in questions), return_exceptions=True
         )
         found: list[str] = []
         ttls: list[float] = []
@@ -188,14 +192,38 @@ class DnsCache:
         return (), NEGATIVE_TTL
 
 
-async def _system_addresses(name: str) -> tuple[str, ...]:
+_ADDRESS_KEYS: dict[AddressFamily, str] = {"any": "ADDR", "ipv4": "A", "ipv6": "AAAA"}
+_QUESTIONS: dict[AddressFamily, tuple[str, ...]] = {
+    "any": ("A", "AAAA"),
+    "ipv4": ("A",),
+    "ipv6": ("AAAA",),
+}
+_SOCKET_FAMILIES: dict[AddressFamily, int] = {
+    "any": socket.AF_UNSPEC,
+    "ipv4": socket.AF_INET,
+    "ipv6": socket.AF_INET6,
+}
+
+
+async def _system_addresses(name: str, family: AddressFamily = "any") -> tuple[str, ...]:
     loop = asyncio.get_running_loop()
     try:
-        infos = await loop.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+        infos = await loop.getaddrinfo(
+            name, None, family=_SOCKET_FAMILIES[family], type=socket.SOCK_STREAM
+        )
     except socket.gaierror as exc:
+        if family != "any" and exc.errno in _NO_DATA:
+            return ()  # the name may exist with the other family: not "no such name"
         if exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
             raise NameNotFound(f"{name} does not exist ({exc.strerror})") from None
         raise RoutingError(f"cannot resolve {name}: {exc.strerror}") from None
     v4 = [str(info[4][0]) for info in infos if info[0] == socket.AF_INET]
     v6 = [str(info[4][0]) for info in infos if info[0] == socket.AF_INET6]
     return tuple(dict.fromkeys(v4 + v6))
+
+
+_NO_DATA = (
+    socket.EAI_NONAME,
+    getattr(socket, "EAI_NODATA", socket.EAI_NONAME),
+    getattr(socket, "EAI_ADDRFAMILY", socket.EAI_NONAME),
+)

@@ -4,8 +4,9 @@ Theory of operation
 -------------------
 The scheduler starts a ``Drain`` for a domain when the store says it has due mail, and starts
 another only after this one has finished. In a drain, one feeder claims due recipients in
-batches (leased, oldest first, at most ``claim_limit`` recipients, so a release of a million
-messages never holds more than a batch) and hands them, one message at a time, through a small
+batches (leased, oldest first, whole messages chosen by the first ``claim_limit`` recipients,
+so a release of a million messages never holds more than a batch, and a message is never cut
+between claims) and hands them, one message at a time, through a small
 queue to the workers. A worker is started whenever a message waits and no worker is idle, up to
 the domain's concurrency: one relayed message costs one connection, a backlog fans out at once.
 
@@ -41,7 +42,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mxspool import metrics
-from mxspool.delivery import exchange, outcomes
+from mxspool.delivery import authgate, backoff, exchange, outcomes
+from mxspool.delivery.arc import ArcSealer
+from mxspool.delivery.attemptlog import AttemptTrace, note
 from mxspool.delivery.bodies import BodySource
 from mxspool.delivery.errors import ConnectFailed, ConnectionLost, DeliveryError, RoutingError
 from mxspool.delivery.health import Dead, DestinationHealth
@@ -50,6 +53,8 @@ from mxspool.delivery.outcomes import AttemptContext, RetryPolicy
 from mxspool.delivery.pacing import LocalPacer, Pacer, SharedPacer
 from mxspool.delivery.recorder import OutcomeRecorder
 from mxspool.delivery.routing import Router
+from mxspool.delivery.sentbytes import OutgoingBody
+from mxspool.delivery.tenants import PacingGroup
 from mxspool.delivery.transport import Connector, Session, Transaction, open_any
 from mxspool.envelope import Recipient
 from mxspool.smtp.replies import Reply
@@ -70,8 +75,9 @@ log = logging.getLogger(__name__)
 MAX_RECIPIENTS_PER_TRANSACTION = 200
 """Exchange Online's limit per message; larger recipient lists are split."""
 CLAIM_LIMIT = 200
-"""Recipients per claim: small enough to bound memory and leases, large enough that a message
-with up to 200 recipients goes out as one transaction."""
+"""Recipients that choose a claim's messages: small enough to bound memory and leases. The
+store claims whole messages, so each goes out in as few transactions as the 200 limit allows
+(450 recipients: 200 + 200 + 50, one after the other on one session)."""
 LEASE_SECONDS = 30.0
 """A killed node's claims come back after this; renewed every third of it while working."""
 DOMAIN_REFRESH = 0.5
@@ -92,6 +98,14 @@ class DrainSettings:
     False keeps them in this process (one node: the same limits, no round trips)."""
     dead_after_failures: int = 3
     """Consecutive connection failures that make the destination dead (``health``)."""
+    auth_wait: float = 0.0
+    """Hold claimed mail up to this long after its arrival until its authentication verdict
+    is stored (``authgate``); 0 when the intake does not authenticate."""
+    sealer: ArcSealer | None = None
+    """Seals every message delivered with an ARC set (``[arc]``); None: sent as stored."""
+    per_recipient_hourly_limit: int | None = None
+    """Messages an hour per recipient to exchange-online domains (``exchange.RecipientPacer``);
+    None: ``exchange.RECIPIENT_PER_HOUR``."""
 
 
 class _DomainGone(Exception):
@@ -107,6 +121,7 @@ class _Worker:
 
     def __init__(self) -> None:
         self.session: Session | None = None
+        self.trace = AttemptTrace()  # for the mail log (delivery.attemptlog)
 
 
 class Drain:
@@ -122,6 +137,7 @@ class Drain:
         *,
         health: DestinationHealth | None = None,
         clock: Callable[[], float] = time.time,
+        group: PacingGroup | None = None,
     ) -> None:
         self.name = name
         self._store = store
@@ -129,15 +145,24 @@ class Drain:
         self._connector = connector
         self._settings = settings
         self._clock = clock
+        # ``group``: the domain's target tenant shares one rate with its other domains.
+        self._tenant = group
         self._pacer: Pacer = (
             SharedPacer(
-                store, name, settings.default_rate, settings.concurrency, settings.lease_seconds
+                store,
+                name,
+                settings.default_rate,
+                settings.concurrency,
+                settings.lease_seconds,
+                bucket=group.key if group is not None else None,
             )
             if settings.shared_pacing
+            else group.local
+            if group is not None
             else LocalPacer(settings.default_rate)
         )
-        self._adaptive = exchange.AdaptiveRate()
-        self._recipient_pacer = exchange.RecipientPacer()
+        self._adaptive = backoff.AdaptiveRate()
+        self._recipient_pacer = exchange.RecipientPacer(settings.per_recipient_hourly_limit)
         self._starts: deque[float] = deque(maxlen=10_000)
         """Transaction start times of the last RATE_WINDOW seconds (only for exchange-online)."""
         self._free_slots = [f"{settings.owner}/{n}" for n in range(settings.concurrency, 0, -1)]
@@ -197,6 +222,13 @@ class Drain:
         found nothing (it may have run just before the mail was committed)."""
         self._more_mail = True
 
+    def flushed(self) -> None:
+        """``queue flush``: try now. Whatever this drain held for dead is forgotten (the
+        scheduler cleared ``health``); what it claims next is attempted, not deferred."""
+        self._dead = None
+        self._defer_all = False
+        self._more_mail = True
+
     def domain_changed(self) -> None:
         """The domain was changed somewhere: re-read it before the next message."""
         self._domain_read_at = -DOMAIN_REFRESH
@@ -224,23 +256,27 @@ class Drain:
     def _apply_rate(self, domain: Domain, now: float) -> None:
         """The domain's rate, or less while Exchange Online throttles us (its profile)."""
         rate = domain.rate if domain.rate is not None else self._settings.default_rate
+        if self._tenant is not None and self._tenant.rate is not None:
+            rate = self._tenant.rate  # the target tenant's rate, for all its domains
         if exchange.applies(domain.profile):
-            rate = self._adaptive.effective(rate, now)
+            rate = self._adaptive.effective(rate)
         if rate != self._pacer.rate:
             self._pacer.set_rate(rate)
 
     def _note_throttling(self, domain: Domain, replies: tuple[Reply, ...]) -> None:
-        if not any(exchange.is_throttling(reply) for reply in replies):
-            return
+        """Every transaction's replies feed the adaptive rate (``backoff``): the share of
+        busy replies, not their mere presence, decides."""
+        busy = [reply for reply in replies if exchange.is_throttling(reply)]
         now = time.monotonic()
-        # Unpaced: halve the rate actually seen over the last seconds.
+        # Unpaced: the rate actually seen over the last seconds is the one to cut.
         current = self._pacer.rate or self._recent_rate(now)
-        self._adaptive.throttled(now, current)
+        if not self._adaptive.observe(now, len(replies), len(busy), current):
+            return
         self._apply_rate(domain, now)
         log.warning(
-            "%s throttles delivery (%s); rate now %.2f/s",
+            "%s is busy (%s); rate now %.2f/s",
             self.name,
-            next(str(r) for r in replies if exchange.is_throttling(r)),
+            busy[0] if busy else "busy replies",
             self._pacer.rate,
         )
 
@@ -248,7 +284,7 @@ class Drain:
         starts = self._starts
         while starts and now - starts[0] > RATE_WINDOW:
             starts.popleft()
-        return max(exchange.MIN_RATE, len(starts) / RATE_WINDOW)
+        return max(backoff.MIN_RATE, len(starts) / RATE_WINDOW)
 
     async def _give_back_on_exit(self) -> None:
         ids = sorted(self._leases.outstanding)
@@ -300,6 +336,8 @@ class Drain:
                 return
             self._more_mail = False
             self._leases.hold(jobs)
+            if settings.auth_wait and self._dead is None:
+                await authgate.wait_for_verdicts(self._store, jobs, settings.auth_wait, self._clock)
             if self._dead is None:
                 await self._bodies.prefetch(jobs)
             for index, job in enumerate(jobs):
@@ -380,11 +418,13 @@ class Drain:
             self._defer_unattempted(job, self._dead)
             return True
         try:
+            worker.trace = AttemptTrace()
             results = await self._deliver(job, domain, worker)
         except _GiveUp as stop:
             await self._return([job], str(stop), self._clock())
             return False
-        self._recorder.add(results)
+        age_start = max(domain.released_at or 0.0, job.received_at)
+        self._recorder.add(results, note(job, age_start, results, worker.trace))
         return True
 
     def _defer_unattempted(self, job: DeliveryJob, dead: Dead) -> None:
@@ -444,6 +484,15 @@ class Drain:
         exo = exchange.applies(domain.profile)
         if exo:
             recipients, results = self._admit(job, _describe_route(domain))
+        if not recipients or self._dead is not None:
+            outgoing = OutgoingBody(self._bodies.reader(job.message_id), job.size)
+        else:
+            try:
+                outgoing = await self._outgoing(job)
+            except StoreError as exc:
+                reason = f"store error reading the message to seal it: {exc}"
+                destination = _describe_route(domain)
+                return results + self._failed(recipients, reason, destination, age_start, False)
         for start in range(0, len(recipients), MAX_RECIPIENTS_PER_TRANSACTION):
             chunk = recipients[start : start + MAX_RECIPIENTS_PER_TRANSACTION]
             destination = _describe_route(domain)
@@ -455,18 +504,21 @@ class Drain:
                 mail_from=job.mail_from,
                 mail_params=job.mail_params,
                 recipients=tuple(Recipient(r.address, r.params) for r in chunk),
-                size=job.size,
-                body=self._bodies.reader(job.message_id),
+                size=outgoing.size,
+                body=outgoing.read,
             )
             try:
                 await self._pacer.acquire()
+                asked = time.monotonic()
                 session = await self._session(worker, domain)
                 destination = str(session.hop)
                 started = time.monotonic()
+                worker.trace.opened(session, started - asked)
                 if exo:
                     self._starts.append(started)
                 replies = await session.send(tx)
                 metrics.delivery_latency(self.name, time.monotonic() - started)
+                worker.trace.transfer = time.monotonic() - started
             except ConnectFailed as exc:  # includes TlsFailed: nothing was sent
                 if self._live_sessions == 0:
                     self._connection_failed(str(exc), chunk)
@@ -492,16 +544,27 @@ class Drain:
             if exo:
                 self._note_throttling(domain, replies)
                 released = domain.released_at is not None
-                results += [
+                done = [
                     exchange.for_reply(recipient, reply, ctx, released)
                     for recipient, reply in zip(chunk, replies, strict=True)
                 ]
-                continue
-            results += [
-                outcomes.for_reply(recipient, reply, ctx)
-                for recipient, reply in zip(chunk, replies, strict=True)
-            ]
+            else:
+                done = [
+                    outcomes.for_reply(recipient, reply, ctx)
+                    for recipient, reply in zip(chunk, replies, strict=True)
+                ]
+            results += outgoing.stamp(done)
         return results
+
+    async def _outgoing(self, job: DeliveryJob) -> OutgoingBody:
+        """The bytes to send for ``job``: as stored, behind an ARC set when sealing is on."""
+        stored = self._bodies.reader(job.message_id)
+        sealer = self._settings.sealer
+        if sealer is None:
+            return OutgoingBody(stored, job.size)
+        message = await self._store.get_message(job.message_id)
+        seal = await sealer.seal(stored, message.auth_results if message else None)
+        return OutgoingBody(stored, job.size, seal.headers if seal else b"")
 
     def _admit(
         self, job: DeliveryJob, destination: str
@@ -511,6 +574,7 @@ class Drain:
         now = self._clock()
         admitted: list[ClaimedRecipient] = []
         deferred: list[RecipientOutcome] = []
+        per_hour = self._settings.per_recipient_hourly_limit or exchange.RECIPIENT_PER_HOUR
         for recipient in job.recipients:
             at = self._recipient_pacer.admit(recipient.id, job.mail_from, recipient.address, now)
             if at <= 0.0:
@@ -520,7 +584,7 @@ class Drain:
                 RecipientOutcome(
                     recipient.id,
                     RecipientState.PENDING,
-                    f"paced: Exchange Online takes at most {exchange.RECIPIENT_PER_HOUR:,} "
+                    f"paced: Exchange Online takes at most {per_hour:,} "
                     f"messages an hour per recipient and {exchange.PAIR_PER_HOUR:,} per sender "
                     "and recipient; not attempted yet",
                     destination,

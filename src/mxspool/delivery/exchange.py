@@ -14,11 +14,11 @@ What Exchange Online does, and how a drain to it reacts:
   bottleneck. With several nodes a recipient could get up to (nodes x limit) an hour, but
   Exchange Online's own answer to that (5.2.121/5.2.122, "AS" throttling) only defers mail
   here, never loses or parks it; the buckets are a courtesy that keeps us below the limit.
-- 451 4.7.500-4.7.699 (the "AS" throttling codes): the recipient is deferred as usual, and
-  ``AdaptiveRate`` halves the destination's rate (once per second at most, so a burst of such
-  replies to concurrent transactions counts as one signal), then raises it by a quarter after
-  every ``RECOVER_EVERY`` seconds without throttling, until it is back at the configured rate
-  (or, for an unpaced domain, at the rate seen before the first cut, then unpaced again).
+- 451 4.7.500-4.7.699 (the "AS" throttling codes, ``is_throttling``): the recipient is
+  deferred as usual, and the destination's rate follows ``backoff.AdaptiveRate``: AIMD on the
+  share of such replies per second (halved while more than half are busy, then a tenth of
+  the configured rate back per calm second), so a target that is busy as a whole slows the
+  release to the floor, while sparse busy replies leave the rate alone.
 - 5.2.121 / 5.2.122 (rate limits sent as 5xx): deferred per ``retry_schedule``, never parked.
 - 550 5.4.1 (recipient unknown to the tenant, "DBEB") on a domain that was released: during a
   migration that means "the mailbox is not created at the target yet". The row stays pending,
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mxspool.config import AddressFamily
 from mxspool.delivery import outcomes
 from mxspool.delivery.outcomes import AttemptContext
 from mxspool.smtp.replies import Reply
@@ -49,14 +50,41 @@ BURST_SHARE = 60
 """Burst allowance: one sixtieth of the hourly limit (a minute's worth) may go at once."""
 NOT_READY_EVERY = 15 * 60.0
 NOT_READY_FOR = 24 * 3600.0
-RECOVER_EVERY = 30.0
-RECOVER_STEP = 1.25
-MIN_RATE = 0.1
-"""Messages per second the adaptive rate never goes below: throttling slows, never stops."""
+
+
+MAX_MESSAGE_SIZE = 150 * 1024 * 1024
+"""Exchange Online's largest message: 150 MB (Exchange's MB: 1,048,576 bytes), the most an
+organization or a mailbox's MaxReceiveSize can be set to ("Exchange Online limits", Microsoft
+Learn). A mailbox's default MaxReceiveSize is 36 MB, but a tenant may raise it up to this, so
+only this is certain to be refused by the target; per-mailbox limits come from the recipient
+list's MaxReceiveSize column."""
 
 
 def applies(profile: str | None) -> bool:
     return profile == PROFILE
+
+
+def default_max_size(profile: str | None) -> int | None:
+    """The largest message a domain with this profile takes when it has no ``--max-size``."""
+    return MAX_MESSAGE_SIZE if applies(profile) else None
+
+
+def address_family(configured: AddressFamily, *, by_certificate: bool) -> AddressFamily | None:
+    """The IP version delivery to an exchange-online domain may use; None: none is allowed.
+
+    The runbook's inbound connector recognises the spooler by ``-SenderIPAddresses`` (and
+    Enhanced Filtering skips it by ``-EFSkipIPs``), and its ``--spooler-ip`` is the spooler's
+    public IPv4 address: Exchange Online connectors take no IPv6 addresses there
+    (https://learn.microsoft.com/powershell/module/exchange/new-inboundconnector). Mail that
+    arrived over IPv6 would match no connector, so the profile narrows the configured family
+    to IPv4; it never widens it (``address_family = "ipv6"`` leaves no family: deferred, with
+    the reason). With a TLS client certificate (``by_certificate``) the connector recognises
+    the spooler by its certificate instead, whatever the address, and the configured family
+    applies unchanged.
+    """
+    if by_certificate or configured == "ipv4":
+        return configured
+    return "ipv4" if configured == "any" else None
 
 
 def is_throttling(reply: Reply) -> bool:
@@ -135,6 +163,23 @@ class _Gcra:
             del self.tat[key]
 
 
+def recipient_drain_seconds(
+    messages: int, per_hour: int | None = None, busiest_pair: int = 0
+) -> float:
+    """How long ``RecipientPacer`` takes to let ``messages`` for one recipient go, of which
+    ``busiest_pair`` come from one sender: each limit lets its burst go at once, then one per
+    interval, and the slower of the two decides (``release_plan`` shows it before a release)."""
+
+    def drain(gcra: _Gcra, count: int) -> float:
+        burst = round(gcra.tolerance / gcra.interval) + 1
+        return max(0, count - burst) * gcra.interval
+
+    return max(
+        drain(_Gcra.per_hour(per_hour or RECIPIENT_PER_HOUR), messages),
+        drain(_Gcra.per_hour(PAIR_PER_HOUR), min(busiest_pair, messages)),
+    )
+
+
 class RecipientPacer:
     """Per-recipient and per-pair hourly limits, one node's share (see the module docstring)."""
 
@@ -174,37 +219,3 @@ class RecipientPacer:
         stale = [rid for rid, at in self._reserved.items() if at < now - 3600.0]
         for rid in stale:
             del self._reserved[rid]
-
-
-class AdaptiveRate:
-    """The destination's rate under Exchange Online's throttling: halve, then recover."""
-
-    def __init__(self) -> None:
-        self.limit: float | None = None
-        """Messages per second imposed by throttling; None when not throttled."""
-        self._ceiling = 0.0
-        self._cut_at = 0.0
-        self._step_at = 0.0
-
-    def throttled(self, now: float, current: float) -> None:
-        """A throttling reply arrived; ``current``: the rate in force or seen just before."""
-        if self.limit is not None and now - self._cut_at < 1.0:
-            return
-        if self.limit is None:
-            self._ceiling = current
-        base = self.limit if self.limit is not None else current
-        self.limit = max(MIN_RATE, base / 2.0)
-        self._cut_at = self._step_at = now
-
-    def effective(self, configured: float, now: float) -> float:
-        """The rate to pace at now: ``configured`` (0 = unpaced) unless throttled."""
-        if self.limit is None:
-            return configured
-        while now - self._step_at >= RECOVER_EVERY:
-            self._step_at += RECOVER_EVERY
-            self.limit *= RECOVER_STEP
-            ceiling = configured if configured > 0.0 else self._ceiling
-            if self.limit >= ceiling:
-                self.limit = None
-                return configured
-        return self.limit if configured <= 0.0 else min(configured, self.limit)

@@ -12,6 +12,9 @@ tried; if it opens, the destination is alive again and its whole queue goes at o
 deferred row is due at that same moment).
 
 This state is per process (the deferral itself is in the store, so every node sees it). A
+``queue flush`` means "try now" (``postqueue -f``): the store records it, every engine's
+scheduler notices it (a notification, or its poll of the store's flush generation) and forgets
+the flushed domains' state here, so their drains probe at once instead of at the next probe. A
 destination this process knows nothing about (since start) is tried with a cohort of at most
 ``dead_after_failures`` connections in parallel until one opens, so a dead one costs that many
 attempts and not one per worker; once a session has opened, drains fan out to full concurrency.
@@ -84,6 +87,19 @@ class DestinationHealth:
         state.failures += 1
         state.alive = False
         return state.failures
+
+    def forget(self, domain: str) -> bool:
+        """``queue flush`` (try now): forget what is known of ``domain``, its dead state
+        included, so the next drain probes it at once; True when it was dead."""
+        state = self._states.pop(domain, None)
+        if state is None or state.dead is None:
+            return False
+        metrics.destination_dead(domain, False)
+        return True
+
+    def domains(self) -> list[str]:
+        """The domains this process knows something about."""
+        return list(self._states)
 
     def is_dead_after(self, failures: int) -> bool:
         return failures >= self.dead_after_failures

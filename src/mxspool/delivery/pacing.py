@@ -147,10 +147,12 @@ class SharedPacer:
         slot_ttl: float,
         *,
         clock: Callable[[], float] = time.time,
+        bucket: str | None = None,
     ) -> None:
         self._store = store
         self._destination = destination
-        self._bucket_name = f"rate:{destination}"
+        # ``bucket``: a rate shared beyond this destination (a target tenant's domains).
+        self._bucket_name = f"rate:{bucket or destination}"
         self._rate = max(0.0, rate)
         self._concurrency = max(1, concurrency)
         self._slot_ttl = slot_ttl

@@ -19,6 +19,7 @@ import contextlib
 import logging
 
 from mxspool import metrics
+from mxspool.delivery.attemptlog import AttemptNote
 from mxspool.delivery.leases import LeaseKeeper
 from mxspool.store.base import RecipientOutcome, Store, StoreError
 
@@ -38,10 +39,14 @@ class OutcomeRecorder:
         self._wakeup = asyncio.Event()
         self._closed = False
         self._inflight: asyncio.Task[None] | None = None
+        self._notes: dict[int, AttemptNote] = {}  # by the last recipient id of each attempt
 
-    def add(self, outcomes: list[RecipientOutcome]) -> None:
-        """Queue one attempt's outcomes for the next commit (never blocks)."""
+    def add(self, outcomes: list[RecipientOutcome], note: AttemptNote | None = None) -> None:
+        """Queue one attempt's outcomes for the next commit (never blocks); ``note`` is
+        logged once they are committed (delivery.attemptlog)."""
         self._pending += outcomes
+        if note is not None:
+            self._notes[note.last_id] = note
         self._wakeup.set()
 
     def close(self) -> None:
@@ -79,6 +84,7 @@ class OutcomeRecorder:
                 self._inflight = None
 
     async def _commit(self, batch: list[RecipientOutcome]) -> None:
+        committed = False
         try:
             await self._store.record_outcomes(self._owner, batch)
         except StoreError as exc:
@@ -87,5 +93,11 @@ class OutcomeRecorder:
             log.error("could not record delivery outcomes for %s: %s", self._domain, exc)
         else:
             metrics.delivery_outcomes(self._domain, batch)
+            committed = True
         finally:
             self._leases.done(outcome.recipient_id for outcome in batch)
+            if self._notes:  # the mail log, after the commit (nothing if it failed)
+                for outcome in batch:
+                    note = self._notes.pop(outcome.recipient_id, None)
+                    if note is not None and committed:
+                        note.emit()

@@ -7,8 +7,10 @@ running drains re-read their domain (a ``hold`` or a new ``--rate`` applies now)
 due mail, ``resync`` (the listener reconnected and may have missed some) looks for due mail.
 Polling ``due_domains`` at least every ``POLL_INTERVAL`` seconds stays the fallback for lost
 notifications and for stores that have none (SQLite: one node), which keeps "new mail in relay
-mode leaves within one second of its 250". ``wake()`` lets code in the same process skip the
-wait.
+mode leaves within one second of its 250". A ``queue flush`` (``flush:<domain>``, or the
+store's flush generation polled the same way) makes the flushed domains' destinations be
+tried now: their dead state (``health``) is forgotten before their rows are looked for.
+``wake()`` lets code in the same process skip the wait.
 """
 
 from __future__ import annotations
@@ -21,15 +23,19 @@ import secrets
 import socket
 import time
 
+from mxspool import liveness
 from mxspool.config import Config
+from mxspool.delivery.arc import ArcSealer
 from mxspool.delivery.dnscache import DnsCache
 from mxspool.delivery.engine import Drain, DrainSettings
 from mxspool.delivery.health import DestinationHealth
+from mxspool.delivery.identity import outbound_identity
 from mxspool.delivery.outcomes import RetryPolicy
 from mxspool.delivery.routing import Router
 from mxspool.delivery.smtpclient import SmtpConnector
+from mxspool.delivery.tenants import TenantPacing
 from mxspool.delivery.transport import Connector
-from mxspool.store.base import Store, StoreError
+from mxspool.store.base import FLUSH_ALL, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +67,10 @@ class Scheduler:
         self._running: dict[str, Drain] = {}
         self.health = DestinationHealth(settings.dead_after_failures)
         """Which destinations this process holds for dead; shared by every drain."""
+        self._flush_generation: int | None = None
+        """The store's flush generation last seen (None: not read yet)."""
+        self.tenants = TenantPacing(store)
+        """Domains of one target tenant share one pacing bucket (``delivery.tenants``)."""
 
     @classmethod
     def from_config(cls, config: Config, store: Store) -> Scheduler:
@@ -72,15 +82,21 @@ class Scheduler:
             policy=RetryPolicy(tuple(delivery.retry_schedule), delivery.max_age),
             lease_seconds=delivery.lease,
             dead_after_failures=delivery.dead_after_failures,
+            # The release gate: mail leaves with its arrival verdict stored (intake/auth.py).
+            auth_wait=config.smtp.authentication_timeout if config.smtp.authentication else 0.0,
             # SQLite is one node: the same limits kept in memory, without store round trips.
             shared_pacing=not config.store.url.startswith("sqlite:"),
+            sealer=ArcSealer.from_config(config),
+            per_recipient_hourly_limit=delivery.per_recipient_hourly_limit,
         )
+        identity = outbound_identity(delivery)  # IdentityError (a ConfigError) when unusable
         connector = SmtpConnector(
             local_hostname=config.smtp.hostname,
             connect_timeout=delivery.connect_timeout,
             ca_file=delivery.ca_file,
+            identity=identity,
         )
-        return cls(store, Router(DnsCache(delivery.resolver)), connector, settings)
+        return cls(store, Router(DnsCache(delivery.resolver), identity), connector, settings)
 
     def wake(self) -> None:
         """Look for due mail now instead of at the next poll."""
@@ -92,6 +108,7 @@ class Scheduler:
         try:
             while True:
                 await self.poll_once()
+                liveness.NODE.beat("delivery")  # GET /readyz: the loop turns
                 # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancellation
                 # that coincides with its timeout, and the engine would never stop.
                 with contextlib.suppress(TimeoutError):
@@ -126,13 +143,42 @@ class Scheduler:
                 if drain is not None:
                     drain.more_mail()
             return
+        if note.startswith("flush:"):
+            self._forget(note.removeprefix("flush:").lower())
+            return
         if note == "domains":
             for drain in self._running.values():
                 drain.domain_changed()
         self._wakeup.set()
 
+    def _forget(self, name: str) -> None:
+        """``queue flush`` of ``name`` (``FLUSH_ALL``: every domain): try now, dead or not."""
+        names = self.health.domains() if name == FLUSH_ALL else [name]
+        if name == FLUSH_ALL:
+            names += list(self._running)
+        for item in dict.fromkeys(names):
+            if self.health.forget(item):
+                log.info("%s: queue flushed; probing the destination now", item)
+            drain = self._running.get(item)
+            if drain is not None:
+                drain.flushed()
+        self._wakeup.set()
+
+    async def _poll_flushes(self) -> None:
+        """Flushes by another process whose notification was lost, or a store without any
+        (SQLite): one primary-key read a poll; the flushed names only when it moved."""
+        generation = await self._store.flush_generation()
+        if self._flush_generation is not None and generation != self._flush_generation:
+            for name in await self._store.flushed_domains(self._flush_generation):
+                self._forget(name)
+        self._flush_generation = generation
+
     async def poll_once(self) -> None:
         try:
+            await self.tenants.refresh()
+            # Before looking for due mail: rows a flush made due are attempted, not deferred
+            # again for a destination held for dead (the flush is recorded before its rows).
+            await self._poll_flushes()
             due = await self._store.due_domains(time.time())
         except StoreError as exc:
             log.warning("delivery: cannot read the queue: %s", exc)
@@ -146,7 +192,13 @@ class Scheduler:
         if task is not None and not task.done():
             return False
         drain = Drain(
-            name, self._store, self._router, self._connector, self._settings, health=self.health
+            name,
+            self._store,
+            self._router,
+            self._connector,
+            self._settings,
+            health=self.health,
+            group=self.tenants.group(name),
         )
         self._running[name] = drain
         self._drains[name] = asyncio.create_task(self._drain(name, drain), name=f"drain-{name}")

@@ -35,6 +35,11 @@ STARTTLS and before the handshake are an injection attempt (CVE-2011-0411 style)
 is dropped, nothing is sent. Replies are results; broken sessions, timeouts and protocol
 garbage are mapped to ``delivery.errors`` at this edge.
 
+Outbound identity (``identity``): a connection binds ``[delivery] source_address`` of the
+hop's IP version (when one is configured), and both TLS contexts carry the client certificate,
+which OpenSSL presents when the hop asks for one (a TLS server may or may not ask; Python's ssl
+does not say whether it did, only whether the handshake succeeded).
+
 Timeouts: ``connect_timeout`` bounds the connection, greeting, EHLO and the TLS handshake;
 ``command_timeout`` each command's reply (RFC 5321 4.5.3.2: 5 minutes); ``final_timeout`` the
 reply to the final dot (10 minutes).
@@ -52,6 +57,7 @@ from typing import cast
 
 from mxspool.delivery.dotstuff import DotStuffer
 from mxspool.delivery.errors import ConnectFailed, ConnectionLost, TlsFailed, Unsupported
+from mxspool.delivery.identity import NO_IDENTITY, OutboundIdentity
 from mxspool.delivery.routing import Hop
 from mxspool.delivery.transport import (
     COMMAND_TIMEOUT,
@@ -244,12 +250,16 @@ class SmtpConnector:
         ca_file: str = "",
         command_timeout: float = COMMAND_TIMEOUT,
         final_timeout: float = FINAL_REPLY_TIMEOUT,
+        identity: OutboundIdentity = NO_IDENTITY,
     ) -> None:
         self.local_hostname = local_hostname
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self.final_timeout = final_timeout
+        self.identity = identity
         self._verify, self._any_cert = tls_contexts(ca_file)
+        identity.load_into(self._verify)
+        identity.load_into(self._any_cert)
 
     async def open(self, hop: Hop, tls: TlsMode) -> SmtpSession:
         """Connect, EHLO, STARTTLS per ``tls``; raises ConnectFailed or TlsFailed."""
@@ -283,9 +293,15 @@ class SmtpConnector:
         """
         loop = asyncio.get_running_loop()
         wire = _Wire()
+        source = self.identity.source_for(hop.address)
         try:
             async with asyncio.timeout(self.connect_timeout):
-                await loop.create_connection(lambda: wire, hop.address, hop.port)
+                await loop.create_connection(
+                    lambda: wire,
+                    hop.address,
+                    hop.port,
+                    local_addr=(source, 0) if source else None,
+                )
                 (greeting,) = await wire.replies(1, self.connect_timeout)
                 if greeting.code != 220:
                     raise ConnectFailed(f"{hop}: refused the session: {greeting}")
@@ -295,7 +311,8 @@ class SmtpConnector:
             raise
         except _BROKEN as exc:
             _abort(wire)
-            raise ConnectFailed(f"{hop}: {_describe(exc)}") from exc
+            where = f" from {source}" if source else ""
+            raise ConnectFailed(f"{hop}{where}: {_describe(exc)}") from exc
         return SmtpSession(wire, hop, greeting, extensions, self)
 
     async def starttls(self, session: SmtpSession, *, verify: bool) -> None:
@@ -386,6 +403,13 @@ class SmtpSession:
     @property
     def usable(self) -> bool:
         return not self._broken and self._wire.alive
+
+    @property
+    def local_address(self) -> str | None:
+        """The address this connection leaves from (the source the hop sees, before NAT)."""
+        transport = self._wire.transport
+        found = transport.get_extra_info("sockname") if transport is not None else None
+        return str(found[0]) if isinstance(found, tuple) and found else None
 
     @property
     def ssl_object(self) -> ssl.SSLObject | ssl.SSLSocket | None:

@@ -60,6 +60,14 @@ A write error on the spill file (a full disk: ENOSPC) does the same with 451 4.3
 nothing is committed, so the spool never holds a partial message. The claim ends with the
 transaction (commit, RSET, rejected content, disconnect).
 
+PROXY protocol. A connection from ``proxy_from`` (a load balancer) must first send a PROXY
+header (v1 or v2, ``smtp.proxyproto``) within ``proxy_timeout``, before we say anything: until
+then it holds a slot in ``max_connections`` only. The client it names becomes ``peer``, the one
+address used for the Received: line, the per-IP slot, SPF, logs and the stored client address;
+a bad or missing header closes the connection without a reply. A PROXY header from any other
+address (or from the client behind the balancer) gets 421 4.7.0 and the connection is closed:
+the mail is retried, not lost, once the operator lists the balancer.
+
 DATA pieces stream into a ``BodyBuffer`` that spills to a temporary file past a threshold, so
 memory per connection stays small whatever the message size.
 """
@@ -67,7 +75,9 @@ memory per connection stays small whatever the message size.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
+import ipaddress
 import logging
 import ssl
 import time
@@ -76,17 +86,28 @@ from typing import cast
 from mxspool import metrics
 from mxspool.body import BodyBuffer
 from mxspool.config import SmtpConfig
+from mxspool.envelope import Envelope, Recipient
 from mxspool.ids import new_queue_id
+from mxspool.intake.auth import Authenticator
 from mxspool.intake.budget import Claim, DiskBudget
 from mxspool.intake.domains import DomainTable
-from mxspool.intake.policy import relay_refusal, sender_refusal, unknown_recipient
+from mxspool.intake.policy import (
+    Accepted,
+    check_recipient,
+    sender_refusal,
+    session_max_size,
+    too_big_at_end,
+)
 from mxspool.intake.received import protocol_name, received_header
-from mxspool.intake.slots import Slots
-from mxspool.intake.spf import SpfCheck, SpfChecker
-from mxspool.smtp import events
+from mxspool.intake.slots import Slots, in_networks
+from mxspool.intake.spf import SpfCheck
+from mxspool.intake.trail import Trail
+from mxspool.smtp import events, proxyproto
 from mxspool.smtp.replies import (
     INSUFFICIENT_STORAGE,
+    MESSAGE_TOO_BIG,
     RECIPIENT_UNKNOWN,
+    RELAY_DENIED,
     STORAGE_ERROR,
     TOO_MANY_CONNECTIONS,
     Reply,
@@ -122,7 +143,7 @@ class Intake:
         min_free_space: int,
         spill_dir: str | None,
         ssl_context: ssl.SSLContext | None = None,
-        spf: SpfChecker | None = None,
+        auth: Authenticator | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -130,12 +151,13 @@ class Intake:
         self.min_free_space = min_free_space
         self.spill_dir = spill_dir
         self.ssl_context = ssl_context
-        self.spf = spf
-        """SPF at arrival (``intake.spf``); None checks nothing."""
+        self.auth = auth
+        """SPF, DKIM and DMARC at arrival (``intake.auth``); None checks nothing."""
         self.slots = Slots(
             config.max_connections, config.max_connections_per_ip, config.ipv6_prefix_length
         )
         self.budget = DiskBudget(store.free_bytes, min_free_space)
+        self.proxy_from = [ipaddress.ip_network(item, strict=False) for item in config.proxy_from]
         self.connections: set[SmtpSession] = set()
         self.core_config = ServerConfig(
             hostname=config.hostname,
@@ -145,9 +167,27 @@ class Intake:
             tls_available=ssl_context is not None,
             hard_error_limit=config.hard_error_limit,
         )
+        self._config_generation = -2  # the domain generation core_config was made for
+
+    def session_config(self) -> ServerConfig:
+        """The core's configuration for a new session: SIZE (advertised, and enforced for
+        SIZE= and DATA) is the largest any configured domain takes (intake.policy)."""
+        table = self.domains
+        if self._config_generation != table.generation:
+            size = session_max_size(table, self.config.max_message_size)
+            if size != self.core_config.max_message_size:
+                self.core_config = dataclasses.replace(self.core_config, max_message_size=size)
+            self._config_generation = table.generation
+        return self.core_config
 
     def protocol_factory(self) -> SmtpSession:
         return SmtpSession(self)
+
+    def set_ssl_context(self, context: ssl.SSLContext | None) -> None:
+        """Serve ``context`` from the next STARTTLS on (a certificate reload): sessions already
+        encrypted keep theirs; connections from now on offer STARTTLS if there is a context."""
+        self.ssl_context = context
+        self.core_config = dataclasses.replace(self.core_config, tls_available=context is not None)
 
     def close_all(self) -> None:
         for session in list(self.connections):
@@ -160,7 +200,8 @@ class SmtpSession(asyncio.Protocol):
     def __init__(self, intake: Intake) -> None:
         self.intake = intake
         self.transport: asyncio.Transport | None = None
-        self.core = ServerConnection(intake.core_config)
+        self.core = ServerConnection(intake.session_config())
+        self.accepted: list[Accepted] = []  # how each recipient in core.recipients was let in
         self.peer = "unknown"
         self.helo = ""
         self.extended = False
@@ -169,6 +210,10 @@ class SmtpSession(asyncio.Protocol):
         self.body: BodyBuffer | None = None
         self.queue_id = ""
         self.slot: str | None = None  # the client key whose connection slot we hold
+        self.counted = False  # we hold a connection slot (under ``slot`` if it is set)
+        self.proxy: str | None = None  # the load balancer's address, when behind one
+        self.proxy_header: bytes | None = None  # a PROXY header's bytes so far, while awaited
+        self.first_bytes: bytes | None = b""  # until we know they do not begin a PROXY header
         self.holds: set[str] = set()  # why reading is paused; see the module docstring
         self.claim: Claim | None = None  # this transaction's share of the disk budget
         self.refusal: Reply | None = None  # why this DATA stopped being spooled (452 / 451)
@@ -184,6 +229,7 @@ class SmtpSession(asyncio.Protocol):
         self.close_timer: asyncio.TimerHandle | None = None
         self.handshake: asyncio.Task[None] | None = None
         self.spf_check: SpfCheck | None = None
+        self.trail = Trail()  # the mail log's facts (intake.trail)
         self.loop = asyncio.get_running_loop()
 
     # -- connection lifecycle -----------------------------------------------------------
@@ -192,19 +238,103 @@ class SmtpSession(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if peer else "unknown"
         intake = self.intake
-        config = intake.config
+        if in_networks(self.peer, intake.proxy_from):
+            # A load balancer: its PROXY header comes first and names the client (and the
+            # slot to count it under); we say nothing until then.
+            if not intake.slots.take_unknown():
+                self._too_many()
+                return
+            self.counted = True
+            self.proxy, self.proxy_header = self.peer, b""
+            intake.connections.add(self)
+            metrics.session_opened()
+            self.timer = self.loop.call_later(intake.config.proxy_timeout, self._proxy_timeout)
+            return
         key = intake.slots.key(self.peer)
         if not intake.slots.take(key):
-            metrics.rejected("too_many_connections")
-            self.transport.write(TOO_MANY_CONNECTIONS.to_bytes())
-            self._close()
+            self._too_many()
             return
-        self.slot = key
+        self.slot, self.counted = key, True
         intake.connections.add(self)
         metrics.session_opened()
-        self.transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
-        self.transport.write(self.core.greeting())
+        self._greet()
+
+    def _too_many(self) -> None:
+        metrics.rejected("too_many_connections")
+        self.trail.end = "too_many_connections"
+        if self.transport is not None:
+            self.transport.write(TOO_MANY_CONNECTIONS.to_bytes())
+        self._close()
+
+    def _greet(self) -> None:
+        """220, and the deadlines of the first command start."""
+        transport = self.transport
+        if transport is None:
+            return
+        config = self.intake.config
+        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+        transport.write(self.core.greeting())
+        self.last_activity = self.command_since = time.monotonic()
         self._schedule(min(config.idle_timeout, config.command_timeout))
+
+    # -- PROXY protocol -----------------------------------------------------------------
+    def _read_proxy_header(self, data: bytes) -> None:
+        """More of a load balancer's PROXY header; once whole, the session starts for the
+        client it names (its bytes after the header are the client's first)."""
+        received = (self.proxy_header or b"") + data
+        try:
+            header = proxyproto.parse(received)  # None below V1_MAX / V2_MAX_LENGTH bytes only
+        except proxyproto.ProxyError as exc:
+            self._drop_proxy("proxy_header", str(exc))
+            return
+        if header is None:
+            self.proxy_header = received
+            return
+        self.proxy_header = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if header.source is not None:  # else (LOCAL, UNKNOWN) the balancer is the client
+            self.peer = header.source[0]
+        log.debug("SMTP client %s via load balancer %s", self.peer, self.proxy)
+        key = self.intake.slots.key(self.peer)
+        if not self.intake.slots.name_client(key):
+            self._too_many()
+            return
+        self.slot = key
+        self._greet()
+        if len(received) > header.length:
+            self.data_received(received[header.length :])
+
+    def _proxy_timeout(self) -> None:
+        self.timer = None
+        timeout = self.intake.config.proxy_timeout
+        self._drop_proxy("proxy_timeout", f"no whole PROXY header within {timeout:g}s")
+
+    def _drop_proxy(self, reason: str, what: str) -> None:
+        """A listed load balancer did not send a valid PROXY header: close without a reply."""
+        log.warning(
+            "closing the connection from load balancer %s: %s; check that it sends the PROXY "
+            "protocol (HAProxy: send-proxy or send-proxy-v2) or remove it from [smtp] proxy_from",
+            self.proxy,
+            what,
+        )
+        metrics.rejected(reason)
+        self._close()
+
+    def _refuse_proxy(self) -> None:
+        """A PROXY header from an address not in proxy_from: 421 (the mail is retried) and close."""
+        log.warning(
+            "refusing a PROXY protocol header from %s, which is not in [smtp] proxy_from; if it "
+            "is your load balancer, add its address or network to proxy_from",
+            self.proxy or self.peer,
+        )
+        metrics.rejected("proxy_not_allowed")
+        if self.transport is not None:
+            hostname = self.intake.config.hostname
+            reply = Reply(421, "4.7.0", f"{hostname} PROXY protocol not accepted here, closing")
+            self.transport.write(reply.to_bytes())
+        self._close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         for timer in (self.timer, self.delay_timer, self.close_timer):
@@ -213,12 +343,13 @@ class SmtpSession(asyncio.Protocol):
         self.timer = self.delay_timer = self.close_timer = None
         self._drop_body()
         self._release_claim()
-        if self.slot is not None:
+        self.trail.close(self)
+        if self.counted:
             metrics.session_closed()
             intake = self.intake
             intake.connections.discard(self)
             intake.slots.give_back(self.slot)
-            self.slot = None
+            self.slot, self.counted = None, False
         self.transport = None
 
     def abort(self) -> None:
@@ -284,6 +415,7 @@ class SmtpSession(asyncio.Protocol):
             return
         log.info("closing the SMTP session with %s: %s", self.peer, reason.replace("_", " "))
         metrics.rejected(reason)
+        self.trail.end = reason
         reply = self.core.timeout_reply().to_bytes()
         if transport.get_write_buffer_size():
             transport.abort()  # it did not read our last replies: it will not read this one
@@ -338,6 +470,19 @@ class SmtpSession(asyncio.Protocol):
     # -- input --------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
+        if self.proxy_header is not None:
+            self._read_proxy_header(data)
+            return
+        if self.first_bytes is not None:
+            data = self.first_bytes + data
+            begins = proxyproto.starts_header(data)  # decided within 12 bytes
+            if begins is None:
+                self.first_bytes = data
+                return
+            self.first_bytes = None
+            if begins:
+                self._refuse_proxy()
+                return
         if self.in_data:
             self.window_bytes += len(data)
         self.core.receive_data(data)
@@ -392,24 +537,20 @@ class SmtpSession(asyncio.Protocol):
             if refusal is not None:
                 metrics.rejected("sender_literal")
                 core.respond(refusal)
+                self.trail.mail(self, event.path.address, refusal)
             elif not self._claim(event.params.size):
                 metrics.rejected("insufficient_storage")
                 core.respond(INSUFFICIENT_STORAGE)
+                self.trail.mail(self, event.path.address, INSUFFICIENT_STORAGE)
             else:
                 core.accept()
-                spf = self.intake.spf  # SPF at arrival, in the background (intake/spf.py)
+                self.trail.mail(self, event.path.address)
+                self.accepted = []
+                auth = self.intake.auth  # SPF at arrival, in the background (intake/auth.py)
                 sender = event.path.address
-                self.spf_check = spf.start(self.peer, sender, self.helo) if spf else None
+                self.spf_check = auth.start(self.peer, sender, self.helo) if auth else None
         elif isinstance(event, events.RcptTo):
-            refusal = relay_refusal(event.path, self.intake.domains)
-            if refusal is not None:
-                metrics.rejected("relay_denied")
-                core.respond(refusal)
-            elif unknown_recipient(event.path, self.intake.domains.recipients) is not None:
-                metrics.rejected("recipient_unknown")
-                core.respond(RECIPIENT_UNKNOWN)
-            else:
-                core.accept()
+            self._rcpt(event)
         elif isinstance(event, events.DataStart):
             self._start_body()
             core.accept()
@@ -421,19 +562,69 @@ class SmtpSession(asyncio.Protocol):
             self._commit(event)
         elif isinstance(event, events.MessageRejected):
             metrics.rejected(f"data_{event.reply.code}")
+            self.trail.done(self, self.queue_id, None, event.reply, queued=False)
             self.in_data = False
             self._drop_body()
             self._release_claim()
         elif isinstance(event, events.StartTLS):
             self._start_tls()
         elif isinstance(event, events.Reset):
+            self.trail.abandon(self, "rset")
+            self.accepted = []
             self._drop_body()
             self._release_claim()
         elif isinstance(event, events.Quit):
+            self.trail.end = "too_many_errors" if core.closed_for_errors else "quit"
             if core.closed_for_errors:
                 metrics.rejected("too_many_errors")
             self._flush()
             self._close()
+
+    def _rcpt(self, event: events.RcptTo) -> None:
+        """The recipient gate (intake.policy): relay, recipient list, plus addressing,
+        postmaster, subdomains and sizes."""
+        intake = self.intake
+        verdict = check_recipient(
+            event.path,
+            intake.domains,
+            hostname=intake.config.hostname,
+            global_max=intake.config.max_message_size,
+            declared_size=self.core.mail_params.size,
+        )
+        if isinstance(verdict, Accepted):
+            self.core.accept()
+            self.accepted.append(verdict)
+            self.trail.rcpt(event.path.address)
+            return
+        if verdict is RECIPIENT_UNKNOWN:
+            metrics.rejected("recipient_unknown")
+        elif verdict.code == 552:
+            metrics.rejected("recipient_too_big")
+        elif verdict is RELAY_DENIED:
+            metrics.rejected("relay_denied")
+        else:
+            metrics.rejected("postmaster_nowhere")
+        self.core.respond(verdict)
+        self.trail.rcpt(event.path.address, verdict)
+
+    def _gate_envelope(self, size: int) -> tuple[Envelope, tuple[str, ...], dict[int, str]] | None:
+        """The envelope to store (``<Postmaster>`` given its domain), each recipient's
+        configured domain and the recipients parked at once for their size; None when the
+        message is larger than every recipient takes (552 5.3.4)."""
+        envelope = self.core.envelope()
+        accepted = self.accepted
+        if len(accepted) != len(envelope.recipients):  # cannot happen; store as written
+            log.error("recipient gate out of step for %s; storing as received", self.queue_id)
+            return envelope, (), {}
+        parked = too_big_at_end(accepted, size)
+        if parked is None:
+            return None
+        recipients = tuple(
+            Recipient(item.address, rcpt.params) if item.address != rcpt.address else rcpt
+            for item, rcpt in zip(accepted, envelope.recipients, strict=True)
+        )
+        envelope = Envelope(envelope.mail_from, envelope.mail_params, recipients)
+        return envelope, tuple(item.domain for item in accepted), parked
 
     # -- DATA ---------------------------------------------------------------------------
     def _start_body(self) -> None:
@@ -506,11 +697,21 @@ class SmtpSession(asyncio.Protocol):
             )
             self._release_claim()
             self.core.respond(reply)
+            self.trail.done(self, self.queue_id, None, reply, queued=False)
             return
-        core = self.core
+        gated = self._gate_envelope(body.size)
+        self.accepted = []
+        if gated is None:  # larger than every recipient's mailbox takes: nothing is stored
+            body.close()
+            metrics.rejected("message_too_big")
+            self._release_claim()
+            self.core.respond(MESSAGE_TOO_BIG)
+            self.trail.done(self, self.queue_id, body.size, MESSAGE_TOO_BIG, queued=False)
+            return
+        envelope, domains, parked = gated
         message = IncomingMessage(
             id=self.queue_id,
-            envelope=core.envelope(),
+            envelope=envelope,
             client=ClientInfo(
                 address=self.peer,
                 helo=self.helo,
@@ -520,7 +721,8 @@ class SmtpSession(asyncio.Protocol):
             received_at=time.time(),
             message_id=event.message_id,
             body=body,
-            tags=self.spf_check.tags() if self.spf_check else (),
+            domains=domains,
+            parked=parked,
         )
         # The store calls back on the loop when the commit is durable; no task per message.
         self._hold(COMMIT)
@@ -535,15 +737,18 @@ class SmtpSession(asyncio.Protocol):
     def _stored(
         self, message: IncomingMessage, started: float, error: BaseException | None
     ) -> None:
-        message.body.close()
+        auth = self.intake.auth if error is None else None
+        spf_check = self.spf_check
+        if auth is None:
+            message.body.close()  # else the verdict reads it, then closes it
         self._release_claim(stored=error is None)
         if error is None:
             metrics.message_accepted(
                 (r.address for r in message.envelope.recipients), time.perf_counter() - started
             )
-            self.core.respond(queued(message.id))
-            if self.spf_check is not None:  # a result not in yet is tagged when it comes
-                self.spf_check.settle(self.intake.store, message.id)
+            reply = queued(message.id)
+            self.core.respond(reply)
+            self.trail.done(self, message.id, message.body.size, reply, queued=True)
         else:
             if isinstance(error, StoreError):
                 log.error("could not store message %s: %s", message.id, error)
@@ -551,7 +756,10 @@ class SmtpSession(asyncio.Protocol):
                 log.error("unexpected error storing message %s", message.id, exc_info=error)
             metrics.rejected("storage_error")
             self.core.respond(STORAGE_ERROR)
+            self.trail.done(self, message.id, message.body.size, STORAGE_ERROR, queued=False)
         self._release(COMMIT)
+        if auth is not None:  # SPF, DKIM, DMARC once the 250 is written (intake/auth.py)
+            auth.submit(message, spf_check)
 
     # -- STARTTLS -----------------------------------------------------------------------
     def _start_tls(self) -> None:

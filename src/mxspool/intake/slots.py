@@ -5,12 +5,17 @@
 source address for every connection, so counting exact IPv6 addresses would let it fill every
 slot. An IPv4-mapped IPv6 address (``::ffff:192.0.2.1``, what a dual-stack socket reports for an
 IPv4 client) counts as the IPv4 address it carries.
+
+Behind a load balancer that sends the PROXY protocol the client is known only once the header is
+read: the connection takes its place in the total at once (:meth:`Slots.take_unknown`) and its
+place under the client's key when the header names the client (:meth:`Slots.name_client`).
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections import Counter
+from collections.abc import Sequence
 
 
 def client_key(address: str, ipv6_prefix_length: int) -> str:
@@ -25,6 +30,19 @@ def client_key(address: str, ipv6_prefix_length: int) -> str:
         network = ipaddress.IPv6Network((ip, ipv6_prefix_length), strict=False)
         return str(network)
     return str(ip)
+
+
+def in_networks(
+    address: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> bool:
+    """Whether ``address`` (IPv4-mapped IPv6 as its IPv4 address) is in one of ``networks``."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
 
 
 class Slots:
@@ -48,8 +66,27 @@ class Slots:
         self.per_key[key] += 1
         return True
 
-    def give_back(self, key: str) -> None:
+    def take_unknown(self) -> bool:
+        """Take a slot, counted in the total only, for a client not known yet (a load balancer's
+        connection before its PROXY header); False when max_connections is reached."""
+        if self.open >= self.total:
+            return False
+        self.open += 1
+        return True
+
+    def name_client(self, key: str) -> bool:
+        """Count a slot taken by :meth:`take_unknown` under ``key`` too; False (and nothing
+        counted under ``key``) when that client has its limit already."""
+        if self.per_key[key] >= self.per_client:
+            return False
+        self.per_key[key] += 1
+        return True
+
+    def give_back(self, key: str | None) -> None:
+        """Give back a slot; ``key`` None for one counted in the total only."""
         self.open -= 1
+        if key is None:
+            return
         self.per_key[key] -= 1
         if self.per_key[key] <= 0:
             del self.per_key[key]

@@ -1,24 +1,25 @@
-"""SPF (RFC 7208) at arrival: checked in the background, recorded with the message as a tag.
+"""SPF (RFC 7208) at arrival: the SPF part of ``intake.auth``, started when MAIL FROM is accepted.
 
 Nothing is refused on SPF: mxspool holds mail for a migration and must not lose any. The result
-matters later, to ``queue bounce``: a DSN to a sender whose SPF failed at arrival would most
-likely go to a forged address (backscatter), so the bounce withholds it unless forced.
+goes into the message's Authentication-Results (``intake.auth``, which also checks DKIM and
+DMARC) and its ``spf=<result>`` tag, which matters to ``queue bounce``: a DSN to a sender whose
+SPF failed at arrival would most likely go to a forged address (backscatter), so the bounce
+withholds it unless forced.
 
 How it runs: when MAIL FROM is accepted (a non-null sender, a client that is not on a loopback,
 private, link-local or otherwise non-global address: internal relays are not listed in anyone's
 SPF record), :meth:`SpfChecker.start` submits the check to a small thread pool (pyspf is
-blocking) and returns at once; the 250 is never delayed. When the message is committed,
-:meth:`SpfCheck.tags` gives ``spf=<result>`` if the check is done, and the listener stores it
-in the message's tags. If it is not done yet (a fast pipelining client), the message is
-committed without it and :meth:`SpfCheck.settle` adds the tag when the check finishes; a check
-never takes longer than ``TIMEOUT`` seconds of DNS time.
+blocking) and returns at once; the 250 is never delayed, and the check runs while the client
+sends DATA. ``intake.auth`` collects the result after the commit (:attr:`SpfCheck.future`);
+a check never takes longer than ``TIMEOUT`` seconds of DNS time. :meth:`SpfCheck.tags` and
+:meth:`SpfCheck.settle` record the result alone, as a tag, for a caller without ``intake.auth``.
 
 Results are RFC 7208's: ``pass``, ``fail``, ``softfail``, ``neutral``, ``none``, ``temperror``,
 ``permerror``. A check that cannot start (too many in flight) or breaks records ``temperror``.
 
-DNS goes to ``[delivery] resolver`` when set, else to the system's resolver (dnspython reads
-/etc/resolv.conf). ``[smtp] spf_check_private`` checks internal clients too; it exists for
-tests, which connect from 127.0.0.1.
+DNS goes through ``intake.authdns`` (``[delivery] resolver`` when set, else the system's
+resolver; answers cached per TTL). ``[smtp] spf_check_private`` checks internal clients too; it
+exists for tests, which connect from 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ import time
 from typing import Any
 
 import dns.exception
-import dns.nameserver
 import dns.resolver
 import spf  # type: ignore[import-untyped]
 
-from mxspool.config import Config, split_host_port
+from mxspool.config import Config
+from mxspool.intake.authdns import make_resolver
 from mxspool.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -83,13 +84,13 @@ _install_lock = threading.Lock()
 
 
 def _lookup(name: str, qtype: str, strict: Any = True, timeout: float = TIMEOUT) -> list[Any]:
-    resolver = make_resolver(getattr(_local, "nameserver", ""))
     found: list[Any] = []
     try:
+        resolver = make_resolver(getattr(_local, "nameserver", ""))
         answers = resolver.resolve(name, qtype, lifetime=timeout, raise_on_no_answer=False)
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
         return found
-    except dns.exception.DNSException as exc:  # timeout, SERVFAIL, no nameserver answered
+    except (dns.exception.DNSException, ValueError) as exc:  # timeout, SERVFAIL, no answer
         raise spf.TempError(f"DNS {exc}") from None
     if answers.rrset is None:
         return found
@@ -109,21 +110,6 @@ def _install() -> None:
     with _install_lock:
         if spf.DNSLookup is not _lookup:
             spf.DNSLookup = _lookup
-
-
-@functools.cache
-def make_resolver(nameserver: str) -> dns.resolver.Resolver:
-    """A blocking resolver on ``nameserver`` ("host:port"), or the system's when empty.
-
-    Raises (ValueError, dnspython's NoResolverConfiguration) when it cannot be set up; called in
-    a worker, where that makes the check a temperror instead of stopping the server.
-    """
-    if not nameserver:
-        return dns.resolver.Resolver()
-    host, port = split_host_port(nameserver, 53)
-    resolver = dns.resolver.Resolver(configure=False)
-    resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port)]
-    return resolver
 
 
 # -- checks ---------------------------------------------------------------------------------
@@ -190,6 +176,16 @@ async def _add_tag(store: Store, message_id: str, value: str) -> None:
         log.warning("could not record %s for message %s: %s", value, message_id, exc)
 
 
+@functools.cache
+def _settled(result: str) -> concurrent.futures.Future[str]:
+    """A done future with ``result``, shared by every cached check with that result: a cached
+    check costs the intake no future, lock or thread of its own (``cancel`` of a done future
+    does nothing)."""
+    future: concurrent.futures.Future[str] = concurrent.futures.Future()
+    future.set_result(result)
+    return future
+
+
 class SpfChecker:
     """Starts SPF checks for one intake; see the module docstring."""
 
@@ -225,18 +221,14 @@ class SpfChecker:
         cached = self._cache.get(key)
         future: concurrent.futures.Future[str]
         if cached is not None and cached[0] > time.monotonic():
-            future = concurrent.futures.Future()
-            future.set_result(cached[1])
-            return SpfCheck(future)
+            return SpfCheck(_settled(cached[1]))
         with self._lock:
             busy = self._in_flight >= self.max_in_flight
             if not busy:
                 self._in_flight += 1
         if busy:
             log.warning("too many SPF checks in flight; %s from %s gets temperror", sender, client)
-            future = concurrent.futures.Future()
-            future.set_result("temperror")
-            return SpfCheck(future)
+            return SpfCheck(_settled("temperror"))
         future = self._pool.submit(self._check, client, sender, helo)
         future.add_done_callback(self._finished)
         return SpfCheck(future)

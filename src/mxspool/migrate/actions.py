@@ -8,19 +8,35 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mxspool import stage as stages
 from mxspool.config import Config
+from mxspool.delivery.arckey import ArcKeyError, load_key, zone_line
 from mxspool.delivery.dnscache import DnsCache
 from mxspool.delivery.errors import DeliveryError
+from mxspool.delivery.identity import (
+    ClientCertificate,
+    IdentityError,
+    certificate_name,
+    outbound_identity,
+)
 from mxspool.delivery.routing import Router
 from mxspool.migrate import dnscheck
 from mxspool.migrate.dnscheck import DnsReport
 from mxspool.migrate.probe import PROBE_TAG, ProbeError, submit
 from mxspool.migrate.recipients import ParsedRecipients, RecipientFileError, parse_recipient_file
-from mxspool.migrate.routecheck import HopVerdict, Readiness, judge_hop, probe_recipients
+from mxspool.migrate.routecheck import (
+    HopVerdict,
+    Readiness,
+    judge_hop,
+    not_checked,
+    probe_recipients,
+)
 from mxspool.migrate.runbook import (
+    ArcSealing,
     Inputs,
     RunbookError,
     check_spooler_ip,
@@ -28,8 +44,11 @@ from mxspool.migrate.runbook import (
     render_ps1,
 )
 from mxspool.migrate.smtpprobe import SmtpProber
-from mxspool.operations import OperationError, normalize_domain, parse_route
-from mxspool.store.base import Domain, NotFound, QueueEntry, QueueFilter, Store
+from mxspool.migrate.tenantplan import MAX_DOMAINS, DomainNow, Migration
+from mxspool.migrate.tenantplan import render_markdown as tenant_markdown
+from mxspool.migrate.tenantplan import render_ps1 as tenant_ps1
+from mxspool.operations import OperationError, normalize_domain, parse_route, show_domain
+from mxspool.store.base import Domain, NotFound, QueueEntry, QueueFilter, RecipientCheck, Store
 from mxspool.units import parse_rate
 
 MAX_FILE = 64 << 20
@@ -83,7 +102,9 @@ async def import_recipients(
             "Check that the export comes from the right tenant and domain",
             exit_code=1,
         )
-    total = await store.add_recipients(domain, parsed.addresses, replace=replace)
+    total = await store.add_recipients(
+        domain, parsed.addresses, replace=replace, max_sizes=parsed.max_sizes
+    )
     await store.record_audit(
         actor,
         "recipients.import",
@@ -110,7 +131,7 @@ async def clear_recipients(store: Store, name: str, *, actor: str = "cli") -> in
 
 
 def _router(config: Config) -> Router:
-    return Router(DnsCache(config.delivery.resolver))
+    return Router(DnsCache(config.delivery.resolver), outbound_identity(config.delivery))
 
 
 def _prober(config: Config) -> SmtpProber:
@@ -118,6 +139,7 @@ def _prober(config: Config) -> SmtpProber:
         local_hostname=config.smtp.hostname,
         timeout=config.delivery.connect_timeout,
         ca_file=config.delivery.ca_file,
+        identity=outbound_identity(config.delivery),
     )
 
 
@@ -161,7 +183,16 @@ async def check_dns(
             domain_name,
             f"mx={report.mx_at} spooler={spooler_host} verdict={'go' if report.go else 'no-go'}",
         )
+        await _dns_stage(store, domain, report.mx_at, actor)
     return report
+
+
+async def _dns_stage(store: Store, domain: Domain, mx_at: str, actor: str) -> None:
+    """MX seen at the spooler (before) or at the target (after the release): a stage event."""
+    status = (await show_domain(store, domain.name)).status
+    events = await store.stage_events([domain.name])
+    reached = stages.after_dns_check(stages.stage(domain, status, events), mx_at, status)
+    await stages.record(store, domain.name, reached, actor=actor, detail=f"mx={mx_at}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +200,8 @@ class RouteCheck:
     domain: Domain
     hops: list[HopVerdict]
     error: str = ""
+    client_cert: ClientCertificate | None = None
+    """The TLS client certificate the probes offered ([delivery] tls_client_cert)."""
 
     @property
     def go(self) -> bool:
@@ -195,9 +228,10 @@ async def check_route(
             *(prober.examine(hop, domain.tls, [address]) for hop in hops)
         )
         verdicts = [
-            judge_hop(report, domain.tls, config.smtp.max_message_size) for report in reports
+            judge_hop(report, domain.tls, config.smtp.max_message_size, prober.identity)
+            for report in reports
         ]
-        result = RouteCheck(domain, verdicts)
+        result = RouteCheck(domain, verdicts, client_cert=prober.identity.client_cert)
     await store.record_audit(
         actor,
         "check.route",
@@ -215,6 +249,16 @@ class RecipientsCheck:
     @property
     def ready(self) -> int:
         return sum(1 for item in self.results if item.state == "ready")
+
+    @property
+    def not_ready(self) -> int:
+        """Refused for good (5xx at RCPT): create them at the target."""
+        return sum(1 for item in self.results if item.state == "not ready")
+
+    @property
+    def unknown(self) -> int:
+        """No verdict (4xx at RCPT, or a 4xx or connection failure before it): check again."""
+        return sum(1 for item in self.results if item.state == "unknown")
 
 
 async def held_recipients(store: Store, domain: str) -> list[str]:
@@ -256,25 +300,37 @@ async def check_recipients(
         try:
             hops = await _router(config).hops(domain)
         except DeliveryError as exc:
-            raise OperationError(
-                f"cannot resolve the route of {domain_name}: {exc}; 'mxspool check route "
-                f"{domain_name}' shows more",
-                exit_code=1,
-            ) from None
-        results = await probe_recipients(
-            _prober(config),
-            hops,
-            domain.tls,
-            addresses,
-            concurrency=concurrency,
-            rate=per_second,
-        )
+            if exc.permanent:
+                raise OperationError(
+                    f"cannot resolve the route of {domain_name}: {exc}; 'mxspool check route "
+                    f"{domain_name}' shows more",
+                    exit_code=1,
+                ) from None
+            # A temporary DNS failure says nothing about the recipients: unknown, not failed.
+            results = not_checked(addresses, f"cannot resolve the route now: {exc}")
+        else:
+            results = await probe_recipients(
+                _prober(config),
+                hops,
+                domain.tls,
+                addresses,
+                concurrency=concurrency,
+                rate=per_second,
+            )
     check = RecipientsCheck(domain, results)
+    # Per recipient, for the release plan's readiness (``domain release --dry-run``); this
+    # run replaces the last one's results.
+    checked_at = time.time()
+    await store.record_recipient_checks(
+        domain_name,
+        [RecipientCheck(item.address, item.state, item.reply, checked_at) for item in results],
+    )
     await store.record_audit(
         actor,
         "check.recipients",
         domain_name,
-        f"checked={len(results)} ready={check.ready}",
+        f"checked={len(results)} ready={check.ready} not_ready={check.not_ready} "
+        f"unknown={check.unknown}",
     )
     return check
 
@@ -294,21 +350,141 @@ async def runbook(
     actor: str = "cli",
 ) -> str:
     """The migration plan for the domain (Markdown or a PowerShell script)."""
-    domain = normalize_domain(name)
+    return await migration_runbook(
+        store,
+        config,
+        [name],
+        spooler_host=spooler_host,
+        spooler_ip=spooler_ip,
+        target_host=target_host,
+        fmt=fmt,
+        actor=actor,
+    )
+
+
+async def migration_runbook(
+    store: Store,
+    config: Config,
+    domains: Sequence[str],
+    *,
+    spooler_host: str,
+    spooler_ip: str,
+    source_tenant: str | None = None,
+    target_tenant: str | None = None,
+    source_initial: str | None = None,
+    target_initial: str | None = None,
+    target_host: str | None = None,
+    migration: str | None = None,
+    fmt: str = "md",
+    actor: str = "cli",
+) -> str:
+    """The runbook (Markdown, or PowerShell with ``fmt="ps1"``) for a migration of DOMAINS.
+
+    One domain and no tenant given: the target-only runbook of one domain, as before. Several
+    domains, or any tenant option: the tenant-to-tenant runbook, both tenants from the days
+    before to the clean-up (:mod:`mxspool.migrate.tenantplan`). Each domain is recorded in the
+    audit log as planned (the checklist's first stage).
+    """
+    names = list(dict.fromkeys(normalize_domain(name) for name in domains))
+    if not names:
+        raise OperationError("no domain given; name at least one domain to plan")
+    if len(names) > MAX_DOMAINS:
+        raise OperationError(
+            f"{len(names)} domains: a runbook covers at most {MAX_DOMAINS}; split the migration"
+        )
     try:
         ip = check_spooler_ip(spooler_ip)
     except RunbookError as exc:
         raise OperationError(str(exc)) from None
     spooler = parse_route(spooler_host).host
     target = parse_route(target_host).host if target_host else None
-    hosts, ttl, error = await dnscheck.current_mx(domain, config.delivery.resolver)
-    inputs = Inputs(domain, spooler, ip, target, tuple(hosts), ttl, error)
-    text = render_ps1(inputs) if fmt == "ps1" else render_markdown(inputs)
-    # The checklist's "planned" stage is this entry.
-    await store.record_audit(
-        actor, "runbook", domain, f"spooler={spooler} ip={ip} target={target or '-'}"
-    )
+    if target and len(names) > 1:
+        raise OperationError(
+            "--target-host names one domain's MX host; with several domains leave it out: the "
+            "runbook shows how to read each domain's host from the target tenant"
+        )
+    try:
+        cert_name = certificate_name(config.delivery)
+    except IdentityError as exc:
+        raise OperationError(str(exc)) from None
+    arc = _arc_sealing(config)
+    seen = []
+    for domain in names:
+        hosts, ttl, error = await dnscheck.current_mx(domain, config.delivery.resolver)
+        seen.append(DomainNow(domain, tuple(hosts), ttl, error, target))
+    tenants = (source_tenant, target_tenant, source_initial, target_initial, migration)
+    if len(names) == 1 and not any(tenants):
+        now = seen[0]
+        inputs = Inputs(
+            now.name, spooler, ip, target, now.mx_hosts, now.mx_ttl, now.lookup_error,
+            cert_name, arc,
+        )  # fmt: skip
+        text = render_ps1(inputs) if fmt == "ps1" else render_markdown(inputs)
+    else:
+        plan = Migration(
+            tuple(seen),
+            spooler,
+            ip,
+            _label(source_tenant, "source", "--source-tenant"),
+            _label(target_tenant, "target", "--target-tenant"),
+            _initial(source_initial, "--source-initial"),
+            _initial(target_initial, "--target-initial"),
+            cert_name,
+            arc,
+            migration,
+        )
+        text = tenant_ps1(plan) if fmt == "ps1" else tenant_markdown(plan)
+    # The checklist's "planned" stage is this entry, one per domain.
+    for domain in names:
+        await store.record_audit(
+            actor, "runbook", domain, f"spooler={spooler} ip={ip} target={target or '-'}"
+        )
     return text
+
+
+MAX_LABEL = 64
+
+
+def _label(value: str | None, default: str, option: str) -> str:
+    """A tenant's label as the runbook prints it: short, one line, printable."""
+    if value is None:
+        return default
+    label = value.strip()
+    if not label or len(label) > MAX_LABEL or not label.isprintable():
+        raise OperationError(
+            f"{option} {value!r}: give a short printable name for the tenant "
+            f"(1 to {MAX_LABEL} characters), e.g. contoso-a"
+        )
+    return label
+
+
+_INITIAL_SUFFIXES = (".onmicrosoft.com", ".onmicrosoft.us", ".partner.onmschina.cn")
+
+
+def _initial(value: str | None, option: str) -> str | None:
+    """A tenant's initial domain (NAME.onmicrosoft.com), or None when not given."""
+    if value is None:
+        return None
+    domain = normalize_domain(value)
+    if not domain.endswith(_INITIAL_SUFFIXES) or domain.count(".") < 2:
+        raise OperationError(
+            f"{option} {value!r} is not a tenant's initial domain; give the NAME.onmicrosoft.com "
+            "domain shown in the Microsoft 365 admin center (Settings > Domains)"
+        )
+    return domain
+
+
+def _arc_sealing(config: Config) -> ArcSealing | None:
+    """The runbook's ARC step inputs when ``[arc]`` is configured (the key is read for its
+    public half, the DNS record)."""
+    arc = config.arc
+    if not arc.enabled:
+        return None
+    try:
+        key = load_key(arc.key_file)
+    except ArcKeyError as exc:
+        raise OperationError(str(exc)) from None
+    return ArcSealing(arc.domain, arc.selector, zone_line(arc.selector, arc.domain, key))
 
 
 # -- probe ---------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from mxspool import cli_support as support
 from mxspool import operations as ops
 from mxspool.migrate import actions
 from mxspool.migrate.dnscheck import DnsReport, Finding
+from mxspool.migrate.routecheck import HopVerdict, ip_version
 from mxspool.units import parse_duration
 
 _STYLE = {"ok": "green", "todo": "yellow", "info": "dim", "warn": "yellow", "fail": "bold red"}
@@ -196,6 +197,9 @@ def _route_to_dict(result: actions.RouteCheck) -> dict[str, Any]:
                 "verdict": "go" if verdict.go else "no-go",
                 "connect_ms": _ms(verdict.report.connect_ms),
                 "total_ms": _ms(verdict.report.total_ms),
+                "local_address": verdict.report.local_address,
+                "family": ip_version(verdict.report.local_address) or None,
+                "client_cert": _client_cert_to_dict(result, verdict),
                 "tls_version": verdict.report.tls_version,
                 "cert_verified": verdict.report.cert_verified,
                 "cert_names": list(verdict.report.cert_names),
@@ -206,6 +210,19 @@ def _route_to_dict(result: actions.RouteCheck) -> dict[str, Any]:
             for verdict in result.hops
         ],
         "verdict": "go" if result.go else "no-go",
+    }
+
+
+def _client_cert_to_dict(result: actions.RouteCheck, verdict: HopVerdict) -> dict[str, Any] | None:
+    """The client certificate configured, and whether this hop's TLS session carried it."""
+    cert = result.client_cert
+    if cert is None:
+        return None
+    return {
+        "subject": cert.subject,
+        "names": list(cert.names),
+        "not_after": cert.not_after.isoformat(timespec="seconds"),
+        "presented": verdict.report.client_cert_presented,
     }
 
 
@@ -259,14 +276,14 @@ def check_recipients(
             store, config, name, concurrency=concurrency, rate=rate
         ),
     )
-    not_ready = len(result.results) - result.ready
     if as_json:
         support.print_json(
             {
                 "domain": result.domain.name,
                 "checked": len(result.results),
                 "ready": result.ready,
-                "not_ready": not_ready,
+                "not_ready": result.not_ready,
+                "unknown": result.unknown,
                 "recipients": [asdict(item) for item in result.results],
             }
         )
@@ -274,19 +291,41 @@ def check_recipients(
         click.echo(f"nothing is held for {result.domain.name}; no recipient to check")
     else:
         table = Table("Recipient", "State", "Reply", "What it means")
+        styles = {"ready": "green", "unknown": "yellow"}
         for item in result.results:
-            style = "green" if item.state == "ready" else "bold red"
+            style = styles.get(item.state, "bold red")
             table.add_row(item.address, f"[{style}]{item.state}[/]", item.reply, item.hint)
         support.console().print(table)
-        click.echo(f"{result.ready} of {len(result.results)} recipients ready at the target")
-    if not_ready:
-        if not as_json:
+        click.echo(
+            f"{result.ready} of {len(result.results)} recipients ready at the target, "
+            f"{result.not_ready} not ready, {result.unknown} unknown"
+        )
+    _recipients_advice(result, as_json)
+
+
+def _recipients_advice(result: actions.RecipientsCheck, as_json: bool) -> None:
+    """Advice and exit status: 0 all ready, 1 some not ready (5xx), 3 none refused but some
+    unknown (a 4xx, or no answer): check again later. 2 stays usage/configuration errors."""
+    name = result.domain.name
+    if not as_json:
+        if result.not_ready:
             click.echo(
-                f"{not_ready} not ready: create them at the target (or release only the ready "
-                f"ones with 'mxspool domain release {result.domain.name} --only ADDRESS')",
+                f"{result.not_ready} not ready (refused with 5xx): create them at the target "
+                f"(or release only the ready ones with 'mxspool domain release {name} "
+                "--only ADDRESS')",
                 err=True,
             )
+        if result.unknown:
+            click.echo(
+                f"{result.unknown} unknown (a temporary refusal such as Exchange Online's "
+                "'451 4.7.500 Server busy', or no answer): not a verdict on the mailboxes; run "
+                f"'mxspool check recipients {name}' again later",
+                err=True,
+            )
+    if result.not_ready:
         raise click.exceptions.Exit(1)
+    if result.unknown:
+        raise click.exceptions.Exit(3)
 
 
 # -- runbook -----------------------------------------------------------------------------------
@@ -294,32 +333,53 @@ def check_recipients(
 
 @click.command()
 @support.config_option
-@click.argument("name", metavar="DOMAIN")
+@click.argument("names", metavar="DOMAIN...", nargs=-1, required=True)
 @click.option("--spooler-host", required=True, metavar="HOST", help="The spooler's MX host name.")
 @click.option("--spooler-ip", required=True, metavar="IP", help="Its public IPv4 address.")
 @click.option("--target-host", default=None, metavar="HOST", help="The target tenant's MX host.")
+@click.option("--source-tenant", default=None, metavar="LABEL", help="Name of the source tenant.")
+@click.option("--target-tenant", default=None, metavar="LABEL", help="Name of the target tenant.")
+@click.option(
+    "--source-initial", default=None, metavar="DOMAIN", help="Its NAME.onmicrosoft.com domain."
+)
+@click.option(
+    "--target-initial", default=None, metavar="DOMAIN", help="Its NAME.onmicrosoft.com domain."
+)
 @click.option("--format", "fmt", type=click.Choice(["md", "ps1"]), default="md", show_default=True)
 @click.pass_context
 def runbook(
     ctx: click.Context,
     *,
-    name: str,
+    names: tuple[str, ...],
     spooler_host: str,
     spooler_ip: str,
     target_host: str | None,
+    source_tenant: str | None,
+    target_tenant: str | None,
+    source_initial: str | None,
+    target_initial: str | None,
     fmt: str,
 ) -> None:
-    """The ordered migration plan for DOMAIN: DNS, Exchange Online connectors, mxspool steps."""
+    """The ordered migration plan: DNS, both tenants' PowerShell, mxspool steps.
+
+    One DOMAIN without tenant options: the target tenant's side only. Several domains, or
+    --source-tenant/--target-tenant/--source-initial/--target-initial: the whole
+    tenant-to-tenant move, source tenant included (as PowerShell: run with -Step KEY).
+    """
     config = support.load_config(ctx)
     text = support.run(
         ctx,
-        lambda store: actions.runbook(
+        lambda store: actions.migration_runbook(
             store,
             config,
-            name,
+            names,
             spooler_host=spooler_host,
             spooler_ip=spooler_ip,
             target_host=target_host,
+            source_tenant=source_tenant,
+            target_tenant=target_tenant,
+            source_initial=source_initial,
+            target_initial=target_initial,
             fmt=fmt,
         ),
     )

@@ -2,7 +2,9 @@
 
 ``check route`` looks at every address of the route (as the delivery engine would try them):
 connect, EHLO, STARTTLS as the route's TLS mode demands, the certificate, SIZE, one RCPT with
-the null sender, and the latency, then gives each hop a go or no-go.
+the null sender, and the latency, then gives each hop a go or no-go. It connects as delivery
+does (``delivery.identity``), so it also says which local address and IP version it left from
+and which client certificate it presented: what the target's inbound connector will see.
 
 ``check recipients`` asks the route, by RCPT (then RSET, never DATA), about each distinct
 recipient held for the domain, a few connections at a time and paced, so the operator knows
@@ -13,10 +15,13 @@ which mailboxes exist at the target before releasing: Exchange Online answers
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from mxspool.delivery.identity import NO_IDENTITY, OutboundIdentity
 from mxspool.delivery.routing import Hop
 from mxspool.migrate.dnscheck import Finding
 from mxspool.migrate.smtpprobe import HopReport, RcptResult, SmtpProber
@@ -33,7 +38,12 @@ class HopVerdict:
         return all(finding.verdict != "fail" for finding in self.findings)
 
 
-def judge_hop(report: HopReport, tls: TlsMode, max_message_size: int) -> HopVerdict:
+def judge_hop(
+    report: HopReport,
+    tls: TlsMode,
+    max_message_size: int,
+    identity: OutboundIdentity = NO_IDENTITY,
+) -> HopVerdict:
     """Go / no-go for one hop, per the route's TLS mode."""
     verdict = HopVerdict(report)
     add = verdict.findings.append
@@ -42,7 +52,9 @@ def judge_hop(report: HopReport, tls: TlsMode, max_message_size: int) -> HopVerd
         add(Finding("connect", "fail", report.error or "no connection", _connect_fix(hop)))
         return verdict
     add(Finding("connect", "ok", f"{report.banner} in {report.connect_ms or 0:.0f} ms"))
+    add(_judge_source(report, identity))
     _judge_tls(report, tls, add)
+    _judge_client_cert(report, identity, add)
     if report.size_limit is None:
         add(Finding("size", "info", "SIZE not advertised"))
     elif report.size_limit and report.size_limit < max_message_size:
@@ -61,6 +73,80 @@ def judge_hop(report: HopReport, tls: TlsMode, max_message_size: int) -> HopVerd
     for result in report.rcpts:
         add(_judge_rcpt(result))
     return verdict
+
+
+def ip_version(address: str | None) -> str:
+    """ "IPv4" or "IPv6" ("" when unknown)."""
+    try:
+        return f"IPv{ipaddress.ip_address(address or '').version}"
+    except ValueError:
+        return ""
+
+
+def _judge_source(report: HopReport, identity: OutboundIdentity) -> Finding:
+    local = report.local_address or "?"
+    version = ip_version(report.local_address)
+    configured = identity.source_for(report.hop.address)
+    if configured is None:
+        return Finding(
+            "source",
+            "info",
+            f"from {local} ({version}), chosen by the system",
+            "set [delivery] source_address to the address the target's inbound connector "
+            "lists, so every connection leaves from it",
+        )
+    if configured != report.local_address:
+        return Finding(
+            "source",
+            "fail",
+            f"from {local} ({version}), not from [delivery] source_address {configured}",
+            "check the machine's addresses and routes",
+        )
+    return Finding("source", "ok", f"from {local} ({version}), [delivery] source_address")
+
+
+def _judge_client_cert(
+    report: HopReport, identity: OutboundIdentity, add: Callable[[Finding], None]
+) -> None:
+    cert = identity.client_cert
+    if cert is None:
+        add(
+            Finding(
+                "client-cert",
+                "info",
+                "none configured: the target's connector must recognise the spooler by its "
+                "IP address",
+            )
+        )
+        return
+    if cert.expired:
+        add(
+            Finding(
+                "client-cert",
+                "fail",
+                f"{cert.describe()}: expired",
+                "renew it ([delivery] tls_client_cert and tls_client_key), then restart",
+            )
+        )
+        return
+    if not report.client_cert_presented:
+        add(
+            Finding(
+                "client-cert",
+                "warn",
+                f"{cert.describe()}: not presented, no TLS session with this hop",
+                "a connector that recognises the spooler by certificate needs TLS",
+            )
+        )
+        return
+    add(
+        Finding(
+            "client-cert",
+            "ok",
+            f"{cert.describe()}: offered in the TLS session, which the hop accepted (sent "
+            "when the hop asks for one; whether it asked is not observable)",
+        )
+    )
 
 
 def _connect_fix(hop: Hop) -> str:
@@ -130,7 +216,10 @@ def rcpt_hint(result: RcptResult) -> str:
     """What a refusal usually means at a Microsoft 365 target, and what to do."""
     reply = result.reply
     if result.code == 0:
-        return "no answer; check the route ('mxspool check route')"
+        return (
+            "no answer to RCPT (MAIL refused, or the session broke): this says nothing about "
+            "the mailbox; check again later, 'mxspool check route' shows the route"
+        )
     if "5.4.1" in reply:
         return (
             "the mailbox (or the domain) does not exist at the target yet: create it, or add the "
@@ -140,9 +229,18 @@ def rcpt_hint(result: RcptResult) -> str:
         return "the target does not know this address: create the mailbox or an alias"
     if "4.4.62" in reply:
         return "the route points at the wrong tenant or region: check the target MX host"
+    if result.code == 451 and _THROTTLED.match(reply):
+        return (
+            "Exchange Online is throttling a sender it does not know yet (451 4.7.500-699, "
+            '"Server busy"): this says nothing about the mailbox; check again later (in 15 '
+            "minutes or more)"
+        )
     if 400 <= result.code < 500:
-        return "a temporary refusal; check again later"
+        return "a temporary refusal: this says nothing about the mailbox; check again later"
     return "the target refuses this recipient; see its reply"
+
+
+_THROTTLED = re.compile(r"4\.7\.[56]\d\d\b")
 
 
 class Pacer:
@@ -215,7 +313,17 @@ async def probe_recipients(
 
 
 def _connect_hint() -> str:
-    return "no hop of the route answered; run 'mxspool check route' to see why"
+    return (
+        "no hop of the route answered (a 4xx or a connection failure before RCPT): it says "
+        "nothing about the mailbox; check again later, 'mxspool check route' shows why"
+    )
+
+
+def not_checked(addresses: Sequence[str], reason: str) -> list[Readiness]:
+    """Every address "unknown": the route could not be asked at all."""
+    return [
+        Readiness(a, "unknown", f"not checked: {reason}", _connect_hint(), "-") for a in addresses
+    ]
 
 
 def _readiness(result: RcptResult, hop: str) -> Readiness:

@@ -8,8 +8,8 @@ being comments: the script is meant to be run in Exchange Online PowerShell, whi
 and mxspool commands happen elsewhere, at the moments the comments give.
 
 Every Exchange Online parameter used here is one Microsoft documents for the cmdlet
-(New-InboundConnector, Set-InboundConnector, Get-InboundConnector, Get-Recipient); each is
-explained in a comment next to it.
+(New-InboundConnector, Set-InboundConnector, Get-InboundConnector, Get-Recipient,
+Get-ArcConfig, Set-ArcConfig); each is explained in a comment next to it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 MAX_TTL = 300
-Kind = Literal["dns", "exo", "exo-source", "mxspool"]
+Kind = Literal["dns", "exo", "exo-source", "graph", "graph-source", "mxspool", "shell"]
 
 
 class RunbookError(Exception):
@@ -40,6 +40,8 @@ class Step:
     title: str
     text: list[str]
     commands: list[Command] = field(default_factory=list)
+    checks: list[Command] = field(default_factory=list)
+    """Commands whose output confirms the step was done (the tenant runbook has them)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +54,19 @@ class Inputs:
     """The MX hosts seen in DNS now (the source tenant's, before the cut-over)."""
     mx_ttl: int | None = None
     lookup_error: str = ""
+    client_cert_name: str | None = None
+    """The name on ``[delivery] tls_client_cert``: the connector recognises the spooler by it
+    (TlsSenderCertificateName) instead of by IP address; None: by IP address."""
+    arc: ArcSealing | None = None
+    """``[arc]`` sealing, when configured: the target tenant must trust the sealer."""
+
+
+@dataclass(frozen=True, slots=True)
+class ArcSealing:
+    domain: str
+    selector: str
+    zone_line: str
+    """The key's TXT record as a zone-file line (``mxspool arc keygen`` prints the same)."""
 
 
 def check_spooler_ip(value: str) -> str:
@@ -92,10 +107,8 @@ def plan(inputs: Inputs) -> list[Step]:
     """The ordered steps for the domain."""
     d = inputs.domain
     spooler = inputs.spooler_host
-    ip = inputs.spooler_ip
     target = inputs.target_host or "TARGET-MX-HOST"
     source = inputs.mx_hosts[0] if inputs.mx_hosts else "SOURCE-MX-HOST"
-    name = connector_name(d)
     steps: list[Step] = []
 
     ttl_text = (
@@ -174,76 +187,9 @@ def plan(inputs: Inputs) -> list[Step]:
             ],
         )
     )
-    steps.append(
-        Step(
-            "connector",
-            "Target tenant: an inbound connector for the spooler, with Enhanced Filtering",
-            [
-                f"Run in Exchange Online PowerShell connected to the TARGET tenant. The connector "
-                f"identifies mail from the spooler ({ip}) as a partner's and requires TLS; "
-                "Enhanced Filtering for Connectors makes Exchange Online judge SPF, DKIM, DMARC "
-                "and reputation on the original sender's IP, not on the spooler's.",
-            ],
-            [
-                Command(
-                    "exo",
-                    "Connect-ExchangeOnline",
-                    ("sign in as an Exchange administrator of the TARGET tenant",),
-                ),
-                Command(
-                    "exo",
-                    f"New-InboundConnector -Name {_ps(name)} -ConnectorType Partner "
-                    f"-SenderDomains {_ps('*')} -SenderIPAddresses {_ps(ip)} "
-                    "-RestrictDomainsToIPAddresses $false -RequireTls $true "
-                    f"-Comment {_ps(f'mxspool store-and-forward for {d} during the migration')} "
-                    "-Enabled $true",
-                    (
-                        "-Name: how the connector shows in the admin center",
-                        "-ConnectorType Partner: the mail comes from a service outside the "
-                        "organization (the spooler), not from an on-premises server",
-                        "-SenderDomains '*': the spooler relays mail from any sender domain",
-                        f"-SenderIPAddresses: the spooler's public IPv4 address ({ip}); this is "
-                        "how Exchange Online recognises mail that comes through it",
-                        "-RestrictDomainsToIPAddresses $false: with SenderDomains '*', $true "
-                        "would reject mail from every other IP address",
-                        "-RequireTls $true: reject mail from the spooler that is not sent over TLS",
-                        "-Comment: a note for the next administrator",
-                        "-Enabled $true: active at once",
-                    ),
-                ),
-                Command(
-                    "exo",
-                    f"Set-InboundConnector -Identity {_ps(name)} -EFSkipLastIP $false "
-                    f"-EFSkipIPs {_ps(ip)}",
-                    (
-                        "Enhanced Filtering for Connectors (skip listing):",
-                        "-EFSkipLastIP $false: skip the addresses listed in -EFSkipIPs (rather "
-                        "than only the last hop)",
-                        f"-EFSkipIPs: the spooler ({ip}) is skipped, so SPF and sender reputation "
-                        "are checked against the server that sent the mail to the spooler",
-                        "(Alternative: -EFSkipLastIP $true skips only the last hop, whatever its "
-                        "address.)",
-                    ),
-                ),
-                Command(
-                    "exo",
-                    f"Get-InboundConnector -Identity {_ps(name)} | Format-List -Property "
-                    + ",".join(
-                        _ps(prop)
-                        for prop in (
-                            "Name",
-                            "ConnectorType",
-                            "SenderIPAddresses",
-                            "RequireTls",
-                            "EFSkipIPs",
-                            "EFSkipLastIP",
-                        )
-                    ),
-                    ("show what was set, to check it",),
-                ),
-            ],
-        )
-    )
+    steps.append(_connector_step(inputs))
+    if inputs.arc is not None:
+        steps.append(_arc_step(inputs.arc))
     steps.append(
         Step(
             "mx-to-spooler",
@@ -353,12 +299,155 @@ def plan(inputs: Inputs) -> list[Step]:
     return steps
 
 
-_FENCE = {"dns": "text", "exo": "powershell", "exo-source": "powershell", "mxspool": "sh"}
+def _connector_step(inputs: Inputs) -> Step:
+    """The target tenant's inbound connector for the spooler, and Enhanced Filtering.
+
+    By IP address (``-SenderIPAddresses``, IPv4 only: which is why the ``exchange-online``
+    profile delivers over IPv4, see ``delivery.exchange.address_family``), or, when
+    ``[delivery] tls_client_cert`` is set, by the certificate's name
+    (``-RestrictDomainsToCertificate $true -TlsSenderCertificateName NAME``; the spooler may
+    then send from any address, so Enhanced Filtering skips the last hop instead of a listed
+    IP). Parameters as documented for New-InboundConnector / Set-InboundConnector:
+    https://learn.microsoft.com/powershell/module/exchange/new-inboundconnector
+    """
+    d = inputs.domain
+    ip = inputs.spooler_ip
+    name = connector_name(d)
+    cert = inputs.client_cert_name
+    who = (
+        f"by the name on its TLS client certificate ({cert})"
+        if cert
+        else f"by its public IPv4 address ({ip})"
+    )
+    identify = (
+        "Set [delivery] source_address to the address that is (or is NATed to) "
+        f"{ip}, so every connection leaves from it."
+        if not cert
+        else "The spooler presents [delivery] tls_client_cert on STARTTLS; 'mxspool check "
+        "route' shows it."
+    )
+    return Step(
+        "connector",
+        "Target tenant: an inbound connector for the spooler, with Enhanced Filtering",
+        [
+            "Run in Exchange Online PowerShell connected to the TARGET tenant. The connector "
+            f"identifies mail from the spooler {who} as a partner's and requires TLS; "
+            "Enhanced Filtering for Connectors makes Exchange Online judge SPF, DKIM, DMARC "
+            "and reputation on the original sender's IP, not on the spooler's.",
+            identify,
+        ],
+        [
+            Command(
+                "exo",
+                "Connect-ExchangeOnline",
+                ("sign in as an Exchange administrator of the TARGET tenant",),
+            ),
+            *connector_commands(
+                "exo", name, ip, cert, f"mxspool store-and-forward for {d} during the migration"
+            ),
+        ],
+    )
+
+
+def connector_commands(
+    kind: Kind, name: str, ip: str, cert: str | None, purpose: str
+) -> list[Command]:
+    """Create the inbound connector for the spooler, turn on Enhanced Filtering, show it."""
+    comment = f"-Comment {_ps(purpose)} "
+    common_why = (
+        "-Name: how the connector shows in the admin center",
+        "-ConnectorType Partner: the mail comes from a service outside the "
+        "organization (the spooler), not from an on-premises server",
+        "-SenderDomains '*': the spooler relays mail from any sender domain",
+    )
+    tail_why = (
+        "-RequireTls $true: reject mail from the spooler that is not sent over TLS",
+        "-Comment: a note for the next administrator",
+        "-Enabled $true: active at once",
+    )
+    if cert:
+        create = Command(
+            kind,
+            f"New-InboundConnector -Name {_ps(name)} -ConnectorType Partner "
+            f"-SenderDomains {_ps('*')} -RequireTls $true "
+            f"-RestrictDomainsToCertificate $true -TlsSenderCertificateName {_ps(cert)} "
+            f"{comment}-Enabled $true",
+            (
+                *common_why,
+                "-RestrictDomainsToCertificate $true: only mail whose TLS client certificate "
+                "matches -TlsSenderCertificateName uses this connector",
+                f"-TlsSenderCertificateName: the name on [delivery] tls_client_cert ({cert}); "
+                "the spooler presents that certificate on STARTTLS",
+                *tail_why,
+            ),
+        )
+        filtering = Command(
+            kind,
+            f"Set-InboundConnector -Identity {_ps(name)} -EFSkipLastIP $true",
+            (
+                "Enhanced Filtering for Connectors (skip listing):",
+                "-EFSkipLastIP $true: skip the last hop (the spooler, whatever address it "
+                "sends from), so SPF and sender reputation are checked against the server that "
+                "sent the mail to the spooler",
+            ),
+        )
+        shown = ("TlsSenderCertificateName", "RestrictDomainsToCertificate", "EFSkipLastIP")
+    else:
+        create = Command(
+            kind,
+            f"New-InboundConnector -Name {_ps(name)} -ConnectorType Partner "
+            f"-SenderDomains {_ps('*')} -SenderIPAddresses {_ps(ip)} "
+            "-RestrictDomainsToIPAddresses $false -RequireTls $true "
+            f"{comment}-Enabled $true",
+            (
+                *common_why,
+                f"-SenderIPAddresses: the spooler's public IPv4 address ({ip}); this is "
+                "how Exchange Online recognises mail that comes through it (IPv4 only: the "
+                "exchange-online profile makes the spooler deliver over IPv4)",
+                "-RestrictDomainsToIPAddresses $false: with SenderDomains '*', $true "
+                "would reject mail from every other IP address",
+                *tail_why,
+            ),
+        )
+        filtering = Command(
+            kind,
+            f"Set-InboundConnector -Identity {_ps(name)} -EFSkipLastIP $false -EFSkipIPs {_ps(ip)}",
+            (
+                "Enhanced Filtering for Connectors (skip listing):",
+                "-EFSkipLastIP $false: skip the addresses listed in -EFSkipIPs (rather "
+                "than only the last hop)",
+                f"-EFSkipIPs: the spooler ({ip}) is skipped, so SPF and sender reputation "
+                "are checked against the server that sent the mail to the spooler",
+                "(Alternative: -EFSkipLastIP $true skips only the last hop, whatever its address.)",
+            ),
+        )
+        shown = ("SenderIPAddresses", "EFSkipIPs", "EFSkipLastIP")
+    show = Command(
+        kind,
+        f"Get-InboundConnector -Identity {_ps(name)} | Format-List -Property "
+        + ",".join(_ps(prop) for prop in ("Name", "ConnectorType", *shown, "RequireTls")),
+        ("show what was set, to check it",),
+    )
+    return [create, filtering, show]
+
+
+_FENCE = {
+    "dns": "text",
+    "exo": "powershell",
+    "exo-source": "powershell",
+    "graph": "powershell",
+    "graph-source": "powershell",
+    "mxspool": "sh",
+    "shell": "sh",
+}
 _WHERE = {
     "dns": "DNS",
     "exo": "Exchange Online PowerShell, TARGET tenant",
     "exo-source": "Exchange Online PowerShell, SOURCE tenant",
+    "graph": "Microsoft Graph PowerShell, TARGET tenant",
+    "graph-source": "Microsoft Graph PowerShell, SOURCE tenant",
     "mxspool": "on the spooler",
+    "shell": "any shell",
 }
 
 
@@ -374,24 +463,41 @@ def _header(inputs: Inputs, now: datetime) -> list[str]:
 def render_markdown(inputs: Inputs, now: datetime | None = None) -> str:
     now = now or datetime.now(UTC)
     title, subtitle = _header(inputs, now)
+    return markdown(title, subtitle, plan(inputs))
+
+
+def markdown(
+    title: str, subtitle: str, steps: list[Step], where: dict[str, str] | None = None
+) -> str:
+    """Numbered steps, each with its explanation, its commands and (when it has them) the
+    commands that check it, fenced by where they run."""
     out = [f"# {title}", "", subtitle, ""]
-    for number, step in enumerate(plan(inputs), start=1):
+    for number, step in enumerate(steps, start=1):
         out += [f"## {number}. {step.title}", ""]
         for paragraph in step.text:
             out += [paragraph, ""]
-        kind: str | None = None
-        for command in step.commands:
-            if command.kind != kind:
-                if kind is not None:
-                    out += ["```", ""]
-                kind = command.kind
-                out += [f"{_WHERE[kind]}:", "", f"```{_FENCE[kind]}"]
-            comment = ";" if command.kind == "dns" else "#"
-            out += [f"{comment} {why}" for why in command.why]
-            out.append(command.text)
-        if kind is not None:
-            out += ["```", ""]
+        out += _fenced(step.commands, where or _WHERE)
+        if step.checks:
+            out += ["Check:", ""]
+            out += _fenced(step.checks, where or _WHERE)
     return "\n".join(out)
+
+
+def _fenced(commands: list[Command], where: dict[str, str]) -> list[str]:
+    out: list[str] = []
+    kind: str | None = None
+    for command in commands:
+        if command.kind != kind:
+            if kind is not None:
+                out += ["```", ""]
+            kind = command.kind
+            out += [f"{where[kind]}:", "", f"```{_FENCE[kind]}"]
+        comment = ";" if command.kind == "dns" else "#"
+        out += [f"{comment} {why}" for why in command.why]
+        out.append(command.text)
+    if kind is not None:
+        out += ["```", ""]
+    return out
 
 
 def render_ps1(inputs: Inputs, now: datetime | None = None) -> str:
@@ -432,3 +538,63 @@ def _wrap(text: str, width: int = 96) -> list[str]:
     if current:
         lines.append(current)
     return lines
+
+
+def _arc_step(arc: ArcSealing) -> Step:
+    """Publish the sealing key; make the target tenant trust the spooler's ARC seals.
+
+    Set-ArcConfig and Get-ArcConfig, Exchange Online only:
+    https://learn.microsoft.com/powershell/module/exchangepowershell/set-arcconfig
+    https://learn.microsoft.com/powershell/module/exchangepowershell/get-arcconfig
+    -ArcTrustedSealers REPLACES the list (Microsoft's example 2 adds to it this way: read it
+    with Get-ArcConfig, append, set); the domain must be the d= of the ARC-Seal (Microsoft 365
+    Defender, "Trusted ARC sealers").
+    """
+    d = _ps(arc.domain)
+    key_name = f"{arc.selector}._domainkey.{arc.domain}"
+    return Step(
+        "arc",
+        "Target tenant: trust the spooler's ARC seal",
+        [
+            "Held mail reaches the target days after it was signed, from the spooler's "
+            "address: SPF no longer aligns and short-lived DKIM signatures expire. The spooler "
+            "seals each released message with ARC (the verdicts it took at arrival, signed as "
+            f"d={arc.domain}); a tenant that trusts that sealer uses them. Publish the key, "
+            "then add the sealing domain to the target tenant's trusted ARC sealers (keeping "
+            "any already there).",
+        ],
+        [
+            Command("dns", arc.zone_line, ("the ARC sealing key (TXT, strings of <= 255)",)),
+            Command("mxspool", f"dig +short TXT {key_name}"),
+            Command(
+                "exo",
+                "$sealers = @((Get-ArcConfig).ArcTrustedSealers -split ',' | "
+                "ForEach-Object { $_.Trim() } | Where-Object { $_ })",
+                ("the trusted ARC sealers already configured (Set-ArcConfig replaces the list)",),
+            ),
+            Command(
+                "exo",
+                f"if ($sealers -notcontains {d}) {{ $sealers += {d} }}",
+                (f"add the spooler's sealing domain (the d= of its ARC-Seal): {arc.domain}",),
+            ),
+            Command(
+                "exo",
+                "Set-ArcConfig -Identity Default -ArcTrustedSealers $sealers",
+                (
+                    "-Identity Default: the organization's one ARC configuration",
+                    "-ArcTrustedSealers: every trusted sealer, the spooler's included",
+                ),
+            ),
+            Command(
+                "exo",
+                "Get-ArcConfig | Format-List -Property 'ArcTrustedSealers'",
+                (f"check: the list shows {arc.domain}",),
+            ),
+        ],
+    )
+
+
+# Public names for the tenant-to-tenant runbook (mxspool.migrate.tenantplan).
+ps_quote = _ps
+wrap = _wrap
+arc_step = _arc_step

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mxspool.delivery.errors import DeliveryError, TlsFailed
+from mxspool.delivery.identity import NO_IDENTITY, OutboundIdentity
 from mxspool.delivery.routing import Hop
 from mxspool.delivery.smtpclient import SmtpConnector, SmtpSession
 from mxspool.store.base import TlsMode
@@ -50,6 +51,11 @@ class HopReport:
     cert_not_after: str = ""
     size_limit: int | None = None
     """SIZE from EHLO (0: advertised without a limit); None: not advertised."""
+    local_address: str | None = None
+    """The address the spooler connected from (as bound here, before any NAT)."""
+    client_cert_presented: bool = False
+    """A client certificate was configured and the TLS session with it was established (it is
+    sent when the hop asks for one; whether it asked is not observable)."""
     mail_reply: str = ""
     rcpts: list[RcptResult] = field(default_factory=list)
 
@@ -70,15 +76,24 @@ def _name(parts: Any) -> str:
 class SmtpProber:
     """Opens probing sessions to hops; one instance per command run."""
 
-    def __init__(self, *, local_hostname: str, timeout: float = 30.0, ca_file: str = "") -> None:
+    def __init__(
+        self,
+        *,
+        local_hostname: str,
+        timeout: float = 30.0,
+        ca_file: str = "",
+        identity: OutboundIdentity = NO_IDENTITY,
+    ) -> None:
         self.local_hostname = local_hostname
         self.timeout = timeout
+        self.identity = identity
         self._client = SmtpConnector(
             local_hostname=local_hostname,
             connect_timeout=timeout,
             ca_file=ca_file,
             command_timeout=timeout,
             final_timeout=timeout,
+            identity=identity,
         )
 
     async def examine(
@@ -128,6 +143,7 @@ class SmtpProber:
             report.error = f"connect/EHLO failed: {exc}"
             return None
         report.connect_ms = (time.perf_counter() - began) * 1000
+        report.local_address = session.local_address
         report.banner = str(session.greeting)
         report.connected = True
         report.starttls_offered = session.offers("starttls")
@@ -146,6 +162,7 @@ class SmtpProber:
             return None
         tls_object = session.ssl_object
         if tls_object is not None:
+            report.client_cert_presented = self.identity.client_cert is not None
             report.tls_version = tls_object.version()
             cipher = tls_object.cipher()
             report.tls_cipher = cipher[0] if cipher else None

@@ -11,12 +11,21 @@
  * Lines are found with memchr, which the C library vectorises, so the cost is a few
  * nanoseconds per line, not per byte. The input is only copied when something changes
  * (a dot to unstuff, a bare CR or LF to normalise); clean content is returned as is.
+ *
+ * "normalize" mode with a bare CR or LF in the region (rare) takes its own path,
+ * normalize_lines: there every CR, LF and CRLF ends a line, which changes where dots are
+ * stuffing and adds the lone-dot rule (see data.py's docstring).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <string.h>
 
 #define MAX_LINE 998 /* octets before the CRLF, RFC 5321 4.5.3.1.6 */
+
+/* Where a region starts (data.py's MID_LINE, AFTER_CRLF, AFTER_BARE). */
+#define SOL_MID_LINE 0
+#define SOL_AFTER_CRLF 1
+#define SOL_AFTER_BARE 2
 
 /* Index of the first "\r\n.\r\n" in p[0:n], or -1. The same answer as bytes.find. */
 static Py_ssize_t
@@ -58,11 +67,12 @@ struct scan_result {
 
 /*
  * One pass over p[start:n] that counts what must change and measures output line lengths.
- * A line ends at any CR or LF (a bare one too: it becomes a line end when normalised, and a
- * rejected message is refused anyway); a removed dot does not count towards its line.
+ * A line ends at any CR or LF (a bare one too: a rejected message is refused anyway); with
+ * `unstuff`, a dot after a CRLF is counted as stuffing and does not count towards its line.
+ * Without it, on CRLF-only text, this measures lines only.
  */
 static void
-scan_region(const char *p, Py_ssize_t start, Py_ssize_t n, Py_ssize_t carry,
+scan_region(const char *p, Py_ssize_t start, Py_ssize_t n, Py_ssize_t carry, int unstuff,
             struct scan_result *res)
 {
     Py_ssize_t pos = start, line_start = start, extra = carry, run;
@@ -107,7 +117,7 @@ scan_region(const char *p, Py_ssize_t start, Py_ssize_t n, Py_ssize_t carry,
             if (!crlf) {
                 res->bares++;
             }
-            else if (j + 1 < n && p[j + 1] == '.') {
+            else if (unstuff && j + 1 < n && p[j + 1] == '.') {
                 res->dots++;
                 line_start = j + 2;
                 pos = j + 2;
@@ -121,36 +131,17 @@ scan_region(const char *p, Py_ssize_t start, Py_ssize_t n, Py_ssize_t carry,
     res->carry = run;
 }
 
-/* Copy p[start:n] to o, unstuffing dots after CRLF and, if asked, turning bare CR/LF into CRLF. */
+/* Copy p[start:n] to o, unstuffing dots after CRLF (bare CR and LF are copied as they are). */
 static char *
-rewrite_region(const char *p, Py_ssize_t start, Py_ssize_t n, int normalize, char *o)
+rewrite_region(const char *p, Py_ssize_t start, Py_ssize_t n, char *o)
 {
     Py_ssize_t i = start;
     while (i < n) {
         char c = p[i];
-        if (c == '\n') {
-            if (i > 0 && p[i - 1] == '\r') {
-                *o++ = '\n';
-                if (i + 1 < n && p[i + 1] == '.') {
-                    i += 2;
-                    continue;
-                }
-            }
-            else {
-                if (normalize) {
-                    *o++ = '\r';
-                }
-                *o++ = '\n';
-            }
-        }
-        else if (c == '\r') {
-            *o++ = '\r';
-            if (normalize && !(i + 1 < n && p[i + 1] == '\n')) {
-                *o++ = '\n';
-            }
-        }
-        else {
-            *o++ = c;
+        *o++ = c;
+        if (c == '\n' && i > 0 && p[i - 1] == '\r' && i + 1 < n && p[i + 1] == '.') {
+            i += 2;
+            continue;
         }
         i++;
     }
@@ -158,9 +149,67 @@ rewrite_region(const char *p, Py_ssize_t start, Py_ssize_t n, int normalize, cha
 }
 
 /*
+ * "normalize" mode's line rules over p[0:n]: every CR, LF or CRLF ends a line and is written
+ * as CRLF; a line's first dot is removed (the region's first line only when sol says it starts
+ * a line); a line holding only a dot is dropped with its line end when that end is bare or the
+ * one before it was (sol == SOL_AFTER_BARE for the first line). A CR at the end of p is bare.
+ * Returns the output length, and writes the output to o unless o is NULL, so that one function
+ * both sizes and fills the buffer. The next LF is remembered across lines: a run of bare CRs
+ * before a far LF stays linear.
+ */
+static Py_ssize_t
+normalize_lines(const char *p, Py_ssize_t n, int sol, char *o)
+{
+    Py_ssize_t i = 0, size = 0, next_lf = -1;
+    int at_start = sol != SOL_MID_LINE, bare_before = sol == SOL_AFTER_BARE;
+    while (i < n) {
+        Py_ssize_t k = (at_start && p[i] == '.') ? i + 1 : i, j, end;
+        int bare = 0;
+        const char *cr;
+        if (next_lf < k) {
+            const char *lf = memchr(p + k, '\n', (size_t)(n - k));
+            next_lf = lf ? lf - p : n;
+        }
+        cr = memchr(p + k, '\r', (size_t)(next_lf - k));
+        j = cr ? cr - p : next_lf; /* the line's end: its first CR or LF, or n */
+        if (j == n) {
+            end = n; /* an unterminated last line */
+        }
+        else if (p[j] == '\r' && j + 1 < n && p[j + 1] == '\n') {
+            end = j + 2;
+        }
+        else {
+            end = j + 1;
+            bare = 1;
+        }
+        if (k == i + 1 && j == k && end > j && (bare || bare_before)) {
+            /* a lone dot next to a bare line end: neither the end of data nor content */
+        }
+        else {
+            if (o != NULL) {
+                memcpy(o + size, p + k, (size_t)(j - k));
+            }
+            size += j - k;
+            if (end > j) {
+                if (o != NULL) {
+                    o[size] = '\r';
+                    o[size + 1] = '\n';
+                }
+                size += 2;
+            }
+        }
+        at_start = end > j;
+        bare_before = bare;
+        i = end;
+    }
+    return size;
+}
+
+/*
  * process(region, sol, normalize, check_lines, carry) -> (content, bare, too_long, carry)
  *
- * sol: the region's first byte starts a line (its leading dot is stuffing).
+ * sol: where the region starts, SOL_MID_LINE, SOL_AFTER_CRLF or SOL_AFTER_BARE (a bool works
+ * as the first two); when not mid-line, the region's leading dot is stuffing.
  */
 static PyObject *
 scan_process(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -181,6 +230,13 @@ scan_process(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     sol = PyObject_IsTrue(args[1]);
+    if (sol > 0) {
+        long value = PyLong_AsLong(args[1]);
+        if (value == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        sol = value == SOL_AFTER_BARE ? SOL_AFTER_BARE : SOL_AFTER_CRLF;
+    }
     normalize = PyObject_IsTrue(args[2]);
     check_lines = PyObject_IsTrue(args[3]);
     carry = PyLong_AsSsize_t(args[4]);
@@ -190,20 +246,37 @@ scan_process(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     p = PyBytes_AS_STRING(region);
     n = PyBytes_GET_SIZE(region);
     start = (sol && n > 0 && p[0] == '.') ? 1 : 0;
-    scan_region(p, start, n, carry, &res);
+    scan_region(p, start, n, carry, 1, &res);
 
-    if (start == 0 && res.dots == 0 && !(normalize && res.bares > 0)) {
+    if (normalize && (res.bares > 0 || (sol == SOL_AFTER_BARE && start))) {
+        struct scan_result lines;
+        size = normalize_lines(p, n, sol, NULL);
+        out = PyBytes_FromStringAndSize(NULL, size);
+        if (out == NULL) {
+            return NULL;
+        }
+        if (normalize_lines(p, n, sol, PyBytes_AS_STRING(out)) != size) {
+            Py_DECREF(out);
+            PyErr_SetString(PyExc_AssertionError, "DATA scanner: output size mismatch");
+            return NULL;
+        }
+        /* The output is CRLF text with the dots already removed: measure its lines as is. */
+        scan_region(PyBytes_AS_STRING(out), 0, size, carry, 0, &lines);
+        res.too_long = lines.too_long;
+        res.carry = lines.carry;
+    }
+    else if (start == 0 && res.dots == 0) {
         Py_INCREF(region);
         out = region;
     }
     else {
         char *end;
-        size = n - start - res.dots + (normalize ? res.bares : 0);
+        size = n - start - res.dots;
         out = PyBytes_FromStringAndSize(NULL, size);
         if (out == NULL) {
             return NULL;
         }
-        end = rewrite_region(p, start, n, normalize, PyBytes_AS_STRING(out));
+        end = rewrite_region(p, start, n, PyBytes_AS_STRING(out));
         if (end - PyBytes_AS_STRING(out) != size) {
             Py_DECREF(out);
             PyErr_SetString(PyExc_AssertionError, "DATA scanner: output size mismatch");

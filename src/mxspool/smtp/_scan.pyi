@@ -2,5 +2,5 @@
 # process_region_py there.
 def find_end(buf: bytes, /) -> int: ...
 def process(
-    region: bytes, sol: bool, normalize: bool, check_lines: bool, carry: int, /
+    region: bytes, sol: int, normalize: bool, check_lines: bool, carry: int, /
 ) -> tuple[bytes, bool, bool, int]: ...

@@ -18,6 +18,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from mxspool.addresses import ascii_lower
 from mxspool.smtp.replies import BAD_RECIPIENT_SYNTAX, BAD_SENDER_SYNTAX, CommandError, Reply
 
 # RFC 5321 4.5.3.1.3: a path is at most 256 octets including the angle brackets.
@@ -104,7 +105,7 @@ def parse_path(text: str, *, reverse: bool) -> Path:
         raise CommandError(bad)
     if len(text.encode("utf-8")) > MAX_PATH_OCTETS:
         raise CommandError(bad)
-    if not reverse and text[1:-1].lower() == "postmaster":
+    if not reverse and ascii_lower(text[1:-1]) == "postmaster":
         # RFC 5321 4.1.1.3: "<Postmaster>" without a domain must be accepted.
         return Path(address=text[1:-1], local_part=text[1:-1], domain=None)
     m = _PATH.fullmatch(text)

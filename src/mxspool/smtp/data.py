@@ -24,18 +24,36 @@ region: a CRLF or a ``CRLF.`` is never split between two regions.
 *Bare CR / bare LF*: a region has one iff ``count(CR) != count(CRLF)`` or
 ``count(LF) != count(CRLF)``. In "reject" mode the content is passed on unchanged and the
 message is flagged; data is still read to the genuine marker, so nothing after a fake marker
-(``<LF>.<LF>`` and friends) is ever taken as a command. In "normalize" mode every bare CR and
-bare LF becomes CRLF before size, header scan and output see it (Postfix
-smtpd_forbid_bare_newline=normalize); the marker is still only a raw ``<CRLF>.<CRLF>``, and
-dots after bare line ends are not unstuffed, so a smuggled ``<LF>.<LF>`` is stored as a line
-holding a single dot, which delivery dot-stuffs again.
+(``<LF>.<LF>`` and friends) is ever taken as a command.
+
+In "normalize" mode (the default, as Postfix 3.9's ``smtpd_forbid_bare_newline = normalize``)
+a bare CR or bare LF is read as a CRLF, with one exception that keeps it smuggling-safe: the
+end of data is still only a raw ``<CRLF>.<CRLF>``. So every CR, LF and CRLF ends a line and is
+stored as CRLF; every line's first dot is stuffing and is removed, after a bare line end as
+after a CRLF; and a line holding only a dot next to a bare line end (``<LF>.<LF>``,
+``<CR>.<CR>``, ``<CRLF>.<LF>``, ``<LF>.<CRLF>``, ...), which a sender can only have meant as an
+end of data, is neither an end nor content: it is dropped with its line end, as Postfix does.
+Deciding that needs the next line end, so in this mode the reader also holds back a dot that
+starts the last line of a piece (the hold is then at most 5 bytes). The stored message is thus
+well-formed CRLF text holding the un-stuffed content; delivery dot-stuffs it again.
+
+Where a region starts matters for the first dot: ``sol`` is ``MID_LINE`` (0), ``AFTER_CRLF`` (1:
+the start of the data, or after a genuine CRLF) or ``AFTER_BARE`` (2: after a bare CR or LF, only
+in "normalize" mode). In "normalize" mode a non-final region ends in a bare CR only when a held
+dot follows it, and never in a genuine CRLF (that is held back as a marker prefix).
+
+BDAT (RFC 3030) is not offered (no CHUNKING in EHLO; BDAT is answered 502 5.5.1). Were it added,
+"normalize" would mean there what Postfix does for BDAT: bare CR/LF stored as CRLF, and nothing
+else, since BDAT content has neither dot-stuffing nor an end marker.
 
 *Line length* (RFC 5321 4.5.3.1.6, 1000 octets with the CRLF) is checked on the output with
 ``find`` over 500-octet blocks (a regex is ~20x slower here), carrying the length of the
 trailing partial line into the next region.
 
-*Size* is counted on the output. Past ``max_size`` the output is cut at exactly ``max_size``
-bytes and nothing more is emitted, but input is still consumed up to the marker.
+*Size* is counted on the output: in "normalize" mode it is the size of the normalised bytes
+that are stored (and that the stored sha256 covers), not of what went over the wire. Past
+``max_size`` the output is cut at exactly ``max_size`` bytes and nothing more is emitted, but
+input is still consumed up to the marker.
 """
 
 from __future__ import annotations
@@ -55,9 +73,16 @@ ACCELERATED = _scan is not None
 BareNewlines = Literal["reject", "normalize"]
 
 MAX_LINE = 998  # octets before the CRLF
+MID_LINE, AFTER_CRLF, AFTER_BARE = 0, 1, 2  # where a region starts (``sol``)
 _MARKER = b"\r\n.\r\n"
 _FIRST_LINE_END = b".\r\n"
 _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_BARE_CR = re.compile(rb"\r(?!\n)")
+# Once every bare CR is an LF: a line holding only a dot, with its line end, when that end or
+# the one before it is bare (a bare LF is one not preceded by CR).
+_LONE_DOT = re.compile(rb"(?<=[^\r]\n)\.(?:\r\n|\n)|(?<=\r\n)\.\n")
+_LINE_DOT = re.compile(rb"(?<=\n)\.")
+_SENTINEL = {MID_LINE: b"x", AFTER_CRLF: b"\r\n", AFTER_BARE: b"x\n"}
 _BLOCK = (MAX_LINE + 2) // 2  # any run of MAX_LINE + 1 octets holds a whole aligned block
 
 
@@ -70,6 +95,7 @@ class DataReader:
         "_normalize",
         "_process_region",
         "_sol",
+        "_started",
         "bare_newline",
         "done",
         "headers",
@@ -81,7 +107,7 @@ class DataReader:
     def __init__(
         self,
         max_size: int,
-        bare_newlines: BareNewlines = "reject",
+        bare_newlines: BareNewlines = "normalize",
         header_limit: int = DEFAULT_LIMIT,
         *,
         accelerated: bool | None = None,
@@ -95,7 +121,8 @@ class DataReader:
         self._max_size = max_size
         self._normalize = bare_newlines == "normalize"
         self._hold = b""
-        self._sol = True  # the next raw byte starts a line (follows a genuine CRLF)
+        self._sol = AFTER_CRLF  # where the next raw byte is: MID_LINE, AFTER_CRLF or AFTER_BARE
+        self._started = False  # some content has been processed (the first line is behind us)
         self._carry = 0  # length of the output's trailing partial line
         self.size = 0
         self.done = False
@@ -116,7 +143,8 @@ class DataReader:
         held = len(self._hold)
         buf = self._hold + data if held else data
         stop = -1
-        if self._sol and buf.startswith(_FIRST_LINE_END):
+        first = not self._started
+        if first and buf.startswith(_FIRST_LINE_END):
             end, stop = 0, 3
         else:
             i = self._find_end(buf)
@@ -128,7 +156,7 @@ class DataReader:
             self.done = True
             self.headers.finish()
             return piece, stop - held, True
-        if self._sol and len(buf) < 3 and _FIRST_LINE_END.startswith(buf):
+        if first and len(buf) < 3 and _FIRST_LINE_END.startswith(buf):
             keep = len(buf)
         elif buf.endswith(b"\r\n.\r"):
             keep = 4
@@ -140,6 +168,12 @@ class DataReader:
             keep = 1
         else:
             keep = 0
+        if self._normalize:
+            # A dot starting the region's last line: whether it is a lone dot to drop depends
+            # on the line end that follows (a genuine CRLF before it is always a marker prefix).
+            r = len(buf) - keep
+            if r and buf[r - 1] == 0x2E and (buf[r - 2] in (0x0A, 0x0D) if r > 1 else self._sol):
+                keep += 1
         if keep:
             self._hold = buf[-keep:]
             buf = buf[:-keep]
@@ -150,8 +184,14 @@ class DataReader:
     def _process(self, region: bytes) -> bytes:
         if not region:
             return b""
+        self._started = True
         sol = self._sol
-        self._sol = region.endswith(b"\r\n")
+        if region.endswith(b"\r\n"):
+            self._sol = AFTER_CRLF
+        elif self._normalize and region[-1] in (0x0A, 0x0D):
+            self._sol = AFTER_BARE
+        else:
+            self._sol = MID_LINE
         if self.too_big:
             return b""
         region, bare, too_long, self._carry = self._process_region(
@@ -177,24 +217,43 @@ def find_end_py(buf: bytes) -> int:
 
 
 def process_region_py(
-    region: bytes, sol: bool, normalize: bool, check_lines: bool, carry: int
+    region: bytes, sol: int, normalize: bool, check_lines: bool, carry: int
 ) -> tuple[bytes, bool, bool, int]:
     """Unstuff, find (and in "normalize" mode fix) bare CR/LF, measure lines.
 
-    Returns (content, bare CR or LF seen, a line over the limit, new carry). The reference
-    for ``_scan.process``, which must give the same answer for every input.
+    ``sol`` says where the region starts (``MID_LINE``, ``AFTER_CRLF``, ``AFTER_BARE``; a bool
+    works as the first two). Returns (content, bare CR or LF seen, a line over the limit, new
+    carry). The reference for ``_scan.process``, which must give the same answer for every
+    input.
     """
-    if sol and region[:1] == b".":
-        region = region[1:]
-    region = region.replace(b"\r\n.", b"\r\n")
     crlf = region.count(b"\r\n")
     bare = region.count(b"\r") != crlf or region.count(b"\n") != crlf
-    if bare and normalize:
-        region = _BARE.sub(b"\r\n", region)
+    if normalize and (bare or (sol == AFTER_BARE and region[:1] == b".")):
+        region = _normalize_lines(region, sol)
+    else:
+        if sol and region[:1] == b".":
+            region = region[1:]
+        region = region.replace(b"\r\n.", b"\r\n")
     too_long = False
     if check_lines:
         too_long, carry = _check_lines(region, carry)
     return region, bare, too_long, carry
+
+
+def _normalize_lines(region: bytes, sol: int) -> bytes:
+    """The "normalize" rules of the module docstring with four buffer operations.
+
+    Every bare CR first becomes an LF: that keeps the line structure and which line ends are
+    bare (an LF not after a CR), and leaves a single LF character ending every line, so that
+    dropping a lone dot's line (with the line end after it) or a line's first dot can never
+    join a CR and an LF into a new CRLF. A sentinel in front stands for what came before the
+    region. Only then does every bare LF become CRLF.
+    """
+    sentinel = _SENTINEL[AFTER_BARE if sol == AFTER_BARE else AFTER_CRLF if sol else MID_LINE]
+    text = _BARE_CR.sub(b"\n", sentinel + region)
+    text = _LONE_DOT.sub(b"", text)
+    text = _LINE_DOT.sub(b"", text)
+    return _BARE.sub(b"\r\n", text[len(sentinel) :])
 
 
 def _check_lines(region: bytes, carry: int) -> tuple[bool, int]:

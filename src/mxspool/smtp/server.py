@@ -108,7 +108,7 @@ class ServerConfig:
     hostname: str
     max_message_size: int = 150 * 1024 * 1024
     max_recipients: int = 1000
-    bare_newlines: BareNewlines = "reject"
+    bare_newlines: BareNewlines = "normalize"
     tls_available: bool = False
     max_received_headers: int = 50
     header_limit: int = DEFAULT_LIMIT

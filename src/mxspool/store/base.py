@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -85,6 +85,13 @@ class Domain:
     profile: str | None = None
     created_at: float = 0.0
     released_at: float | None = None
+    max_size: int | None = None
+    """Largest message (bytes) the target takes for this domain; None: the profile's default,
+    else only ``[smtp] max_message_size``."""
+    subdomains: bool = False
+    """Accept, route and hold the domain's subdomains like the domain itself."""
+    plus_separator: str = "+"
+    """Sub-addressing: ``local<sep>tag@domain`` is accepted when ``local@domain`` is; "": off."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +114,12 @@ class IncomingMessage:
     message_id: str | None
     body: BodyBuffer
     tags: tuple[str, ...] = ()
+    domains: tuple[str, ...] = ()
+    """Per recipient, in envelope order, the configured domain it was accepted under (a
+    subdomain's parent, an IDN's A-label); empty: each address's own domain."""
+    parked: dict[int, str] = field(default_factory=dict)
+    """Recipients (by envelope index) stored parked at once, with the reason (e.g. a message
+    larger than the mailbox takes); the others are stored pending."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +149,11 @@ class StoredMessage:
     client: ClientInfo
     tags: tuple[str, ...]
     recipients: tuple[RecipientRecord, ...]
+    auth_results: str | None = None
+    """The Authentication-Results value computed at arrival (SPF, DKIM, DMARC; RFC 8601, no
+    field name); None until the verdict is stored, or when authentication was off."""
+    auth_at: float | None = None
+    """When ``auth_results`` was computed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +256,10 @@ class ReportRow:
     attempts: int
     delivered_at: float | None
     remote_reply: str | None
+    sent_sha256: str | None = None
+    """sha256 of the bytes that left for this recipient (with the ARC set, if sealed)."""
+    tags: tuple[str, ...] = ()
+    """The message's tags (``spf=pass``...): the report's spf, dkim, dmarc columns."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +302,8 @@ class RecipientOutcome:
     destination: str
     next_attempt_at: float = 0.0
     count_attempt: bool = True
+    sent_sha256: str | None = None
+    """Delivered: sha256 of the bytes that left (the stored bytes, plus the ARC set)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,7 +333,127 @@ class DomainChanges:
     clear_rate: bool = False
     profile: str | None = None
     released_at: float | None = None
+    max_size: int | None = None
+    clear_max_size: bool = False
+    subdomains: bool | None = None
+    plus_separator: str | None = None
+    """"" switches plus addressing off."""
     extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """Several domains moved together from a source tenant to a target tenant (issue 12)."""
+
+    name: str
+    domains: tuple[str, ...] = ()
+    source_tenant: str | None = None
+    target_tenant: str | None = None
+    """Domains of migrations with one target tenant label share one pacing bucket."""
+    created_at: float = 0.0
+    release_at: float | None = None
+    """A scheduled release (``migration release --at``); None: none scheduled."""
+    release_rate: float | None = None
+    """Messages per second of the last or scheduled release; None: each domain's own rate."""
+
+
+@dataclass(frozen=True, slots=True)
+class StageEvent:
+    """A domain reached a migration stage (``mxspool.stage``), recorded when it happened."""
+
+    domain: str
+    stage: str
+    at: float
+    actor: str = ""
+    detail: str = ""
+    migration: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationChanges:
+    """Fields of a migration to change; None leaves a field as it is."""
+
+    release_at: float | None = None
+    clear_release_at: bool = False
+    release_rate: float | None = None
+    clear_release_rate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DomainsTransition:
+    """Several domains changed in one transaction (a migration's hold, release, route), with
+    their stage events, one audit entry and the migration's own change: all or nothing."""
+
+    changes: Mapping[str, DomainChanges]
+    events: Sequence[StageEvent] = ()
+    audit: AuditEntry | None = None
+    """Recorded as is, except that its actor goes through ``audit_actor`` like record_audit."""
+    migration: str | None = None
+    migration_changes: MigrationChanges | None = None
+    expect_release_at: float | None = None
+    """Apply only if the migration's release_at is this (a scheduled release performed once
+    by one node); else Conflict and nothing changes."""
+
+
+HELD_UNTIL = 253402300799.0
+"""next_attempt_at of a recipient-held row (9999-12-31T23:59:59Z): never due, and still a date
+anything that shows it can print. The release of the hold makes the row due at once."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientHold:
+    """One mailbox's mail kept while its domain is released (``hold --recipient``).
+
+    ``address`` is lowercased; its sub-addressed forms match too: a recipient whose address
+    starts with ``prefix`` (local part and plus separator; "" = none) and ends with ``suffix``
+    ("@domain"). ``held``: pending recipient rows it keeps (filled in when listed).
+    """
+
+    address: str
+    domain: str
+    prefix: str
+    suffix: str
+    created_at: float = 0.0
+    actor: str = ""
+    held: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientBacklog:
+    """One recipient's open mail in a domain, for release planning (``release_plan``)."""
+
+    address: str
+    """Lowercased."""
+    messages: int
+    """Pending rows (one per message)."""
+    size: int
+    """Bytes of those messages."""
+    too_big: int
+    """Messages larger than the mailbox's MaxReceiveSize (recipient list) or ``max_size``."""
+    held: int
+    """Rows kept by a recipient hold (``hold --recipient``)."""
+    max_size: int | None
+    """The mailbox's MaxReceiveSize from the recipient list; None: unknown."""
+    busiest_pair: int = 0
+    """Pending rows of this recipient from its busiest sender (Exchange Online also limits
+    each sender-recipient pair an hour, so one sender's backlog can be the slowest)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientCheck:
+    """One recipient's result in the last ``check recipients`` run of its domain."""
+
+    address: str
+    """Lowercased."""
+    state: str
+    """"ready", "not ready" or "unknown"."""
+    reply: str
+    """The target's reply at RCPT, or why there is no verdict."""
+    checked_at: float
+
+
+FLUSH_ALL = "*"
+"""``flushed_domains``' name for a ``queue flush`` of every domain."""
 
 
 AcceptCallback = Callable[[BaseException | None], None]
@@ -331,6 +475,17 @@ def submit_via_task(store: Store, message: IncomingMessage, on_done: AcceptCallb
 
 
 _pending_tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeResult:
+    """What ``purge_delivered`` dropped (or, in a dry run, would drop)."""
+
+    messages: int
+    bytes: int
+    """The stored size of the bodies."""
+    dry_run: bool
+    cutoff: float
 
 
 class Store(Protocol):
@@ -381,6 +536,46 @@ class Store(Protocol):
     async def release_recipient(self, domain: str, address: str) -> int:
         """Canary: let this recipient's held mail go while the domain stays held."""
 
+    async def hold_recipient(self, hold: RecipientHold) -> int:
+        """Keep ``hold.address``'s mail (its pending rows and new ones) until released; the
+        rows it marked. Holding an address already held refreshes nothing and marks again."""
+
+    async def release_recipient_hold(self, address: str) -> int | None:
+        """End the hold of ``address``: its held rows are due now. None: it was not held."""
+
+    async def recipient_holds(self, domain: str | None = None) -> list[RecipientHold]:
+        """Every recipient hold (of ``domain``), with the rows each keeps, by address."""
+        ...
+
+    async def flush_queue(self, now: float, domain: str | None = None) -> int:
+        """Make every deferred pending recipient that may be delivered (its domain relays, or
+        a canary) due at ``now``; recipient-held rows stay. The rows changed. Records the
+        flush first (``flush_generation``), so a running engine that finds the rows due also
+        finds that they were flushed and forgets the destination's dead state."""
+
+    async def recipient_backlog(
+        self, domain: str, default_max_size: int | None
+    ) -> list[RecipientBacklog]:
+        """Per recipient, the domain's pending mail (``release_plan``): one GROUP BY."""
+        ...
+
+    async def flush_generation(self) -> int:
+        """A number ``flush_queue`` raises (one primary-key read: the scheduler polls it)."""
+        ...
+
+    async def flushed_domains(self, after: int) -> list[str]:
+        """The domains flushed since generation ``after`` (``FLUSH_ALL``: every domain)."""
+        ...
+
+    async def record_recipient_checks(self, domain: str, checks: Sequence[RecipientCheck]) -> None:
+        """Make ``checks`` the domain's stored ``check recipients`` result (replacing the last).
+        Raises NotFound when the domain does not exist."""
+        ...
+
+    async def recipient_checks(self, domain: str) -> list[RecipientCheck]:
+        """The domain's last ``check recipients`` result, by address."""
+        ...
+
     # -- queue --------------------------------------------------------------------------
     async def list_queue(
         self, filter: QueueFilter = EVERY_ROW, *, limit: int = 100, after: int | None = None
@@ -421,6 +616,11 @@ class Store(Protocol):
 
     def report(self, domain: str | None = None) -> AsyncIterator[ReportRow]: ...
 
+    async def purge_delivered(self, before: float, dry_run: bool = False) -> PurgeResult:
+        """Drop the bodies of delivered messages unchanged since ``before``, keeping their
+        rows and tagging them ``purged=...`` (see store/purge.py); in bounded batches."""
+        ...
+
     # -- audit --------------------------------------------------------------------------
     async def record_audit(
         self, actor: str, action: str, target: str, detail: str = ""
@@ -430,10 +630,16 @@ class Store(Protocol):
 
     # -- migration toolkit ----------------------------------------------------------------
     async def add_recipients(
-        self, domain: str, addresses: Sequence[str], replace: bool = False
+        self,
+        domain: str,
+        addresses: Sequence[str],
+        replace: bool = False,
+        max_sizes: Mapping[str, int] | None = None,
     ) -> int:
-        """Add lowercased addresses to the domain's recipient list (or, with ``replace``,
-        make them the whole list); the number of addresses on the list afterwards.
+        """Add addresses (folded by ``mxspool.addresses.address_key``) to the domain's
+        recipient list (or, with ``replace``, make them the whole list); the number of
+        addresses on the list afterwards. ``max_sizes``: the mailbox's MaxReceiveSize in bytes
+        by address, for those that have one (an address listed again gets the new value).
 
         Bumps the domain generation, so the intake sees the change within a second.
         Raises NotFound when the domain does not exist.
@@ -448,14 +654,46 @@ class Store(Protocol):
     async def recipient_lists(self) -> dict[str, frozenset[str]]:
         """Every domain that has a list, with its addresses (the intake's RCPT check)."""
 
+    async def recipient_max_sizes(self) -> dict[str, int]:
+        """Every listed address that has a MaxReceiveSize, with it in bytes."""
+
     async def add_tag(self, message_id: str, tag: str) -> None:
         """Add ``tag`` to a stored message (no-op when present); raises NotFound."""
+
+    # -- authentication at arrival --------------------------------------------------------
+    async def set_authentication(
+        self, message_id: str, auth_results: str, tags: Sequence[str]
+    ) -> None:
+        """Store the arrival verdict: ``auth_results`` (the Authentication-Results value), now
+        as ``auth_at``, and ``tags`` (``spf=pass``...), each replacing an earlier tag of the
+        same name (the part before ``=``); the message bytes are not touched. Raises NotFound.
+        """
+
+    async def set_authentications(
+        self, verdicts: Sequence[tuple[str, str, Sequence[str]]]
+    ) -> list[str]:
+        """``set_authentication`` of many messages, (id, value, tags) each, in one transaction
+        (the intake writes its verdicts in batches); returns the ids not found (skipped)."""
+
+    async def unauthenticated(self, message_ids: Sequence[str]) -> set[str]:
+        """Those of ``message_ids`` whose verdict is not stored (``auth_at`` is NULL)."""
+
+    async def without_authentication(self, received_before: float, limit: int) -> list[str]:
+        """Ids of recent messages received before ``received_before`` with no verdict, oldest
+        first, at most ``limit``: among the newest ``queries.RECENT_SCAN`` messages only (after
+        a crash, what was committed but not yet judged), so the cost is bounded."""
 
     # -- delivery -----------------------------------------------------------------------
     async def claim_due(
         self, owner: str, now: float, lease_seconds: float, limit: int, domain: str
     ) -> list[DeliveryJob]:
-        """Lease up to ``limit`` due recipients of ``domain``, oldest first, grouped by message.
+        """Lease due recipients of ``domain``, oldest first, grouped by message.
+
+        Whole messages: the first ``limit`` due recipients choose the messages, and every due
+        recipient of those messages in ``domain`` is leased (so a claim may hold more than
+        ``limit``, up to the rest of its last message), never a part of one: a message's
+        recipients for one destination go out together. With concurrent claims (several
+        nodes), a message another claim holds a part of is left to a later claim, whole.
 
         Due means: pending with next_attempt_at <= now and the domain in relay mode (or the
         recipient released as a canary), or delivering with an expired lease (its worker died).
@@ -513,3 +751,41 @@ class Store(Protocol):
 
     async def release_slot(self, destination: str, owner: str) -> None:
         """Give the slot back (no error when it already expired)."""
+
+    # -- migrations (issue 12) ----------------------------------------------------------
+    async def add_migration(self, migration: Migration) -> None:
+        """Create it with its domains. Conflict when the name exists or a domain belongs to
+        another migration; NotFound when a domain is not configured."""
+
+    async def list_migrations(self) -> list[Migration]:
+        """Every migration with its domains (sorted), by name."""
+        ...
+
+    async def get_migration(self, name: str) -> Migration | None: ...
+
+    async def change_migration_domains(
+        self, name: str, add: Sequence[str] = (), remove: Sequence[str] = ()
+    ) -> Migration:
+        """Add and remove domains (same rules as add_migration); NotFound for the migration,
+        or a domain to remove that is not in it."""
+        ...
+
+    async def update_migration(self, name: str, changes: MigrationChanges) -> Migration:
+        """Raises NotFound."""
+        ...
+
+    async def remove_migration(self, name: str) -> None:
+        """The migration and its memberships go; the domains and their events stay."""
+
+    async def apply_transition(self, transition: DomainsTransition) -> list[Domain]:
+        """Everything in ``transition`` in one transaction; the changed domains, in the order
+        given. NotFound (a domain) or Conflict (``expect_release_at``): nothing changed."""
+        ...
+
+    async def record_stage_events(self, events: Sequence[StageEvent]) -> None: ...
+
+    async def stage_events(
+        self, domains: Sequence[str] | None = None, limit: int = 10_000
+    ) -> list[StageEvent]:
+        """Events of ``domains`` (None: all), oldest first; the newest ``limit`` of them."""
+        ...

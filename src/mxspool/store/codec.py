@@ -7,6 +7,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from mxspool.addresses import ascii_lower
 from mxspool.envelope import MailParams, RcptParams, Recipient, domain_of
 from mxspool.store.base import (
     DestinationDeferral,
@@ -55,14 +56,25 @@ def message_row(message: IncomingMessage) -> dict[str, Any]:
     }
 
 
-DOMAIN_COLUMNS = "name, mode, routes, use_mx, tls, rate, profile, created_at, released_at"
+def merge_tags(stored: str, new: Sequence[str]) -> str:
+    """The stored (comma-separated) tags with ``new`` added, each replacing an earlier tag of
+    the same name (the part before ``=``)."""
+    names = {tag.partition("=")[0] for tag in new}
+    kept = [tag for tag in stored.split(",") if tag and tag.partition("=")[0] not in names]
+    return ",".join([*kept, *new])
+
+
+DOMAIN_COLUMNS = (
+    "name, mode, routes, use_mx, tls, rate, profile, created_at, released_at, max_size, "
+    "subdomains, plus_separator"
+)
 """The columns ``domain_from_row`` reads, in its order (also what writers RETURN)."""
 
 
 def domain_row(domain: Domain, now: float) -> tuple[Any, ...]:
     """The domains row of a new ``domain``: DOMAIN_COLUMNS, then updated_at."""
     return (
-        domain.name.lower(),
+        ascii_lower(domain.name),
         domain.mode.value,
         dump_routes(domain.routes),
         domain.use_mx,
@@ -71,12 +83,16 @@ def domain_row(domain: Domain, now: float) -> tuple[Any, ...]:
         domain.profile,
         domain.created_at or now,
         domain.released_at,
+        domain.max_size,
+        domain.subdomains,
+        domain.plus_separator,
         now,
     )
 
 
 def domain_from_row(row: Sequence[Any]) -> Domain:
-    name, mode, routes, use_mx, tls, rate, profile, created_at, released_at = row
+    (name, mode, routes, use_mx, tls, rate, profile, created_at, released_at, max_size) = row[:10]
+    subdomains, plus_separator = row[10:12]
     return Domain(
         name=name,
         mode=DomainMode(mode),
@@ -87,13 +103,37 @@ def domain_from_row(row: Sequence[Any]) -> Domain:
         profile=profile,
         created_at=created_at,
         released_at=released_at,
+        max_size=max_size,
+        subdomains=bool(subdomains),
+        plus_separator=plus_separator,
     )
 
 
-def recipient_row(recipient: Recipient) -> tuple[str, str, str]:
-    """(address, its domain lowercased, parameters as JSON), as the recipients table has them."""
+def recipient_row(recipient: Recipient, domain: str | None = None) -> tuple[str, str, str]:
+    """(address, its domain, parameters as JSON), as the recipients table has them.
+
+    ``domain`` is the configured domain the intake accepted it under (a subdomain's parent);
+    None: the address's own domain in comparison form.
+    """
     address = recipient.address
-    return address, domain_of(address), dump_rcpt_params(recipient.params)
+    return address, domain or domain_of(address), dump_rcpt_params(recipient.params)
+
+
+def accept_recipients(message: IncomingMessage) -> list[tuple[str, ...]]:
+    """The recipient rows of an accepted message: (address, domain, params), with the state
+    and last reply appended for those stored parked at once (``IncomingMessage.parked``)."""
+    domains = message.domains
+    parked = message.parked
+    rows: list[tuple[str, ...]] = []
+    for index, recipient in enumerate(message.envelope.recipients):
+        row: tuple[str, ...] = recipient_row(
+            recipient, domains[index] if index < len(domains) else None
+        )
+        reason = parked.get(index) if parked else None
+        if reason is not None:
+            row = (*row, "parked", reason)
+        rows.append(row)
+    return rows
 
 
 _COMPACT = json.JSONEncoder(separators=(",", ":"))
@@ -150,7 +190,7 @@ def deferral_params(domain: str, deferral: DestinationDeferral) -> dict[str, Any
     """The named parameters of the UPDATE that defers a dead destination's queue."""
     expire = deferral.expire_received_before
     return {
-        "domain": domain.lower(),
+        "domain": ascii_lower(domain),
         "until": deferral.until,
         "reply": deferral.reply,
         "now": deferral.now,

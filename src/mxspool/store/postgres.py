@@ -20,9 +20,11 @@ time, so a 150 MiB body never sits whole in memory nor holds up a batch of small
 
 Delivery. ``claim_due`` picks due recipients with ``SELECT ... FOR UPDATE SKIP LOCKED`` and
 leases them (``lease_owner``, ``lease_until``) in the same statement, so two nodes never claim
-the same row; a row still ``delivering`` after its lease ran out (its node died) is due again
-for anyone. ``record_outcomes`` only touches rows still leased by the caller. The scheduler's
-indexes are partial (open states only), so finished rows never slow a claim.
+the same row; it claims whole messages (all of a message's due rows in the domain, or none),
+so a message goes to the next hop in one transaction. A row still ``delivering`` after its
+lease ran out (its node died) is due again for anyone. ``record_outcomes`` only touches rows
+still leased by the caller. The scheduler's indexes are partial (open states only), so
+finished rows never slow a claim.
 
 Wake-ups. Changes that make work appear NOTIFY the channel ``mxspool`` inside their own
 transaction (delivered on commit): ``domains`` after any domain change, ``mail:<domain>`` after
@@ -44,7 +46,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,9 +57,12 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
-from mxspool.envelope import domain_of
-from mxspool.store import codec, counts, queries
+from mxspool.actor import audit_actor
+from mxspool.addresses import address_key, ascii_lower
+from mxspool.store import codec, counts, purge, queries
 from mxspool.store.base import (
+    FLUSH_ALL,
+    HELD_UNTIL,
     AcceptCallback,
     Conflict,
     CounterDrift,
@@ -67,9 +72,16 @@ from mxspool.store.base import (
     DomainChanges,
     DomainMode,
     DomainStatus,
+    DomainsTransition,
     IncomingMessage,
+    Migration,
+    MigrationChanges,
     NotFound,
+    PurgeResult,
+    RecipientCheck,
+    RecipientHold,
     RecipientOutcome,
+    StageEvent,
     StoreError,
     submit_via_task,
 )
@@ -407,7 +419,7 @@ class PostgresStore(queries.ReadSide):
             async with self._connection() as conn, conn.transaction():
                 await conn.execute(
                     f"INSERT INTO domains ({codec.DOMAIN_COLUMNS}, updated_at) "
-                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                     codec.domain_row(domain, now),
                 )
                 await _domains_changed(conn, domain.name.lower(), domain.mode)
@@ -419,38 +431,8 @@ class PostgresStore(queries.ReadSide):
             raise
 
     async def update_domain(self, name: str, changes: DomainChanges) -> Domain:
-        sets: list[sql.Composable] = []
-        values: list[Any] = []
-
-        def put(column: str, value: Any) -> None:
-            sets.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
-            values.append(value)
-
-        if changes.mode is not None:
-            put("mode", changes.mode.value)
-        if changes.routes is not None:
-            put("routes", codec.dump_routes(changes.routes))
-        if changes.use_mx is not None:
-            put("use_mx", changes.use_mx)
-        if changes.tls is not None:
-            put("tls", changes.tls.value)
-        if changes.rate is not None or changes.clear_rate:
-            put("rate", changes.rate)
-        if changes.profile is not None:
-            put("profile", changes.profile or None)
-        if changes.released_at is not None:
-            put("released_at", changes.released_at)
-        put("updated_at", time.time())
-        query = sql.SQL("UPDATE domains SET {} WHERE name = %s RETURNING {}").format(
-            sql.SQL(", ").join(sets), sql.SQL(codec.DOMAIN_COLUMNS)
-        )
         async with self._connection() as conn, conn.transaction():
-            row = await (await conn.execute(query, (*values, name.lower()))).fetchone()
-            if row is None:
-                raise NotFound(_NO_DOMAIN.format(name))
-            domain = codec.domain_from_row(row)
-            await _domains_changed(conn, domain.name, domain.mode)
-        return domain
+            return await _update_domain_row(conn, name, changes)
 
     async def remove_domain(self, name: str, force: bool = False) -> None:
         name_l = name.lower()
@@ -476,6 +458,7 @@ class PostgresStore(queries.ReadSide):
                     "is no longer delivered)"
                 )
             await conn.execute("DELETE FROM domains WHERE name = %s", (name_l,))
+            await conn.execute("DELETE FROM migration_domains WHERE domain = %s", (name_l,))
             await _domains_changed(conn, None, None)
 
     async def release_recipient(self, domain: str, address: str) -> int:
@@ -488,6 +471,107 @@ class PostgresStore(queries.ReadSide):
             if cursor.rowcount:
                 await _notify(conn, f"mail:{domain.lower()}")
             return cursor.rowcount
+
+    async def hold_recipient(self, hold: RecipientHold) -> int:
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO recipient_holds (address, domain, prefix, suffix, created_at, actor)"
+                " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (address) DO NOTHING",
+                (hold.address, hold.domain, hold.prefix, hold.suffix, hold.created_at, hold.actor),
+            )
+            cursor = await conn.execute(
+                "UPDATE recipients SET held = true, next_attempt_at = %(until)s,"
+                " updated_at = %(now)s WHERE domain = %(domain)s AND state = 'pending'"
+                " AND NOT held AND (lower(rcpt) = %(address)s OR (%(prefix)s <> ''"
+                " AND left(lower(rcpt), length(%(prefix)s)) = %(prefix)s"
+                " AND right(lower(rcpt), length(%(suffix)s)) = %(suffix)s))",
+                {
+                    "until": HELD_UNTIL,
+                    "now": time.time(),
+                    "domain": hold.domain,
+                    "address": hold.address,
+                    "prefix": hold.prefix,
+                    "suffix": hold.suffix,
+                },
+            )
+            return cursor.rowcount
+
+    async def release_recipient_hold(self, address: str) -> int | None:
+        async with self._connection() as conn, conn.transaction():
+            row = await (
+                await conn.execute(
+                    "DELETE FROM recipient_holds WHERE address = %s"
+                    " RETURNING domain, prefix, suffix",
+                    (address.lower(),),
+                )
+            ).fetchone()
+            if row is None:
+                return None
+            domain, prefix, suffix = row
+            cursor = await conn.execute(
+                "UPDATE recipients SET held = false, next_attempt_at = 0, updated_at = %(now)s"
+                " WHERE domain = %(domain)s AND held AND (lower(rcpt) = %(address)s"
+                " OR (%(prefix)s <> '' AND left(lower(rcpt), length(%(prefix)s)) = %(prefix)s"
+                " AND right(lower(rcpt), length(%(suffix)s)) = %(suffix)s))",
+                {
+                    "now": time.time(),
+                    "domain": domain,
+                    "address": address.lower(),
+                    "prefix": prefix,
+                    "suffix": suffix,
+                },
+            )
+            if cursor.rowcount:
+                await _notify(conn, f"mail:{domain}")
+            return cursor.rowcount
+
+    async def flush_queue(self, now: float, domain: str | None = None) -> int:
+        where = "r.domain = %(domain)s AND " if domain is not None else ""
+        async with self._connection() as conn, conn.transaction():
+            # Recorded (and notified, notifications keep their order) before the rows' own
+            # notifications: an engine that wakes for the rows has already forgotten the
+            # destination's dead state (delivery/scheduler.py).
+            flushed = f"flush:{domain.lower() if domain is not None else FLUSH_ALL}"
+            await conn.execute(
+                "WITH g AS (INSERT INTO meta (key, value) VALUES ('flush_generation', 1)"
+                " ON CONFLICT (key) DO UPDATE SET value = meta.value + 1 RETURNING value)"
+                " INSERT INTO meta (key, value) SELECT %s, value FROM g"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (flushed,),
+            )
+            await _notify(conn, flushed)
+            cursor = await conn.execute(
+                "WITH changed AS (UPDATE recipients r SET next_attempt_at = %(now)s,"
+                f" updated_at = %(now)s FROM domains d WHERE {where}d.name = r.domain"
+                " AND r.state = 'pending' AND r.next_attempt_at > %(now)s AND NOT r.held"
+                " AND (r.released OR d.mode = 'relay') RETURNING r.domain)"
+                " SELECT domain, count(*) FROM changed GROUP BY domain",
+                {"now": now, "domain": None if domain is None else domain.lower()},
+            )
+            total = 0
+            for changed_domain, count in await cursor.fetchall():
+                total += int(count)
+                await _notify(conn, f"mail:{changed_domain}")
+            return total
+
+    async def record_recipient_checks(self, domain: str, checks: Sequence[RecipientCheck]) -> None:
+        name = domain.lower()
+        async with self._connection() as conn, conn.transaction():
+            found = await conn.execute("SELECT 1 FROM domains WHERE name = %s FOR SHARE", (name,))
+            if await found.fetchone() is None:
+                raise NotFound(f"no domain {domain}; 'mxspool domain list' shows the domains")
+            await conn.execute("DELETE FROM recipient_checks WHERE domain = %s", (name,))
+            async with conn.cursor() as cursor:
+                await cursor.executemany(
+                    "INSERT INTO recipient_checks (domain, address, state, reply, checked_at)"
+                    " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (domain, address) DO UPDATE SET"
+                    " state = excluded.state, reply = excluded.reply,"
+                    " checked_at = excluded.checked_at",
+                    [
+                        (name, item.address.lower(), item.state, item.reply, item.checked_at)
+                        for item in checks
+                    ],
+                )
 
     # -- queue --------------------------------------------------------------------------
     async def read_body(self, message_id: str) -> AsyncIterator[bytes]:
@@ -502,6 +586,10 @@ class PostgresStore(queries.ReadSide):
                 "SELECT data FROM bodies WHERE message_seq = %s AND chunk = %s", (seq, chunk)
             )
             if piece is None:
+                if chunk == 0:  # no chunk at all: an empty body, or one purge dropped
+                    tags = await self._fetchone("SELECT tags FROM messages WHERE seq = %s", (seq,))
+                    if tags is not None and purge.purged_at(tags[0].split(",")):
+                        raise purge.body_gone(message_id, tags[0])
                 return
             chunk += 1
             data = bytes(piece[0])
@@ -605,6 +693,38 @@ class PostgresStore(queries.ReadSide):
                 )
         return found
 
+    async def purge_delivered(self, before: float, dry_run: bool = False) -> PurgeResult:
+        found_sql = purge.candidates_sql("%s", "strpos")
+        recheck = (
+            "SELECT m.seq, m.size FROM messages m WHERE m.seq = ANY(%s)"
+            f" AND {purge.condition('%s', 'strpos')} FOR UPDATE OF m"
+        )
+        tag = purge.tag_for(time.time())
+
+        async def last_seq() -> int:
+            row = await self._fetchone("SELECT coalesce(max(seq), 0) FROM messages")
+            return int(row[0]) if row else 0
+
+        async def find(after: int, upto: int) -> purge.Found:
+            rows = await self._fetchall(found_sql, (after, upto, before, purge.BATCH))
+            return [(int(seq), int(size)) for seq, size in rows]
+
+        async def drop(seqs: list[int]) -> purge.Found:
+            # The foreign keys bodies -> messages are gone (0004): the bodies are deleted here,
+            # by message, and nothing else refers to them.
+            async with self._connection() as conn, conn.transaction():
+                found = await (await conn.execute(recheck, (seqs, before))).fetchall()
+                chosen = [row[0] for row in found]
+                await conn.execute("DELETE FROM bodies WHERE message_seq = ANY(%s)", (chosen,))
+                await conn.execute(
+                    "UPDATE messages SET tags = CASE WHEN tags = '' THEN %s"
+                    " ELSE tags || ',' || %s END WHERE seq = ANY(%s)",
+                    (tag, tag, chosen),
+                )
+            return [(int(seq), int(size)) for seq, size in found]
+
+        return await purge.run(last_seq, find, drop, cutoff=before, dry_run=dry_run)
+
     async def fold_counters(self) -> None:
         """Fold the counter deltas into the counters (one node at a time; others skip)."""
         async with self._connection() as conn:
@@ -620,6 +740,7 @@ class PostgresStore(queries.ReadSide):
 
     # -- audit --------------------------------------------------------------------------
     async def record_audit(self, actor: str, action: str, target: str, detail: str = "") -> None:
+        actor = audit_actor(actor)  # "cli" becomes the OS user in a CLI process
         async with self._connection() as conn:
             await conn.execute(
                 "INSERT INTO audit (at, actor, action, target, detail) VALUES (%s, %s, %s, %s, %s)",
@@ -628,10 +749,19 @@ class PostgresStore(queries.ReadSide):
 
     # -- migration toolkit ----------------------------------------------------------------
     async def add_recipients(
-        self, domain: str, addresses: Sequence[str], replace: bool = False
+        self,
+        domain: str,
+        addresses: Sequence[str],
+        replace: bool = False,
+        max_sizes: Mapping[str, int] | None = None,
     ) -> int:
-        name = domain.lower()
-        lowered = sorted({address.lower() for address in addresses})
+        name = ascii_lower(domain)
+        sizes: dict[str, int | None] = {}
+        for address in addresses:
+            key = address_key(address)
+            if key is not None:
+                sizes[key] = (max_sizes or {}).get(address)
+        keys = sorted(sizes)
         async with self._connection() as conn, conn.transaction():
             found = await (
                 await conn.execute("SELECT 1 FROM domains WHERE name = %s FOR UPDATE", (name,))
@@ -641,9 +771,10 @@ class PostgresStore(queries.ReadSide):
             if replace:
                 await conn.execute("DELETE FROM recipient_lists WHERE domain = %s", (name,))
             await conn.execute(
-                "INSERT INTO recipient_lists (domain, address) "
-                "SELECT %s, unnest(%s::text[]) ON CONFLICT (domain, address) DO NOTHING",
-                (name, lowered),
+                "INSERT INTO recipient_lists (domain, address, max_size) "
+                "SELECT %s, a, s FROM unnest(%s::text[], %s::bigint[]) AS x(a, s) "
+                "ON CONFLICT (domain, address) DO UPDATE SET max_size = excluded.max_size",
+                (name, keys, [sizes[key] for key in keys]),
             )
             await _domains_changed(conn, None, None)
             row = await (
@@ -676,6 +807,50 @@ class PostgresStore(queries.ReadSide):
                 await conn.execute(
                     "UPDATE messages SET tags = %s WHERE id = %s", (",".join(tags), message_id)
                 )
+
+    async def set_authentication(
+        self, message_id: str, auth_results: str, tags: Sequence[str]
+    ) -> None:
+        new = list(tags)
+        async with self._connection() as conn, conn.transaction():
+            row = await (
+                await conn.execute(
+                    "SELECT tags FROM messages WHERE id = %s FOR UPDATE", (message_id,)
+                )
+            ).fetchone()
+            if row is None:
+                raise NotFound(_NOT_FOUND_MESSAGE.format(message_id))
+            await conn.execute(
+                "UPDATE messages SET auth_results = %s, auth_at = %s, tags = %s WHERE id = %s",
+                (auth_results, time.time(), codec.merge_tags(row[0], new), message_id),
+            )
+
+    async def set_authentications(
+        self, verdicts: Sequence[tuple[str, str, Sequence[str]]]
+    ) -> list[str]:
+        items = {mid: (value, list(tags)) for mid, value, tags in verdicts}
+        if not items:
+            return []
+        now = time.time()
+        async with self._connection() as conn, conn.transaction():
+            rows = await (
+                await conn.execute(
+                    "SELECT id, tags FROM messages WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+                    (list(items),),
+                )
+            ).fetchall()
+            found = {row[0]: row[1] for row in rows}
+            updates = [
+                (value, now, codec.merge_tags(found[mid], tags), mid)
+                for mid, (value, tags) in items.items()
+                if mid in found
+            ]
+            async with conn.cursor() as cursor:
+                await cursor.executemany(
+                    "UPDATE messages SET auth_results = %s, auth_at = %s, tags = %s WHERE id = %s",
+                    updates,
+                )
+        return [mid for mid in items if mid not in found]
 
     # -- delivery -----------------------------------------------------------------------
     async def due_domains(self, now: float) -> list[str]:
@@ -731,6 +906,7 @@ class PostgresStore(queries.ReadSide):
                 " FROM messages m, domains d"
                 " WHERE r.domain = %(domain)s AND d.name = %(domain)s AND m.seq = r.message_seq"
                 " AND r.state IN ('pending', 'delivering') AND (d.mode = 'relay' OR r.released)"
+                " AND NOT r.held"
                 " AND ((r.state = 'pending'"
                 "   AND (r.next_attempt_at <> %(until)s OR m.received_at <= %(cutoff)s))"
                 "  OR (r.state = 'delivering' AND r.lease_until < %(now)s))",
@@ -765,16 +941,38 @@ class PostgresStore(queries.ReadSide):
                     "'delivering' AND lease_until < %s AND NOT released",
                     (now, name, now),
                 )
+            due = (
+                "r.domain = %(domain)s AND r.state IN ('pending', 'delivering') AND ("
+                f" (r.state = 'pending' AND r.next_attempt_at <= %(now)s AND NOT r.held"
+                f" AND {pending})"
+                " OR (r.state = 'delivering' AND r.lease_until < %(now)s))"
+            )
+            # Whole messages (one transaction each at the next hop): the first ``limit`` due
+            # rows no one else has locked choose the messages ("first"); every due row of
+            # those in this domain ("due", through recipients_message) is locked ("locked").
+            # A message is claimed only if all its due rows were locked here: when a
+            # concurrent claim holds some of them, both leave it, and the next claim takes
+            # it whole. SKIP LOCKED throughout: a claim never waits, so never deadlocks.
             cursor = await conn.execute(
-                "WITH picked AS ("
-                " SELECT r.id FROM recipients r WHERE r.domain = %(domain)s"
-                " AND r.state IN ('pending', 'delivering') AND ("
-                f"  (r.state = 'pending' AND r.next_attempt_at <= %(now)s AND {pending})"
-                "  OR (r.state = 'delivering' AND r.lease_until < %(now)s))"
-                " ORDER BY r.id LIMIT %(limit)s FOR UPDATE OF r SKIP LOCKED)"
+                "WITH first AS ("
+                f" SELECT r.message_seq FROM recipients r WHERE {due}"
+                " ORDER BY r.id LIMIT %(limit)s FOR UPDATE OF r SKIP LOCKED),"
+                " due AS MATERIALIZED ("
+                f" SELECT r.id, r.message_seq FROM recipients r WHERE {due}"
+                " AND r.message_seq = ANY(ARRAY(SELECT DISTINCT message_seq FROM first))),"
+                " locked AS ("
+                f" SELECT r.id, r.message_seq FROM recipients r WHERE {due}"
+                " AND r.id = ANY(ARRAY(SELECT id FROM due)) FOR UPDATE OF r SKIP LOCKED),"
+                " whole AS ("
+                " SELECT message_seq FROM"
+                "  (SELECT message_seq, count(*) AS n FROM locked GROUP BY 1) l"
+                "  JOIN (SELECT message_seq, count(*) AS n FROM due GROUP BY 1) d"
+                "  USING (message_seq, n))"
                 " UPDATE recipients r SET state = 'delivering', lease_owner = %(owner)s,"
                 " lease_until = %(until)s, updated_at = %(now)s"
-                " FROM picked, messages m WHERE r.id = picked.id AND m.seq = r.message_seq"
+                " FROM locked, messages m WHERE r.id = locked.id"
+                " AND locked.message_seq IN (SELECT message_seq FROM whole)"
+                " AND m.seq = r.message_seq"
                 f" RETURNING {queries.CLAIMED_COLUMNS}",
                 {
                     "domain": name,
@@ -821,11 +1019,13 @@ class PostgresStore(queries.ReadSide):
             await conn.execute(
                 "WITH o AS (SELECT * FROM unnest(%(ids)s::bigint[], %(states)s::text[],"
                 " %(replies)s::text[], %(counts)s::boolean[], %(nexts)s::float8[],"
-                " %(dests)s::text[]) AS o(id, state, reply, counted, next_at, destination)),"
+                " %(dests)s::text[], %(sents)s::text[])"
+                " AS o(id, state, reply, counted, next_at, destination, sent)),"
                 " changed AS (UPDATE recipients r SET state = o.state, last_reply = o.reply,"
                 "  attempts = r.attempts + CASE WHEN o.counted THEN 1 ELSE 0 END,"
                 "  next_attempt_at = o.next_at,"
                 "  delivered_at = CASE WHEN o.state = 'delivered' THEN %(now)s END,"
+                "  sent_sha256 = o.sent,"
                 "  lease_owner = NULL, lease_until = NULL, updated_at = %(now)s"
                 "  FROM o WHERE r.id = o.id AND r.state = 'delivering'"
                 "  AND r.lease_owner = %(owner)s RETURNING r.id)"
@@ -839,6 +1039,7 @@ class PostgresStore(queries.ReadSide):
                     "counts": [item.count_attempt for item in items],
                     "nexts": [float(item.next_attempt_at) for item in items],
                     "dests": [item.destination for item in items],
+                    "sents": [item.sent_sha256 for item in items],
                     "now": now,
                     "owner": owner,
                 },
@@ -850,9 +1051,11 @@ class PostgresStore(queries.ReadSide):
 
         ``domains``: some domain changed (reload, compare domains_generation).
         ``mail:<domain>``: new due mail for the domain (accepts in relay mode, a release,
-        a canary, a retry). ``resync``: the listener (re)connected and may have missed
-        notifications: re-check everything. Reconnects on its own with backoff; runs until
-        the consumer stops iterating. Polling stays the safety net: a notification is a hint.
+        a canary, a retry). ``flush:<domain>`` (``flush:*``: all): ``queue flush``, sent
+        before that flush's ``mail:`` notifications. ``resync``: the listener (re)connected
+        and may have missed notifications: re-check everything. Reconnects on its own with
+        backoff; runs until the consumer stops iterating. Polling stays the safety net: a
+        notification is a hint.
         """
         delay = 0.5
         while True:
@@ -953,6 +1156,86 @@ class PostgresStore(queries.ReadSide):
                 (destination, owner),
             )
 
+    # -- migrations (issue 12) ----------------------------------------------------------
+    async def add_migration(self, migration: Migration) -> None:
+        now = time.time()
+        try:
+            async with self._connection() as conn, conn.transaction():
+                await conn.execute(*queries.migration_insert(self.dialect, migration, now))
+                await _add_members(conn, migration.name, migration.domains, now)
+                await _domains_changed(conn, None, None)
+        except StoreError as exc:
+            if isinstance(exc.__cause__, psycopg.errors.UniqueViolation):
+                raise Conflict(queries.migration_exists(migration.name)) from None
+            raise
+
+    async def change_migration_domains(
+        self, name: str, add: Sequence[str] = (), remove: Sequence[str] = ()
+    ) -> Migration:
+        async with self._connection() as conn, conn.transaction():
+            found = await (
+                await conn.execute("SELECT 1 FROM migrations WHERE name = %s FOR UPDATE", (name,))
+            ).fetchone()
+            if found is None:
+                raise NotFound(queries.no_migration(name))
+            for domain in remove:
+                cursor = await conn.execute(
+                    "DELETE FROM migration_domains WHERE migration = %s AND domain = %s",
+                    (name, domain.lower()),
+                )
+                if cursor.rowcount == 0:
+                    raise NotFound(queries.not_in_migration(domain, name))
+            await _add_members(conn, name, add, time.time())
+            await _domains_changed(conn, None, None)
+        return await self._require_migration(name)
+
+    async def update_migration(self, name: str, changes: MigrationChanges) -> Migration:
+        async with self._connection() as conn, conn.transaction():
+            await _update_migration_row(conn, name, changes)
+        return await self._require_migration(name)
+
+    async def remove_migration(self, name: str) -> None:
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute("DELETE FROM migration_domains WHERE migration = %s", (name,))
+            cursor = await conn.execute("DELETE FROM migrations WHERE name = %s", (name,))
+            if cursor.rowcount == 0:
+                raise NotFound(queries.no_migration(name))
+            await _domains_changed(conn, None, None)
+
+    async def apply_transition(self, transition: DomainsTransition) -> list[Domain]:
+        audit = transition.audit
+        events = queries.event_rows(transition.events)
+        name = transition.migration
+        async with self._connection() as conn, conn.transaction():
+            if transition.expect_release_at is not None:
+                row = await (
+                    await conn.execute(
+                        "SELECT release_at FROM migrations WHERE name = %s FOR UPDATE", (name,)
+                    )
+                ).fetchone()
+                if row is None or row[0] != transition.expect_release_at:
+                    raise Conflict(f"the scheduled release of {name} was changed or done")
+            updated = [
+                await _update_domain_row(conn, domain, changes)
+                for domain, changes in transition.changes.items()
+            ]
+            if name is not None and transition.migration_changes is not None:
+                await _update_migration_row(conn, name, transition.migration_changes)
+            await _insert_events(conn, events)
+            if audit is not None:
+                await conn.execute(
+                    "INSERT INTO audit (at, actor, action, target, detail) "
+                    "VALUES (%s, %s, %s, %s, %s)",
+                    (audit.at, audit_actor(audit.actor), audit.action, audit.target, audit.detail),
+                )
+        return updated
+
+    async def record_stage_events(self, events: Sequence[StageEvent]) -> None:
+        rows = queries.event_rows(events)
+        if rows:
+            async with self._connection() as conn, conn.transaction():
+                await _insert_events(conn, rows)
+
 
 def _connect_kwargs(url: str, listener: bool = False) -> dict[str, Any]:
     # Keepalives notice a dead server or a silent network partition, which matters most for
@@ -973,7 +1256,90 @@ def _connect_kwargs(url: str, listener: bool = False) -> dict[str, Any]:
 
 
 def _domains_of(message: IncomingMessage) -> set[str]:
-    return {domain_of(recipient.address) for recipient in message.envelope.recipients}
+    return {row[1] for row in codec.accept_recipients(message)}
+
+
+async def _update_domain_row(conn: Conn, name: str, changes: DomainChanges) -> Domain:
+    """Change one domain within the caller's transaction; NotFound when absent."""
+    sets: list[sql.Composable] = []
+    values: list[Any] = []
+
+    def put(column: str, value: Any) -> None:
+        sets.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
+        values.append(value)
+
+    if changes.mode is not None:
+        put("mode", changes.mode.value)
+    if changes.routes is not None:
+        put("routes", codec.dump_routes(changes.routes))
+    if changes.use_mx is not None:
+        put("use_mx", changes.use_mx)
+    if changes.tls is not None:
+        put("tls", changes.tls.value)
+    if changes.rate is not None or changes.clear_rate:
+        put("rate", changes.rate)
+    if changes.profile is not None:
+        put("profile", changes.profile or None)
+    if changes.released_at is not None:
+        put("released_at", changes.released_at)
+    if changes.max_size is not None or changes.clear_max_size:
+        put("max_size", changes.max_size)
+    if changes.subdomains is not None:
+        put("subdomains", changes.subdomains)
+    if changes.plus_separator is not None:
+        put("plus_separator", changes.plus_separator)
+    put("updated_at", time.time())
+    query = sql.SQL("UPDATE domains SET {} WHERE name = %s RETURNING {}").format(
+        sql.SQL(", ").join(sets), sql.SQL(codec.DOMAIN_COLUMNS)
+    )
+    row = await (await conn.execute(query, (*values, name.lower()))).fetchone()
+    if row is None:
+        raise NotFound(_NO_DOMAIN.format(name))
+    domain = codec.domain_from_row(row)
+    await _domains_changed(conn, domain.name, domain.mode)
+    return domain
+
+
+async def _add_members(conn: Conn, migration: str, domains: Sequence[str], now: float) -> None:
+    for domain in domains:
+        name = domain.lower()
+        known = await (
+            await conn.execute("SELECT 1 FROM domains WHERE name = %s", (name,))
+        ).fetchone()
+        if known is None:
+            raise NotFound(f"no domain {domain}; add it first with 'mxspool domain add {domain}'")
+        other = await (
+            await conn.execute("SELECT migration FROM migration_domains WHERE domain = %s", (name,))
+        ).fetchone()
+        if other is not None:
+            if other[0] == migration:
+                continue
+            raise Conflict(queries.taken(name, other[0]))
+        await conn.execute(
+            "INSERT INTO migration_domains (migration, domain, added_at) VALUES (%s, %s, %s)",
+            (migration, name, now),
+        )
+
+
+async def _update_migration_row(conn: Conn, name: str, changes: MigrationChanges) -> None:
+    sets = [*queries.migration_sets(changes), ("updated_at", time.time())]
+    query = sql.SQL("UPDATE migrations SET {} WHERE name = %s").format(
+        sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(column)) for column, _ in sets)
+    )
+    cursor = await conn.execute(query, (*(value for _, value in sets), name))
+    if cursor.rowcount == 0:
+        raise NotFound(queries.no_migration(name))
+    await _domains_changed(conn, None, None)
+
+
+async def _insert_events(conn: Conn, rows: list[tuple[Any, ...]]) -> None:
+    if rows:
+        async with conn.cursor() as cursor:
+            await cursor.executemany(
+                "INSERT INTO stage_events (domain, stage, at, actor, detail, migration) "
+                "VALUES (%s, %s, %s, %s, %s, %s)",
+                rows,
+            )
 
 
 async def _notify(conn: Conn, payload: str) -> None:
@@ -1043,8 +1409,9 @@ _INSERT_BATCH = (
     b" SELECT j->>0, (j->>1)::float8, j->>2, j->>3, (j->>4)::bigint, j->>5, j->>6, j->>7,"
     b"  j->>8, j->>9, j->>10, j->>11, j->>12"
     b" FROM x ORDER BY n RETURNING seq, id, received_at),"
-    b" r AS (INSERT INTO recipients (message_seq, rcpt, domain, params, updated_at)"
-    b" SELECT m.seq, y.rc->>0, y.rc->>1, y.rc->>2, m.received_at"
+    b" r AS (INSERT INTO recipients (message_seq, rcpt, domain, params, state, last_reply,"
+    b" updated_at) SELECT m.seq, y.rc->>0, y.rc->>1, y.rc->>2, coalesce(y.rc->>3, 'pending'),"
+    b" y.rc->>4, m.received_at"
     b" FROM x JOIN m ON m.id = x.j->>0,"
     b"  jsonb_array_elements(x.j->13) WITH ORDINALITY AS y(rc, k) ORDER BY x.n, y.k),"
     b" b AS (INSERT INTO bodies (message_seq, chunk, data)"
@@ -1067,12 +1434,12 @@ def _batch_params(messages: list[IncomingMessage]) -> dict[str, Any]:
         if data is None:
             raise StoreError(f"message {message.id} spilled to disk; it is stored on its own")
         row: list[Any] = list(codec.message_row(message).values())
-        recipients = [codec.recipient_row(r) for r in message.envelope.recipients]
+        recipients = codec.accept_recipients(message)
         row += (recipients, start, len(data))
         rows.append(row)
         bodies.append(data)
         start += len(data)
-        domains.update(domain for _, domain, _ in recipients)
+        domains.update(recipient[1] for recipient in recipients)
     return {
         "batch": _BATCH_JSON.encode(rows),
         "bodies": b"".join(bodies),
@@ -1083,28 +1450,30 @@ def _batch_params(messages: list[IncomingMessage]) -> dict[str, Any]:
 
 async def _insert_message(conn: Conn, message: IncomingMessage) -> None:
     """Insert the message, its recipients and its bytes (the caller owns the transaction)."""
-    envelope = message.envelope
     body = message.body
     in_memory = body.getvalue()
-    rows = [codec.recipient_row(recipient) for recipient in envelope.recipients]
+    rows = codec.accept_recipients(message)
     cursor = await conn.execute(
         "WITH m AS (INSERT INTO messages (id, received_at, mail_from, mail_params, size, sha256,"
         " message_id, client_address, client_name, helo, tls_version, tls_cipher, tags)"
         " VALUES (%(id)s, %(received_at)s, %(mail_from)s, %(mail_params)s, %(size)s,"
         " %(sha256)s, %(message_id)s, %(client_address)s, %(client_name)s, %(helo)s,"
         " %(tls_version)s, %(tls_cipher)s, %(tags)s) RETURNING seq),"
-        " r AS (INSERT INTO recipients (message_seq, rcpt, domain, params, updated_at)"
-        " SELECT m.seq, x.rcpt, x.domain, x.params, %(received_at)s FROM m,"
-        " unnest(%(rcpts)s::text[], %(domains)s::text[], %(params)s::text[])"
-        " WITH ORDINALITY AS x(rcpt, domain, params, n) ORDER BY x.n),"
+        " r AS (INSERT INTO recipients (message_seq, rcpt, domain, params, state, last_reply,"
+        " updated_at) SELECT m.seq, x.rcpt, x.domain, x.params, x.state, x.reply,"
+        " %(received_at)s FROM m, unnest(%(rcpts)s::text[], %(domains)s::text[],"
+        " %(params)s::text[], %(states)s::text[], %(replies)s::text[])"
+        " WITH ORDINALITY AS x(rcpt, domain, params, state, reply, n) ORDER BY x.n),"
         " b AS (INSERT INTO bodies (message_seq, chunk, data)"
         " SELECT m.seq, 0, %(data)b::bytea FROM m WHERE %(data)b::bytea IS NOT NULL)"
         " SELECT seq FROM m",
         {
             **codec.message_row(message),
-            "rcpts": [address for address, _, _ in rows],
-            "domains": [domain for _, domain, _ in rows],
-            "params": [params for _, _, params in rows],
+            "rcpts": [row[0] for row in rows],
+            "domains": [row[1] for row in rows],
+            "params": [row[2] for row in rows],
+            "states": [row[3] if len(row) > 3 else "pending" for row in rows],
+            "replies": [row[4] if len(row) > 4 else None for row in rows],
             "data": in_memory,
         },
     )

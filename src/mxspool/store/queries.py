@@ -14,9 +14,11 @@ keeps the values in order.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
+from mxspool.actor import audit_actor
+from mxspool.addresses import ascii_lower
 from mxspool.store import codec
 from mxspool.store.base import (
     EVERY_ROW,
@@ -26,11 +28,18 @@ from mxspool.store.base import (
     ClientInfo,
     DeliveryJob,
     Domain,
+    Migration,
+    MigrationChanges,
+    NotFound,
     QueueEntry,
     QueueFilter,
+    RecipientBacklog,
+    RecipientCheck,
+    RecipientHold,
     RecipientRecord,
     RecipientState,
     ReportRow,
+    StageEvent,
     StoredMessage,
 )
 
@@ -42,6 +51,9 @@ read ``'\\'`` differently with standard_conforming_strings off."""
 
 REPORT_PAGE = 1000
 """Rows per query of ``report``: memory stays flat however large the store is."""
+
+RECENT_SCAN = 10_000
+"""``without_authentication`` looks at the newest this many messages (by arrival order)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +141,8 @@ def _queue_entry(row: Row) -> QueueEntry:
 
 _MESSAGE_COLUMNS = (
     "m.id, m.received_at, m.mail_from, m.mail_params, m.size, m.sha256, m.message_id, "
-    "m.client_address, m.helo, m.client_name, m.tls_version, m.tls_cipher, m.tags"
+    "m.client_address, m.helo, m.client_name, m.tls_version, m.tls_cipher, m.tags, "
+    "m.auth_results, m.auth_at"
 )
 _RECIPIENT_COLUMNS = (
     "r.id, r.rcpt, r.domain, r.params, r.state, r.released, d.mode, r.attempts, "
@@ -150,7 +163,8 @@ def _stored_message(rows: list[Row]) -> StoredMessage | None:
     if not rows:
         return None
     head = rows[0][:_MESSAGE_WIDTH]
-    mid, received_at, mail_from, mail_params, size, sha256, message_id, *client, tags = head
+    mid, received_at, mail_from, mail_params, size, sha256, message_id, *client, tags = head[:-2]
+    auth_results, auth_at = head[-2:]
     return StoredMessage(
         mid,
         received_at,
@@ -166,22 +180,26 @@ def _stored_message(rows: list[Row]) -> StoredMessage | None:
             for row in rows
             if row[_MESSAGE_WIDTH] is not None  # no recipient: the LEFT JOIN's NULLs
         ),
+        auth_results,
+        auth_at,
     )
 
 
 _REPORT_COLUMNS = (
     "r.id, m.id, m.message_id, m.mail_from, r.rcpt, m.size, m.sha256, m.received_at, "
-    "r.state, r.released, d.mode, r.attempts, r.delivered_at, r.last_reply"
+    "r.state, r.released, d.mode, r.attempts, r.delivered_at, r.last_reply, "
+    "r.sent_sha256, m.tags"
 )
 
 
 def _report_row(row: Row) -> ReportRow:
     _cursor, mid, message_id, mail_from, rcpt, size, sha256, at = row[:8]
-    state, released, mode, tries, delivered_at, reply = row[8:]
+    state, released, mode, tries, delivered_at, reply, sent_sha256, tags = row[8:]
     shown = shown_state(state, released, mode)
     return ReportRow(
-        mid, message_id, mail_from, rcpt, size, sha256, at, shown, tries, delivered_at, reply
-    )
+        mid, message_id, mail_from, rcpt, size, sha256, at, shown, tries, delivered_at, reply,
+        sent_sha256, codec.load_tags(tags or ""),
+    )  # fmt: skip
 
 
 CLAIMED_COLUMNS = (
@@ -231,7 +249,7 @@ def queue_query(
         # Tags are stored comma-separated; commas around both sides match whole tags only.
         where.append(f"{dialect.find}(',' || m.tags || ',', {p(f',{queue.tag},')}) > 0")
     if queue.domain:
-        where.append(f"r.domain = {p(queue.domain.lower())}")
+        where.append(f"r.domain = {p(ascii_lower(queue.domain))}")
     unreleased = f"r.released = {dialect.false}"
     if queue.state == "held":
         where.append(f"r.state = 'pending' AND {unreleased} AND d.mode = 'hold'")
@@ -257,12 +275,100 @@ def report_query(dialect: Dialect, domain: str | None, after: int) -> tuple[str,
     p = Params(dialect)
     where = [f"r.id > {p(after)}"]
     if domain:
-        where.append(f"r.domain = {p(domain.lower())}")
+        where.append(f"r.domain = {p(ascii_lower(domain))}")
     query = (
         f"SELECT {_REPORT_COLUMNS} {_RECIPIENT_JOINS} WHERE {' AND '.join(where)} "
         f"ORDER BY r.id LIMIT {p(REPORT_PAGE)}"
     )
     return query, p.values
+
+
+MIGRATION_COLUMNS = (
+    "m.name, m.source_tenant, m.target_tenant, m.created_at, m.release_at, m.release_rate"
+)
+
+
+def migration_from_row(row: Row) -> Migration:
+    return Migration(
+        name=row[0],
+        source_tenant=row[1],
+        target_tenant=row[2],
+        created_at=float(row[3]),
+        release_at=None if row[4] is None else float(row[4]),
+        release_rate=None if row[5] is None else float(row[5]),
+    )
+
+
+def replace_domains(migration: Migration, domains: tuple[str, ...]) -> Migration:
+    return Migration(
+        migration.name,
+        domains,
+        migration.source_tenant,
+        migration.target_tenant,
+        migration.created_at,
+        migration.release_at,
+        migration.release_rate,
+    )
+
+
+def migration_sets(changes: MigrationChanges) -> list[tuple[str, Any]]:
+    """(column, value) to SET for ``changes`` (updated_at is the caller's)."""
+    sets: list[tuple[str, Any]] = []
+    if changes.release_at is not None or changes.clear_release_at:
+        sets.append(("release_at", changes.release_at))
+    if changes.release_rate is not None or changes.clear_release_rate:
+        sets.append(("release_rate", changes.release_rate))
+    return sets
+
+
+def event_rows(events: Sequence[StageEvent]) -> list[Row]:
+    """INSERT values of stage events; "cli" actors become the OS user (``audit_actor``, read
+    here, on the caller's context, not on a writer thread)."""
+    return [(e.domain, e.stage, e.at, audit_actor(e.actor), e.detail, e.migration) for e in events]
+
+
+def no_migration(name: str) -> str:
+    return f"no migration {name}; 'mxspool migration list' shows the migrations"
+
+
+def migration_exists(name: str) -> str:
+    return (
+        f"migration {name} already exists; 'mxspool migration show {name}' shows it, "
+        "add-domain adds to it"
+    )
+
+
+def not_in_migration(domain: str, name: str) -> str:
+    return (
+        f"domain {domain} is not in migration {name}; 'mxspool migration show {name}' lists "
+        "its domains"
+    )
+
+
+def migration_insert(dialect: Dialect, migration: Migration, now: float) -> tuple[str, Row]:
+    """The INSERT of a new migration's row (its domains are rows of their own)."""
+    p = Params(dialect)
+    values = (
+        migration.name,
+        migration.source_tenant,
+        migration.target_tenant,
+        migration.created_at or now,
+        migration.release_at,
+        migration.release_rate,
+        now,
+    )
+    sql = (
+        "INSERT INTO migrations (name, source_tenant, target_tenant, created_at, release_at, "
+        f"release_rate, updated_at) VALUES ({', '.join(p(value) for value in values)})"
+    )
+    return sql, tuple(p.values)
+
+
+def taken(domain: str, other: str) -> str:
+    return (
+        f"domain {domain} already belongs to migration {other}; a domain is in at most one "
+        f"migration: 'mxspool migration remove-domain {other} {domain}' first"
+    )
 
 
 class ReadSide:
@@ -290,7 +396,8 @@ class ReadSide:
     async def get_domain(self, name: str) -> Domain | None:
         p = Params(self.dialect)
         row = await self._one(
-            f"SELECT {codec.DOMAIN_COLUMNS} FROM domains WHERE name = {p(name.lower())}", p.values
+            f"SELECT {codec.DOMAIN_COLUMNS} FROM domains WHERE name = {p(ascii_lower(name))}",
+            p.values,
         )
         return codec.domain_from_row(row) if row else None
 
@@ -312,6 +419,29 @@ class ReadSide:
             p.values,
         )
         return _stored_message(rows)
+
+    async def unauthenticated(self, message_ids: Sequence[str]) -> set[str]:
+        ids = list(message_ids)
+        if not ids:
+            return set()
+        p = Params(self.dialect)
+        rows = await self._fetch(
+            f"SELECT id FROM messages WHERE id {self.dialect.one_of(p, ids)} AND auth_at IS NULL",
+            p.values,
+        )
+        return {row[0] for row in rows}
+
+    async def without_authentication(self, received_before: float, limit: int) -> list[str]:
+        # A range of the newest seqs (the primary key), not a scan of the whole table.
+        p = Params(self.dialect)
+        rows = await self._fetch(
+            "SELECT id FROM messages WHERE seq > "
+            f"(SELECT coalesce(max(seq), 0) FROM messages) - {p(RECENT_SCAN)} "
+            f"AND auth_at IS NULL AND received_at < {p(received_before)} "
+            f"ORDER BY seq LIMIT {p(limit)}",
+            p.values,
+        )
+        return [row[0] for row in rows]
 
     async def read_small_bodies(
         self, message_ids: Sequence[str], max_size: int
@@ -360,11 +490,56 @@ class ReadSide:
         )
         return [AuditEntry(*row) for row in rows]
 
+    # -- migrations (issue 12) ----------------------------------------------------------
+    async def list_migrations(self) -> list[Migration]:
+        return await self._migrations("", [])
+
+    async def get_migration(self, name: str) -> Migration | None:
+        p = Params(self.dialect)
+        found = await self._migrations(f"WHERE m.name = {p(name)}", p.values)
+        return found[0] if found else None
+
+    async def _require_migration(self, name: str) -> Migration:
+        found = await self.get_migration(name)
+        if found is None:
+            raise NotFound(no_migration(name))
+        return found
+
+    async def _migrations(self, where: str, values: list[Any]) -> list[Migration]:
+        rows = await self._fetch(
+            f"SELECT {MIGRATION_COLUMNS}, d.domain FROM migrations m "
+            f"LEFT JOIN migration_domains d ON d.migration = m.name {where} "
+            "ORDER BY m.name, d.domain",
+            values,
+        )
+        found: dict[str, Migration] = {}
+        for row in rows:
+            known = found.get(row[0])
+            if known is None:
+                known = found[row[0]] = migration_from_row(row)
+            if row[-1] is not None:
+                found[row[0]] = replace_domains(known, (*known.domains, row[-1]))
+        return list(found.values())
+
+    async def stage_events(
+        self, domains: Sequence[str] | None = None, limit: int = 10_000
+    ) -> list[StageEvent]:
+        p = Params(self.dialect)
+        where = "" if domains is None else f"WHERE domain {self.dialect.one_of(p, list(domains))}"
+        if domains is not None and not domains:
+            return []
+        rows = await self._fetch(
+            "SELECT domain, stage, at, actor, detail, migration FROM stage_events "
+            f"{where} ORDER BY id DESC LIMIT {p(limit)}",
+            p.values,
+        )
+        return [StageEvent(*row) for row in reversed(rows)]
+
     # -- recipient lists ----------------------------------------------------------------
     async def recipient_list(self, domain: str) -> list[str]:
         p = Params(self.dialect)
         rows = await self._fetch(
-            f"SELECT address FROM recipient_lists WHERE domain = {p(domain.lower())} "
+            f"SELECT address FROM recipient_lists WHERE domain = {p(ascii_lower(domain))} "
             "ORDER BY address",
             p.values,
         )
@@ -375,3 +550,118 @@ class ReadSide:
         for domain, address in await self._fetch("SELECT domain, address FROM recipient_lists", ()):
             found.setdefault(domain, set()).add(address)
         return {domain: frozenset(items) for domain, items in found.items()}
+
+    async def recipient_max_sizes(self) -> dict[str, int]:
+        rows = await self._fetch(
+            "SELECT address, max_size FROM recipient_lists WHERE max_size IS NOT NULL", ()
+        )
+        return {address: int(size) for address, size in rows}
+
+    # -- recipient holds and release planning ---------------------------------------------
+    def _held(self) -> str:
+        """A recipient row kept by a recipient hold, spelled as its partial index is."""
+        return "r.held = 1" if self.dialect.false == "0" else "r.held"
+
+    async def recipient_holds(self, domain: str | None = None) -> list[RecipientHold]:
+        p = Params(self.dialect)
+        where = f" WHERE domain = {p(ascii_lower(domain))}" if domain is not None else ""
+        rows = await self._fetch(
+            "SELECT address, domain, prefix, suffix, created_at, actor FROM recipient_holds"
+            f"{where} ORDER BY address",
+            p.values,
+        )
+        holds = [RecipientHold(*row) for row in rows]
+        if not holds:
+            return []
+        p = Params(self.dialect)
+        counted = await self._fetch(
+            "SELECT lower(r.rcpt), count(*) FROM recipients r WHERE r.domain "
+            f"{self.dialect.one_of(p, sorted({hold.domain for hold in holds}))} "
+            f"AND {self._held()} AND r.state = 'pending' GROUP BY lower(r.rcpt)",
+            p.values,
+        )
+        counts = {hold.address: 0 for hold in holds}
+        for address, n in counted:
+            for hold in holds:
+                if hold_matches(hold, address):
+                    counts[hold.address] += int(n)
+                    break
+        return [replace(hold, held=counts[hold.address]) for hold in holds]
+
+    async def recipient_backlog(
+        self, domain: str, default_max_size: int | None
+    ) -> list[RecipientBacklog]:
+        # One pass over the domain's pending rows (its partial index), each joined to its
+        # message (primary key) and its mailbox's recipient-list entry (primary key).
+        p = Params(self.dialect)
+        limit = p(default_max_size)
+        rows = await self._fetch(
+            "SELECT lower(r.rcpt), count(*), sum(m.size),"
+            f" sum(CASE WHEN m.size > rl.max_size OR m.size > {limit} THEN 1 ELSE 0 END),"
+            f" sum(CASE WHEN {self._held()} THEN 1 ELSE 0 END), max(rl.max_size)"
+            " FROM recipients r JOIN messages m ON m.seq = r.message_seq"
+            " LEFT JOIN recipient_lists rl ON rl.domain = r.domain AND rl.address = lower(r.rcpt)"
+            f" WHERE r.domain = {p(ascii_lower(domain))} AND r.state = 'pending'"
+            " GROUP BY lower(r.rcpt)",
+            p.values,
+        )
+        # The busiest sender of each recipient: a second pass over the same rows, grouped by
+        # pair (Exchange Online's per sender-recipient hourly limit).
+        q = Params(self.dialect)
+        pairs = await self._fetch(
+            "SELECT rcpt, max(n) FROM (SELECT lower(r.rcpt) AS rcpt, count(*) AS n"
+            " FROM recipients r JOIN messages m ON m.seq = r.message_seq"
+            f" WHERE r.domain = {q(ascii_lower(domain))} AND r.state = 'pending'"
+            " GROUP BY lower(r.rcpt), lower(m.mail_from)) pair GROUP BY rcpt",
+            q.values,
+        )
+        busiest = {address: int(n) for address, n in pairs}
+        return [
+            RecipientBacklog(
+                address,
+                int(n),
+                int(size or 0),
+                int(big or 0),
+                int(held or 0),
+                None if max_size is None else int(max_size),
+                busiest.get(address, 0),
+            )
+            for address, n, size, big, held, max_size in rows
+        ]
+
+    async def flush_generation(self) -> int:
+        row = await self._one(f"SELECT value FROM meta WHERE key = '{FLUSH_GENERATION}'", ())
+        return int(row[0]) if row else 0
+
+    async def flushed_domains(self, after: int) -> list[str]:
+        # One meta row per domain ever flushed ("flush:<domain>" = the generation of its last
+        # flush): read only when the generation moved, so a few rows at most.
+        p = Params(self.dialect)
+        rows = await self._fetch(
+            f"SELECT key FROM meta WHERE key LIKE {p('flush:%')} AND value > {p(after)}"
+            " ORDER BY key",
+            p.values,
+        )
+        return [str(key).removeprefix("flush:") for (key,) in rows]
+
+    async def recipient_checks(self, domain: str) -> list[RecipientCheck]:
+        p = Params(self.dialect)
+        rows = await self._fetch(
+            "SELECT address, state, reply, checked_at FROM recipient_checks"
+            f" WHERE domain = {p(ascii_lower(domain))} ORDER BY address",
+            p.values,
+        )
+        return [
+            RecipientCheck(address, state, reply, float(at)) for address, state, reply, at in rows
+        ]
+
+
+FLUSH_GENERATION = "flush_generation"
+"""The meta row ``flush_queue`` raises; ``flush:<domain>`` rows keep each domain's last one."""
+
+
+def hold_matches(hold: RecipientHold, address: str) -> bool:
+    """Whether the (lowercased) ``address`` is kept by ``hold``: itself or a sub-address."""
+    if address == hold.address:
+        return True
+    return bool(hold.prefix) and address.startswith(hold.prefix) and address.endswith(hold.suffix)

@@ -33,14 +33,18 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mxspool.store import codec, counts, queries
+from mxspool.actor import audit_actor
+from mxspool.addresses import address_key, ascii_lower
+from mxspool.store import codec, counts, purge, queries
 from mxspool.store.base import (
+    FLUSH_ALL,
+    HELD_UNTIL,
     AcceptCallback,
     Conflict,
     CounterDrift,
@@ -50,10 +54,17 @@ from mxspool.store.base import (
     DomainChanges,
     DomainMode,
     DomainStatus,
+    DomainsTransition,
     IncomingMessage,
+    Migration,
+    MigrationChanges,
     NotFound,
+    PurgeResult,
+    RecipientCheck,
+    RecipientHold,
     RecipientOutcome,
     RecipientState,
+    StageEvent,
     StoreError,
 )
 from mxspool.store.schema import migration_scripts
@@ -103,6 +114,12 @@ class _Job:
 DEFER_SLICE = 5_000
 """Rows per write of ``defer_destination``: tens of milliseconds of the writer's time each.
 A million-row deferral then delays an accept by ~0.1 s at most instead of ~10 s (measured)."""
+
+_HOLD_MATCH = (
+    "(lower(rcpt) = :address OR (:prefix <> '' AND substr(lower(rcpt), 1, length(:prefix))"
+    " = :prefix AND substr(lower(rcpt), -length(:suffix)) = :suffix))"
+)
+"""A recipient row of a recipient hold: the address, or a sub-address (recipient_holds)."""
 
 
 def sqlite_path(url: str) -> Path:
@@ -416,7 +433,7 @@ class SqliteStore(queries.ReadSide):
             try:
                 conn.execute(
                     f"INSERT INTO domains ({codec.DOMAIN_COLUMNS}, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     codec.domain_row(domain, now),
                 )
             except sqlite3.IntegrityError:
@@ -428,44 +445,7 @@ class SqliteStore(queries.ReadSide):
         await self._write(work)
 
     async def update_domain(self, name: str, changes: DomainChanges) -> Domain:
-        def work(conn: sqlite3.Connection) -> Domain:
-            sets: list[str] = []
-            values: list[Any] = []
-            if changes.mode is not None:
-                sets.append("mode = ?")
-                values.append(changes.mode.value)
-            if changes.routes is not None:
-                sets.append("routes = ?")
-                values.append(codec.dump_routes(changes.routes))
-            if changes.use_mx is not None:
-                sets.append("use_mx = ?")
-                values.append(int(changes.use_mx))
-            if changes.tls is not None:
-                sets.append("tls = ?")
-                values.append(changes.tls.value)
-            if changes.rate is not None or changes.clear_rate:
-                sets.append("rate = ?")
-                values.append(changes.rate)
-            if changes.profile is not None:
-                sets.append("profile = ?")
-                values.append(changes.profile or None)
-            if changes.released_at is not None:
-                sets.append("released_at = ?")
-                values.append(changes.released_at)
-            sets.append("updated_at = ?")
-            values.append(time.time())
-            cursor = conn.execute(
-                f"UPDATE domains SET {', '.join(sets)} WHERE name = ?", (*values, name.lower())
-            )
-            if cursor.rowcount == 0:
-                raise NotFound(f"no domain {name}; 'mxspool domain list' shows the domains")
-            _bump_generation(conn)
-            row = conn.execute(
-                f"SELECT {codec.DOMAIN_COLUMNS} FROM domains WHERE name = ?", (name.lower(),)
-            ).fetchone()
-            return codec.domain_from_row(row)
-
-        return await self._write(work)
+        return await self._write(functools.partial(_update_domain_row, name=name, changes=changes))
 
     async def remove_domain(self, name: str, force: bool = False) -> None:
         def work(conn: sqlite3.Connection) -> None:
@@ -484,6 +464,7 @@ class SqliteStore(queries.ReadSide):
                     "is no longer delivered)"
                 )
             conn.execute("DELETE FROM domains WHERE name = ?", (name_l,))
+            conn.execute("DELETE FROM migration_domains WHERE domain = ?", (name_l,))
             _bump_generation(conn)
 
         await self._write(work)
@@ -499,15 +480,127 @@ class SqliteStore(queries.ReadSide):
 
         return await self._write(work)
 
+    async def hold_recipient(self, hold: RecipientHold) -> int:
+        def work(conn: sqlite3.Connection) -> int:
+            conn.execute(
+                "INSERT INTO recipient_holds (address, domain, prefix, suffix, created_at, actor)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (address) DO NOTHING",
+                (hold.address, hold.domain, hold.prefix, hold.suffix, hold.created_at, hold.actor),
+            )
+            cursor = conn.execute(
+                "UPDATE recipients SET held = 1, next_attempt_at = :until, updated_at = :now"
+                " WHERE domain = :domain AND state = 'pending' AND held = 0"
+                f" AND {_HOLD_MATCH}",
+                {
+                    "until": HELD_UNTIL,
+                    "now": time.time(),
+                    "domain": hold.domain,
+                    "address": hold.address,
+                    "prefix": hold.prefix,
+                    "suffix": hold.suffix,
+                },
+            )
+            return cursor.rowcount
+
+        return await self._write(work)
+
+    async def release_recipient_hold(self, address: str) -> int | None:
+        def work(conn: sqlite3.Connection) -> int | None:
+            row = conn.execute(
+                "DELETE FROM recipient_holds WHERE address = ? RETURNING domain, prefix, suffix",
+                (address.lower(),),
+            ).fetchone()
+            if row is None:
+                return None
+            domain, prefix, suffix = row
+            cursor = conn.execute(
+                "UPDATE recipients INDEXED BY recipients_held SET held = 0, next_attempt_at = 0,"
+                f" updated_at = :now WHERE domain = :domain AND held = 1 AND {_HOLD_MATCH}",
+                {
+                    "now": time.time(),
+                    "domain": domain,
+                    "address": address.lower(),
+                    "prefix": prefix,
+                    "suffix": suffix,
+                },
+            )
+            return cursor.rowcount
+
+        return await self._write(work)
+
+    async def flush_queue(self, now: float, domain: str | None = None) -> int:
+        # In id slices like defer_destination: a million deferred rows never hold the single
+        # writer (and every intake commit behind it) for seconds.
+        where = "domain = :domain AND " if domain is not None else ""
+        params: dict[str, Any] = {
+            "domain": None if domain is None else domain.lower(),
+            "now": now,
+            "slice": DEFER_SLICE,
+        }
+
+        def work(conn: sqlite3.Connection, after: int) -> tuple[int, int | None]:
+            (upto,) = conn.execute(
+                "SELECT max(id) FROM (SELECT id FROM recipients WHERE "
+                f"{where}state = 'pending' AND id > :after ORDER BY id LIMIT :slice)",
+                {**params, "after": after},
+            ).fetchone()
+            if upto is None:
+                return 0, None
+            cursor = conn.execute(
+                "UPDATE recipients SET next_attempt_at = :now, updated_at = :now"
+                f" WHERE {where}state = 'pending' AND id > :after AND id <= :upto"
+                " AND held = 0 AND next_attempt_at > :now AND (released = 1 OR EXISTS"
+                " (SELECT 1 FROM domains d WHERE d.name = recipients.domain"
+                " AND d.mode = 'relay'))",
+                {**params, "after": after, "upto": upto},
+            )
+            return cursor.rowcount, int(upto)
+
+        # The flush is recorded before any row is due: an engine that finds them due also
+        # finds the flush, and forgets the destination's dead state (delivery/scheduler.py).
+        await self._write(functools.partial(_record_flush, domain=params["domain"]))
+        changed = 0
+        after: int | None = 0
+        while after is not None:
+            count, after = await self._write(functools.partial(work, after=after))
+            changed += count
+        return changed
+
+    async def record_recipient_checks(self, domain: str, checks: Sequence[RecipientCheck]) -> None:
+        name = domain.lower()
+
+        def work(conn: sqlite3.Connection) -> None:
+            if conn.execute("SELECT 1 FROM domains WHERE name = ?", (name,)).fetchone() is None:
+                raise NotFound(f"no domain {domain}; 'mxspool domain list' shows the domains")
+            conn.execute("DELETE FROM recipient_checks WHERE domain = ?", (name,))
+            conn.executemany(
+                "INSERT INTO recipient_checks (domain, address, state, reply, checked_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (domain, address) DO UPDATE SET"
+                " state = excluded.state, reply = excluded.reply, checked_at = excluded.checked_at",
+                [
+                    (name, item.address.lower(), item.state, item.reply, item.checked_at)
+                    for item in checks
+                ],
+            )
+
+        await self._write(work)
+
     # -- queue --------------------------------------------------------------------------
     async def read_body(self, message_id: str) -> AsyncIterator[bytes]:
-        def locate(conn: sqlite3.Connection) -> int | None:
-            row = conn.execute("SELECT seq FROM messages WHERE id = ?", (message_id,)).fetchone()
-            return None if row is None else int(row[0])
+        def locate(conn: sqlite3.Connection) -> tuple[int, str, bool] | None:
+            row = conn.execute(
+                "SELECT seq, tags, EXISTS (SELECT 1 FROM bodies b WHERE b.seq = m.seq) "
+                "FROM messages m WHERE id = ?",
+                (message_id,),
+            ).fetchone()
+            return None if row is None else (int(row[0]), row[1], bool(row[2]))
 
-        seq = await self._read(locate)
-        if seq is None:
+        located = await self._read(locate)
+        if located is None:
             raise NotFound(f"no message {message_id}; 'mxspool queue list' shows the queue")
+        seq, tags, has_body = located
+        if not has_body:
+            raise purge.body_gone(message_id, tags)
         offset = 0
         while True:
 
@@ -610,8 +703,44 @@ class SqliteStore(queries.ReadSide):
 
         return await (self._write(fix) if repair else self._read(compare))
 
+    async def purge_delivered(self, before: float, dry_run: bool = False) -> PurgeResult:
+        found_sql = purge.candidates_sql("?", "instr")
+        recheck = (
+            "SELECT m.seq, m.size FROM messages m WHERE m.seq IN (SELECT value FROM json_each(?))"
+            f" AND {purge.condition('?', 'instr')}"
+        )
+        tag = purge.tag_for(time.time())
+
+        async def last_seq() -> int:
+            rows = await self._fetch("SELECT coalesce(max(seq), 0) FROM messages", ())
+            return int(rows[0][0])
+
+        async def find(after: int, upto: int) -> purge.Found:
+            rows = await self._fetch(found_sql, (after, upto, before, purge.BATCH))
+            return [(int(seq), int(size)) for seq, size in rows]
+
+        def drop(conn: sqlite3.Connection, seqs: list[int]) -> purge.Found:
+            found = conn.execute(recheck, (json.dumps(seqs), before)).fetchall()
+            chosen = json.dumps([row[0] for row in found])
+            conn.execute(
+                "DELETE FROM bodies WHERE seq IN (SELECT value FROM json_each(?))", (chosen,)
+            )
+            conn.execute(
+                "UPDATE messages SET tags = CASE WHEN tags = '' THEN ? ELSE tags || ',' || ? END"
+                " WHERE seq IN (SELECT value FROM json_each(?))",
+                (tag, tag, chosen),
+            )
+            return [(int(seq), int(size)) for seq, size in found]
+
+        async def write(seqs: list[int]) -> purge.Found:
+            return await self._write(functools.partial(drop, seqs=seqs))
+
+        return await purge.run(last_seq, find, write, cutoff=before, dry_run=dry_run)
+
     # -- audit --------------------------------------------------------------------------
     async def record_audit(self, actor: str, action: str, target: str, detail: str = "") -> None:
+        actor = audit_actor(actor)  # "cli" becomes the OS user in a CLI process
+
         def work(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT INTO audit (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
@@ -622,10 +751,19 @@ class SqliteStore(queries.ReadSide):
 
     # -- migration toolkit ----------------------------------------------------------------
     async def add_recipients(
-        self, domain: str, addresses: Sequence[str], replace: bool = False
+        self,
+        domain: str,
+        addresses: Sequence[str],
+        replace: bool = False,
+        max_sizes: Mapping[str, int] | None = None,
     ) -> int:
-        name = domain.lower()
-        rows = [(name, address.lower()) for address in addresses]
+        name = ascii_lower(domain)
+        sizes = max_sizes or {}
+        rows = [
+            (name, key, sizes.get(address))
+            for address in addresses
+            if (key := address_key(address)) is not None
+        ]
 
         def work(conn: sqlite3.Connection) -> int:
             if conn.execute("SELECT 1 FROM domains WHERE name = ?", (name,)).fetchone() is None:
@@ -633,8 +771,8 @@ class SqliteStore(queries.ReadSide):
             if replace:
                 conn.execute("DELETE FROM recipient_lists WHERE domain = ?", (name,))
             conn.executemany(
-                "INSERT INTO recipient_lists (domain, address) VALUES (?, ?) "
-                "ON CONFLICT (domain, address) DO NOTHING",
+                "INSERT INTO recipient_lists (domain, address, max_size) VALUES (?, ?, ?) "
+                "ON CONFLICT (domain, address) DO UPDATE SET max_size = excluded.max_size",
                 rows,
             )
             _bump_generation(conn)
@@ -666,6 +804,48 @@ class SqliteStore(queries.ReadSide):
                 )
 
         await self._write(work)
+
+    async def set_authentication(
+        self, message_id: str, auth_results: str, tags: Sequence[str]
+    ) -> None:
+        new = list(tags)
+        now = time.time()
+
+        def work(conn: sqlite3.Connection) -> None:
+            row = conn.execute("SELECT tags FROM messages WHERE id = ?", (message_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no message {message_id}; 'mxspool queue list' shows the queue")
+            conn.execute(
+                "UPDATE messages SET auth_results = ?, auth_at = ?, tags = ? WHERE id = ?",
+                (auth_results, now, codec.merge_tags(row[0], new), message_id),
+            )
+
+        await self._write(work)
+
+    async def set_authentications(
+        self, verdicts: Sequence[tuple[str, str, Sequence[str]]]
+    ) -> list[str]:
+        items = [(mid, value, list(tags)) for mid, value, tags in verdicts]
+        now = time.time()
+
+        def work(conn: sqlite3.Connection) -> list[str]:
+            missing = []
+            updates = []
+            for message_id, value, tags in items:
+                row = conn.execute(
+                    "SELECT tags FROM messages WHERE id = ?", (message_id,)
+                ).fetchone()
+                if row is None:
+                    missing.append(message_id)
+                    continue
+                updates.append((value, now, codec.merge_tags(row[0], tags), message_id))
+            conn.executemany(
+                "UPDATE messages SET auth_results = ?, auth_at = ?, tags = ? WHERE id = ?",
+                updates,
+            )
+            return missing
+
+        return await self._write(work)
 
     # -- delivery -----------------------------------------------------------------------
     async def due_domains(self, now: float) -> list[str]:
@@ -733,6 +913,7 @@ class SqliteStore(queries.ReadSide):
                 " WHERE recipients.domain = :domain AND recipients.id > :after"
                 " AND recipients.id <= :upto AND recipients.state IN ('pending', 'delivering')"
                 " AND d.name = :domain AND (d.mode = 'relay' OR recipients.released = 1)"
+                " AND recipients.held = 0"
                 " AND m.seq = recipients.message_seq"
                 " AND ((recipients.state = 'pending'"
                 "   AND (recipients.next_attempt_at <> :until OR m.received_at <= :cutoff))"
@@ -766,28 +947,47 @@ class SqliteStore(queries.ReadSide):
                     "'delivering' AND lease_until < ? AND released = 0",
                     (now, domain.lower(), now),
                 )
+            # r.held: kept by a recipient hold (hold --recipient), whatever the domain's mode.
+            due = (
+                "r.state IN ('pending', 'delivering') AND ((r.state = 'pending' AND "
+                f"r.next_attempt_at <= :now AND r.held = 0 {canary_only}) OR "
+                "(r.state = 'delivering' AND r.lease_until < :now))"
+            )
+            params = {"domain": domain.lower(), "now": now, "limit": limit}
+            # Whole messages (one transaction each at the next hop): the first ``limit`` due
+            # rows choose the messages, then every due row of those messages in this domain is
+            # claimed, found through recipients_message (a few rows each, never a scan of the
+            # domain's or the state's index, which hold the whole backlog).
+            seqs = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT DISTINCT message_seq FROM (SELECT r.message_seq FROM recipients r "
+                    f"WHERE r.domain = :domain AND {due} ORDER BY r.id LIMIT :limit)",
+                    params,
+                )
+            ]
+            if not seqs:
+                return []
             ids = [
                 row[0]
                 for row in conn.execute(
-                    "SELECT r.id FROM recipients r WHERE r.domain = ? AND r.state IN "
-                    "('pending', 'delivering') AND ((r.state = 'pending' AND "
-                    f"r.next_attempt_at <= ? {canary_only}) OR "
-                    "(r.state = 'delivering' AND r.lease_until < ?)) ORDER BY r.id LIMIT ?",
-                    (domain.lower(), now, now, limit),
+                    "UPDATE recipients AS r INDEXED BY recipients_message SET "
+                    "state = 'delivering', lease_owner = :owner, lease_until = :until, "
+                    "updated_at = :now WHERE r.message_seq IN (SELECT value FROM "
+                    f"json_each(:seqs)) AND r.domain = :domain AND {due} RETURNING id",
+                    {
+                        **params,
+                        "owner": owner,
+                        "until": now + lease_seconds,
+                        "seqs": json.dumps(seqs),
+                    },
                 )
             ]
-            if not ids:
-                return []
-            marks = ",".join("?" * len(ids))
-            conn.execute(
-                "UPDATE recipients SET state = 'delivering', lease_owner = ?, lease_until = ?, "
-                f"updated_at = ? WHERE id IN ({marks})",
-                (owner, now + lease_seconds, now, *ids),
-            )
             rows = conn.execute(
                 f"SELECT {queries.CLAIMED_COLUMNS} FROM recipients r "
-                f"JOIN messages m ON m.seq = r.message_seq WHERE r.id IN ({marks})",
-                ids,
+                "JOIN messages m ON m.seq = r.message_seq "
+                "WHERE r.id IN (SELECT value FROM json_each(?))",
+                (json.dumps(ids),),
             ).fetchall()
             return queries.delivery_jobs(rows, domain.lower())
 
@@ -832,7 +1032,7 @@ class SqliteStore(queries.ReadSide):
             for item in items:
                 cursor = conn.execute(
                     "UPDATE recipients SET state = ?, last_reply = ?, attempts = attempts + ?, "
-                    "next_attempt_at = ?, delivered_at = ?, lease_owner = NULL, "
+                    "next_attempt_at = ?, delivered_at = ?, sent_sha256 = ?, lease_owner = NULL, "
                     "lease_until = NULL, updated_at = ? "
                     "WHERE id = ? AND state = 'delivering' AND lease_owner = ?",
                     (
@@ -841,6 +1041,7 @@ class SqliteStore(queries.ReadSide):
                         int(item.count_attempt),
                         item.next_attempt_at,
                         now if item.state is RecipientState.DELIVERED else None,
+                        item.sent_sha256,
                         now,
                         item.recipient_id,
                         owner,
@@ -919,6 +1120,92 @@ class SqliteStore(queries.ReadSide):
 
         await self._write(work)
 
+    # -- migrations (issue 12) ----------------------------------------------------------
+    async def add_migration(self, migration: Migration) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            try:
+                conn.execute(*queries.migration_insert(self.dialect, migration, now))
+            except sqlite3.IntegrityError:
+                raise Conflict(queries.migration_exists(migration.name)) from None
+            _add_members(conn, migration.name, migration.domains, now)
+            _bump_generation(conn)
+
+        await self._write(work)
+
+    async def change_migration_domains(
+        self, name: str, add: Sequence[str] = (), remove: Sequence[str] = ()
+    ) -> Migration:
+        def work(conn: sqlite3.Connection) -> None:
+            if conn.execute("SELECT 1 FROM migrations WHERE name = ?", (name,)).fetchone() is None:
+                raise NotFound(queries.no_migration(name))
+            for domain in remove:
+                cursor = conn.execute(
+                    "DELETE FROM migration_domains WHERE migration = ? AND domain = ?",
+                    (name, domain.lower()),
+                )
+                if cursor.rowcount == 0:
+                    raise NotFound(queries.not_in_migration(domain, name))
+            _add_members(conn, name, add, time.time())
+            _bump_generation(conn)
+
+        await self._write(work)
+        return await self._require_migration(name)
+
+    async def update_migration(self, name: str, changes: MigrationChanges) -> Migration:
+        def work(conn: sqlite3.Connection) -> None:
+            _update_migration_row(conn, name, changes)
+
+        await self._write(work)
+        return await self._require_migration(name)
+
+    async def remove_migration(self, name: str) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM migration_domains WHERE migration = ?", (name,))
+            if conn.execute("DELETE FROM migrations WHERE name = ?", (name,)).rowcount == 0:
+                raise NotFound(queries.no_migration(name))
+            _bump_generation(conn)
+
+        await self._write(work)
+
+    async def apply_transition(self, transition: DomainsTransition) -> list[Domain]:
+        audit = transition.audit
+        actor = audit_actor(audit.actor) if audit is not None else ""
+        events = queries.event_rows(transition.events)
+
+        def work(conn: sqlite3.Connection) -> list[Domain]:
+            name = transition.migration
+            if transition.expect_release_at is not None:
+                row = conn.execute(
+                    "SELECT release_at FROM migrations WHERE name = ?", (name,)
+                ).fetchone()
+                if row is None or row[0] != transition.expect_release_at:
+                    raise Conflict(f"the scheduled release of {name} was changed or done")
+            updated = [
+                _update_domain_row(conn, domain, changes)
+                for domain, changes in transition.changes.items()
+            ]
+            if name is not None and transition.migration_changes is not None:
+                _update_migration_row(conn, name, transition.migration_changes)
+            _insert_events(conn, events)
+            if audit is not None:
+                conn.execute(
+                    "INSERT INTO audit (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
+                    (audit.at, actor, audit.action, audit.target, audit.detail),
+                )
+            return updated
+
+        return await self._write(work)
+
+    async def record_stage_events(self, events: Sequence[StageEvent]) -> None:
+        rows = queries.event_rows(events)
+
+        def work(conn: sqlite3.Connection) -> None:
+            _insert_events(conn, rows)
+
+        if rows:
+            await self._write(work)
+
 
 _OLDEST_SQL = (
     "SELECT min(m.received_at) FROM (SELECT message_seq FROM recipients"
@@ -930,6 +1217,105 @@ _RECENT_SQL = (
     "SELECT count(*) FROM recipients WHERE domain = ? AND state = 'delivered' AND delivered_at >= ?"
 )
 """Deliveries of a domain since a time: a range of the recipients_delivered index."""
+
+
+def _update_domain_row(conn: sqlite3.Connection, name: str, changes: DomainChanges) -> Domain:
+    """Change one domain (a statement of the caller's transaction); NotFound when absent."""
+    sets: list[str] = []
+    values: list[Any] = []
+    if changes.mode is not None:
+        sets.append("mode = ?")
+        values.append(changes.mode.value)
+    if changes.routes is not None:
+        sets.append("routes = ?")
+        values.append(codec.dump_routes(changes.routes))
+    if changes.use_mx is not None:
+        sets.append("use_mx = ?")
+        values.append(int(changes.use_mx))
+    if changes.tls is not None:
+        sets.append("tls = ?")
+        values.append(changes.tls.value)
+    if changes.rate is not None or changes.clear_rate:
+        sets.append("rate = ?")
+        values.append(changes.rate)
+    if changes.profile is not None:
+        sets.append("profile = ?")
+        values.append(changes.profile or None)
+    if changes.released_at is not None:
+        sets.append("released_at = ?")
+        values.append(changes.released_at)
+    if changes.max_size is not None or changes.clear_max_size:
+        sets.append("max_size = ?")
+        values.append(changes.max_size)
+    if changes.subdomains is not None:
+        sets.append("subdomains = ?")
+        values.append(int(changes.subdomains))
+    if changes.plus_separator is not None:
+        sets.append("plus_separator = ?")
+        values.append(changes.plus_separator)
+    sets.append("updated_at = ?")
+    values.append(time.time())
+    cursor = conn.execute(
+        f"UPDATE domains SET {', '.join(sets)} WHERE name = ?", (*values, name.lower())
+    )
+    if cursor.rowcount == 0:
+        raise NotFound(f"no domain {name}; 'mxspool domain list' shows the domains")
+    _bump_generation(conn)
+    row = conn.execute(
+        f"SELECT {codec.DOMAIN_COLUMNS} FROM domains WHERE name = ?", (name.lower(),)
+    ).fetchone()
+    return codec.domain_from_row(row)
+
+
+def _add_members(
+    conn: sqlite3.Connection, migration: str, domains: Sequence[str], now: float
+) -> None:
+    for domain in domains:
+        name = domain.lower()
+        if conn.execute("SELECT 1 FROM domains WHERE name = ?", (name,)).fetchone() is None:
+            raise NotFound(f"no domain {domain}; add it first with 'mxspool domain add {domain}'")
+        other = conn.execute(
+            "SELECT migration FROM migration_domains WHERE domain = ?", (name,)
+        ).fetchone()
+        if other is not None:
+            if other[0] == migration:
+                continue
+            raise Conflict(queries.taken(name, other[0]))
+        conn.execute(
+            "INSERT INTO migration_domains (migration, domain, added_at) VALUES (?, ?, ?)",
+            (migration, name, now),
+        )
+
+
+def _update_migration_row(conn: sqlite3.Connection, name: str, changes: MigrationChanges) -> None:
+    sets = [*queries.migration_sets(changes), ("updated_at", time.time())]
+    cursor = conn.execute(
+        f"UPDATE migrations SET {', '.join(f'{column} = ?' for column, _ in sets)} WHERE name = ?",
+        (*(value for _, value in sets), name),
+    )
+    if cursor.rowcount == 0:
+        raise NotFound(queries.no_migration(name))
+    _bump_generation(conn)
+
+
+def _insert_events(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    conn.executemany(
+        "INSERT INTO stage_events (domain, stage, at, actor, detail, migration) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        rows,
+    )
+
+
+def _record_flush(conn: sqlite3.Connection, domain: str | None) -> None:
+    (generation,) = conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('flush_generation', 1) ON CONFLICT (key)"
+        " DO UPDATE SET value = meta.value + 1 RETURNING value"
+    ).fetchone()
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key)"
+        " DO UPDATE SET value = excluded.value",
+        (f"flush:{domain or FLUSH_ALL}", generation),
+    )
 
 
 def _bump_generation(conn: sqlite3.Connection) -> None:
@@ -963,7 +1349,7 @@ def _accept_row(message: IncomingMessage) -> tuple[Any, ...]:
     return (
         *codec.message_row(message).values(),
         message.body.getvalue(),
-        json.dumps([codec.recipient_row(r) for r in message.envelope.recipients]),
+        json.dumps(codec.accept_recipients(message)),
     )
 
 
@@ -1010,10 +1396,16 @@ def _insert_message(conn: sqlite3.Connection, message: IncomingMessage) -> None:
             for piece in body.chunks(BLOB_CHUNK):
                 blob.write(piece)
     conn.executemany(
-        "INSERT INTO recipients (message_seq, rcpt, domain, params, updated_at) "
-        "VALUES (?, ?, ?, ?, ?)",
+        "INSERT INTO recipients (message_seq, rcpt, domain, params, state, last_reply, "
+        "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
         [
-            (seq, *codec.recipient_row(recipient), message.received_at)
-            for recipient in message.envelope.recipients
+            (
+                seq,
+                *row[:3],
+                row[3] if len(row) > 3 else "pending",
+                row[4] if len(row) > 4 else None,
+                message.received_at,
+            )
+            for row in codec.accept_recipients(message)
         ],
     )

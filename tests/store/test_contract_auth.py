@@ -1,0 +1,57 @@
+"""The store contract of authentication at arrival, on every backend: ``set_authentication``
+stores the Authentication-Results value and its time beside the message (never in its bytes)
+and merges the spf=/dkim=/dmarc= tags; ``unauthenticated`` and ``without_authentication``
+find messages still without a verdict."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from mxspool.store.base import NotFound, Store
+from tests.store.test_contract import put, read_all
+
+VALUE = (
+    "mx.test; spf=pass smtp.mailfrom=sender@src.test; dkim=pass header.d=src.test "
+    "header.s=sel; dmarc=pass header.from=src.test policy.dmarc=reject"
+)
+
+
+async def test_set_authentication_stores_value_time_and_tags(store: Store) -> None:
+    queue_id = await put(store, ["a@relay.test"], data=b"Subject: x\r\n\r\nhi\r\n")
+    fresh = await store.get_message(queue_id)
+    assert fresh is not None and fresh.auth_results is None and fresh.auth_at is None
+    await store.add_tag(queue_id, "probe")
+
+    before = time.time()
+    await store.set_authentication(queue_id, VALUE, ("spf=pass", "dkim=pass", "dmarc=pass"))
+    message = await store.get_message(queue_id)
+    assert message is not None
+    assert message.auth_results == VALUE
+    assert message.auth_at is not None and before - 1 <= message.auth_at <= time.time() + 1
+    assert message.tags == ("probe", "spf=pass", "dkim=pass", "dmarc=pass")
+    assert await read_all(store, queue_id) == b"Subject: x\r\n\r\nhi\r\n"  # bytes untouched
+
+    # A new verdict (recomputed after a crash) replaces the tags of the same name.
+    await store.set_authentication(queue_id, "mx.test; none", ("dkim=none", "dmarc=temperror"))
+    again = await store.get_message(queue_id)
+    assert again is not None and again.auth_results == "mx.test; none"
+    assert again.tags == ("probe", "spf=pass", "dkim=none", "dmarc=temperror")
+
+    with pytest.raises(NotFound):
+        await store.set_authentication("NOSUCHID", VALUE, ())
+
+
+async def test_messages_without_a_verdict_are_found(store: Store) -> None:
+    old = await put(store, ["a@relay.test"], received_at=time.time() - 60)
+    judged = await put(store, ["a@relay.test"], received_at=time.time() - 60)
+    new = await put(store, ["a@relay.test"])
+    await store.set_authentication(judged, VALUE, ("dkim=none",))
+
+    assert await store.unauthenticated([old, judged, new, "NOSUCHID"]) == {old, new}
+    assert await store.unauthenticated([]) == set()
+    # Received before the cut-off and still without a verdict; oldest first; limited.
+    assert await store.without_authentication(time.time() - 30, 10) == [old]
+    assert await store.without_authentication(time.time() + 1, 10) == [old, new]
+    assert await store.without_authentication(time.time() + 1, 1) == [old]
