@@ -105,7 +105,9 @@ async def test_concurrent_claimers_never_share_or_cut_a_message(open_store: Stor
     jobs: dict[str, list[DeliveryJob]] = {"a": [], "b": []}
 
     async def claimer(store: Store, owner: str) -> None:
-        for _ in range(count):  # bounded: each round claims at least one message or stops
+        # A few rounds each: together they take well under half of the messages, so every
+        # claimer finds work whatever order the threads run in (the control below).
+        for _ in range(5):
             got = await store.claim_due(owner, time.time(), LEASE, 7, RELAY)
             if not got:
                 return
