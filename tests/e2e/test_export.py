@@ -86,9 +86,9 @@ def test_mbox_and_eml_zip_are_byte_exact(spooler_factory: Any) -> None:
     raw = mbox_file.read_bytes()
     assert b"\n>From the start" in raw and b"\n>>From already" in raw  # quoted (mboxrd)
     box = mailbox.mbox(mbox_file)
-    messages = [unquote(box.get_bytes(key)) for key in box.keys()]
+    messages = [unquote(box.get_bytes(key)) for key in box.iterkeys()]
     assert messages == [stored[both], stored[plain]]  # once each, byte-exact, in order
-    froms = [box.get_message(key).get_from() for key in box.keys()]
+    froms = [box.get_message(key).get_from() for key in box.iterkeys()]
     assert froms[0].startswith("s@src.test ") and froms[1].startswith("MAILER-DAEMON ")
     assert other not in raw.decode("latin-1")
 
