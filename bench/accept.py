@@ -100,6 +100,8 @@ class RunResult:
     cpu_workers: float | None = None
     """CPU seconds of serve's child processes (authentication workers), per message."""
     verdict_lag: float | None = None
+    cpu_serve_burst: float | None = None
+    """CPU seconds of serve itself while smtp-source ran (the burst), per message."""
 
 
 @dataclass
@@ -231,14 +233,17 @@ def run_mxspool(case: Case, run: int, store_url: str | None, system: str = "mxsp
             timeout=case.run_timeout(),
             message_file=_message_file(case),
         )
+        burst_serve, _burst_workers = servercpu.used(cpu_before, servercpu.snapshot(server.pid))
         lag = None
         sqlite = server.store_url.removeprefix("sqlite:///")
         if not off and AUTH["mode"] != "off" and not server.persistent_store:
             lag = servercpu.wait_for_verdicts(sqlite)
+        servercpu.settle(server.pid)
         serve_cpu, workers_cpu = servercpu.used(cpu_before, servercpu.snapshot(server.pid))
         stored = server.held_count() - before
         rr = judge(system, case, run, res.ok, res.output, res.elapsed, stored)
         rr.cpu_serve, rr.cpu_workers = serve_cpu / case.messages, workers_cpu / case.messages
+        rr.cpu_serve_burst = burst_serve / case.messages
         rr.verdict_lag = lag
         if lag is not None:
             rr.note = f"verdict lag {lag:.1f}s"
@@ -387,7 +392,13 @@ def report(results: list[CaseResult], systems: list[str], runs: int) -> str:
             runs_text = ", ".join(f"{(c[0] + c[1]) * 1000:.2f}" for c in cpu)
             lags = [r.verdict_lag for r in cr.runs[system] if r.verdict_lag is not None]
             lag = f"{median(lags):.1f}" if lags else "-"
-            row = [cr.case.label, system, f"{total:.2f}", f"{serve:.2f}", f"{workers:.2f}"]
+            bursts = [
+                r.cpu_serve_burst * 1000
+                for r in cr.runs[system]
+                if r.rate is not None and r.cpu_serve_burst is not None
+            ]
+            burst = f"{median(bursts) or 0.0:.2f}" if bursts else "-"
+            row = [cr.case.label, system, f"{total:.2f}", f"{serve:.2f}", burst, f"{workers:.2f}"]
             cpu_rows.append([*row, lag, runs_text])
     if cpu_rows:
         cpu_headers = [
@@ -395,6 +406,7 @@ def report(results: list[CaseResult], systems: list[str], runs: int) -> str:
             "system",
             "CPU ms/msg",
             "serve",
+            "serve in burst",
             "workers",
             "verdict lag s",
             "runs (ms/msg)",

@@ -4,7 +4,9 @@ processes (the authentication workers) over one run, with psutil (an mxspool dep
 With authentication on, the verdicts may still be computed after smtp-source has finished
 (the workers run under SCHED_IDLE, and a burst is left to the background pass), so
 ``wait_for_verdicts`` waits (bounded) until every message of a SQLite spool has its verdict
-before the CPU is read: the figure then covers all the work the messages caused.
+before the CPU is read, and then (``settle``) until serve is quiet, with authentication on or
+off: the figure then covers all the work the messages caused (the checkpoint of the burst's
+WAL too).
 """
 
 from __future__ import annotations
@@ -56,6 +58,23 @@ def wait_for_verdicts(db_path: str, timeout: float = 300.0) -> float | None:
             return time.monotonic() - started
         time.sleep(0.1)
     return None
+
+
+def settle(pid: int, timeout: float = 15.0, quiet: float = 0.005) -> float:
+    """Seconds until serve and its children use less than ``quiet`` CPU seconds in half a
+    second (the burst's WAL checkpoint, the verdicts' writes done), at most ``timeout``: both
+    systems' figures then cover the work their messages caused, not only what was done by the
+    time smtp-source (or the last verdict) ended."""
+    started = time.monotonic()
+    last = snapshot(pid)
+    while time.monotonic() - started < timeout:
+        time.sleep(0.5)
+        now = snapshot(pid)
+        serve, children = used(last, now)
+        if serve + children < quiet:
+            break
+        last = now
+    return time.monotonic() - started
 
 
 def wait_for_worker(log: Path, timeout: float = 60.0) -> None:

@@ -10,39 +10,47 @@ bytes are never changed.
 Where it runs, and what it costs the intake:
 
 - MAIL FROM: the SPF check starts in a thread (``intake.spf``), while DATA arrives.
-- The commit: the 250 goes out first; then the message bytes the listener still holds (memory,
-  or its spill file, whose ownership passes here) are checked: the TXT names the message needs
-  (its DKIM keys, its DMARC records: ``authcheck.names_needed``, ~10 us) are looked up in a
-  cache here (per TTL). The common case, every name cached and the bytes in memory, takes no
-  task of its own: the messages submitted in one turn of the event loop go to the workers
-  together (``_dispatch``) and one task collects their verdicts. Otherwise (a name to resolve,
-  a spilled body) the message gets its own task, which resolves the names in a thread. DKIM
-  verification and the DMARC record run in a verification worker PROCESS
-  (``intake.authpool``, ``intake.authwork``): dkimpy's parsing and canonicalization are pure
-  Python, ~0.5 ms a message, and in a thread they took the GIL from the event loop that
-  accepts mail. The workers run under SCHED_IDLE (``authwork.lower_priority``): they use only
-  CPU time the intake leaves idle, so a burst of mail is accepted first and the verdicts catch
-  up right after (beyond ``max_in_flight``, through the background pass below). Back here,
-  SPF's result is collected (a cached one costs nothing), DMARC aligned (microseconds), and
-  the verdicts written in one store transaction per ``WRITE_DELAY`` (``set_authentications``;
-  the Authentication-Results value formatted once per distinct verdict,
-  ``authcheck.HEADER_CACHE``). The 250 never waits on any of it. Cost to the intake, 10 KiB
-  DKIM-signed messages: ~0.1-0.2 ms of serve's CPU a message, plus ~0.5 ms in a worker.
+- The commit: the 250 goes out first; then the message goes to a verification worker PROCESS
+  (``intake.authpool``, ``intake.authwork``), which runs DKIM verification and reads the DMARC
+  record: dkimpy's parsing and canonicalization are pure Python, ~0.5 ms a 10 KiB message
+  (~1.4 ms at 100 KiB), and in a thread they took the GIL from the event loop that accepts
+  mail. On a SQLite store only the message's id goes: the worker reads the committed bytes
+  from the store itself and resolves the names the message needs with its own cache, so no
+  message byte passes through the intake (pickling, the executor's threads, a pipe: that cost
+  ~0.1-0.3 ms of serve's CPU a message). On PostgreSQL the intake sends the bytes it still
+  holds (memory, or its spill file, whose ownership passes here) with the records of the
+  names needed (``authcheck.names_needed``, ~10 us; cached here per TTL; a name not cached,
+  or a spilled body, gives the message its own task, which resolves them in a thread). The
+  messages submitted in one turn of the event loop go to the workers together
+  (``_dispatch``) and one task collects their verdicts. The workers run under SCHED_IDLE
+  (``authwork.lower_priority``), and on SQLite the messages wait here while more keep
+  arriving (``WorkerPool.arrived``, ``WorkerPool.wait``: ``authpool.IDLE_GAP``, at most half
+  of ``timeout``), and only then get their jobs: a burst of mail is accepted
+  first, at the rate it has with authentication off, and the verdicts follow right after it
+  (``bench/accept.py``: ~3 s after a 5000-message burst). (On PostgreSQL their bytes would
+  wait, and beyond ``max_in_flight`` go to the background pass: there the workers only have
+  SCHED_IDLE.)
+  Back here, SPF's result is collected (a cached one costs nothing), DMARC aligned
+  (microseconds), and the verdicts written in one store transaction per ``WRITE_DELAY``
+  (``set_authentications``; the Authentication-Results value formatted once per distinct
+  verdict, ``authcheck.HEADER_CACHE``). The 250 never waits on any of it. Cost to the intake:
+  ~0.1 ms of serve's CPU a message (10 or 100 KiB, DKIM-signed), plus the worker's time.
 - DNS budget: ``timeout`` seconds of DNS time per message (the names before the worker, SPF on
   its own from MAIL FROM), counted from when its check starts, not from its arrival: a backlog
   never turns into temperror. ``temperror`` means DNS trouble (or a worker that died twice on
   the message), nothing else.
-- Overload: at most ``max_in_flight`` messages are being checked (their bytes held here). A
-  message beyond that is not judged now: its verdict stays empty (NULL) and a background pass
-  (``run``) picks such messages up from the store, oldest first, in batches of
-  ``CATCH_UP_BATCH`` (their envelopes read concurrently, bodies up to ``SMALL_READ`` in one
-  query), as soon as the checks in flight are down to half the limit; from the start, alongside
-  the recovery's wait. The same pass runs every ``SWEEP_INTERVAL`` seconds (a verdict whose
-  write failed) and, once, ``timeout`` after start: what a crash or shutdown left without a
-  verdict.
-- Sustained overload trade-off: under SCHED_IDLE the workers may get no CPU while the intake
-  is saturated; then verdicts wait, and mail for a relaying domain leaves ``timeout`` (plus a
-  second) after its arrival without one (``delivery.authgate`` logs each; the ARC seal says
+- Overload: at most ``max_in_flight`` messages are being checked (their bytes held here; on
+  SQLite only their ids, so ``IDS_PER_MESSAGE`` times as many). A message beyond that is not
+  judged now: its verdict stays empty (NULL) and a background pass (``run``) picks such
+  messages up from the store, oldest first, in batches of ``CATCH_UP_BATCH`` (their envelopes
+  read concurrently; on PostgreSQL bodies up to ``SMALL_READ`` in one query), as soon as the
+  checks in flight are down to half the limit; from the start, alongside the recovery's wait.
+  The same pass runs every ``SWEEP_INTERVAL`` seconds (a verdict whose write failed) and,
+  once, ``timeout`` after start: what a crash or shutdown left without a verdict.
+- Sustained overload trade-off: a message waits half of ``timeout`` at most for a pause in
+  the arrivals; under SCHED_IDLE the workers may still get no CPU while the intake is saturated;
+  then verdicts wait, and mail for a relaying domain leaves ``timeout`` (plus a second) after
+  its arrival without one (``delivery.authgate`` logs each; the ARC seal says
   so; its verdict is stored when it comes). Held mail is unaffected.
   It looks at the newest ``queries.RECENT_SCAN`` messages only, and leaves the last ``GRACE``
   seconds' arrivals to the node that took them (several nodes on one store: at worst a message
@@ -69,11 +77,12 @@ from dataclasses import dataclass
 from mxspool import metrics
 from mxspool.body import BodyBuffer
 from mxspool.config import Config
-from mxspool.intake import authcheck, authdns, authwork
+from mxspool.intake import authcheck, authdns, authpool, authwork
 from mxspool.intake.authcheck import DkimResult, DmarcResult, Verdict
 from mxspool.intake.authpool import WorkerFailed, WorkerPool
 from mxspool.intake.spf import SpfCheck, SpfChecker
 from mxspool.store.base import IncomingMessage, Store, StoredMessage, StoreError
+from mxspool.store.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +95,10 @@ MAX_IN_FLIGHT = 1024
 """Messages being checked at once; beyond this a message is left to the background pass."""
 WRITE_DELAY = 0.01
 """Verdicts computed within this many seconds are written together."""
+IDS_PER_MESSAGE = 16
+"""On a SQLite store a message being checked is only its id here until a worker reads it: that
+many times ``max_in_flight`` of them may be in flight (a burst waits for its verdicts here,
+not in the store for the background pass, which costs the intake more)."""
 CATCH_UP_BATCH = 200
 """Messages the background pass reads from the store and checks at a time."""
 SWEEP_INTERVAL = 30.0
@@ -135,7 +148,12 @@ class Authenticator:
         self.max_in_flight = max_in_flight
         self.spf = SpfChecker(resolver=resolver, check_private=check_private, timeout=timeout)
         self._nameserver = resolver
-        self.pool = WorkerPool(workers, nameserver=resolver, nice=nice)
+        self.pool = WorkerPool(workers, nameserver=resolver, nice=nice, hold_max=timeout / 2)
+        self._database = str(store.path) if isinstance(store, SqliteStore) else ""
+        """A SQLite store's path: workers read the messages from it (``authwork.read_stored``)."""
+        self._limit = max_in_flight * (IDS_PER_MESSAGE if self._database else 1)
+        """Messages being checked at once, at most (``max_in_flight``, or more when only their
+        ids are held here)."""
         self._threads = concurrent.futures.ThreadPoolExecutor(
             DNS_THREADS, thread_name_prefix="auth-dns"
         )
@@ -148,8 +166,11 @@ class Authenticator:
         self._deferred = asyncio.Event()
         self._writes: set[asyncio.Future[None]] = set()
         self._batch: list[tuple[str, Verdict, float]] = []
-        self._ready: list[tuple[_Work, authwork.Job]] = []
-        """Messages whose records were all cached, for the next ``_dispatch``."""
+        self._ready: list[tuple[_Work, authwork.Job | None]] = []
+        """Messages whose records were all cached, for the next ``_dispatch``; a message of the
+        SQLite store without its job yet (made when it goes)."""
+        self._release: asyncio.TimerHandle | None = None
+        self._held_since = 0.0
         self._flush_timer: asyncio.TimerHandle | None = None
         self._closed = False
         self.recovered = 0
@@ -184,19 +205,26 @@ class Authenticator:
         Takes the message's body: it is closed once read. Call on the event loop.
         """
         body = message.body
+        if self._database:  # (on PostgreSQL the bytes wait here: max_in_flight would be hit)
+            self.pool.arrived()
         if message.id in self._pending or self._closed:  # the background pass was first
             body.close()
             return
-        if self._in_flight >= self.max_in_flight:
+        if self._in_flight >= self._limit:
             body.close()
             self._defer(message.id)
             return
         future = spf_check.future if spf_check is not None else None
+        mail_from = message.envelope.mail_from
+        if self._database:  # the worker reads the committed bytes: nothing held here
+            body.close()
+            work = _Work(message.id, None, None, body.size, future, mail_from, time.perf_counter())
+            self._ready_stored(work)
+            return
         data = body.getvalue()
         if data is not None:
             body.close()  # the bytes stay referenced here; no copy
         spilled = body if data is None else None
-        mail_from = message.envelope.mail_from
         work = _Work(message.id, data, spilled, body.size, future, mail_from, time.perf_counter())
         if data is not None:
             records = self._cached(authcheck.names_needed(data))
@@ -210,6 +238,29 @@ class Authenticator:
                 return
         self._check(work)
 
+    def _ready_stored(self, work: _Work) -> None:
+        """A message of the SQLite store (its id is its job), held here while messages keep
+        arriving (``WorkerPool.wait``): during a burst it costs the intake only this."""
+        self._enter(work)
+        self._ready.append((work, None))
+        if self._release is None:
+            self._held_since = time.monotonic()
+            loop = asyncio.get_running_loop()
+            self._release = loop.call_later(authpool.IDLE_GAP, self._release_held)
+
+    def _release_held(self) -> None:
+        wait = self.pool.wait(self._held_since)
+        if wait > 0:
+            self._release = asyncio.get_running_loop().call_later(wait, self._release_held)
+            return
+        self._release = None
+        self._dispatch()
+
+    def _job(self, work: _Work) -> authwork.Job:
+        return authwork.Job(
+            None, None, work.size, {}, self.timeout, work.message_id, self._database
+        )
+
     def _dispatch(self) -> asyncio.Task[None] | None:
         """The messages submitted since the last call go to the workers together, and one task
         collects their verdicts (a task per message cost the intake more than the rest)."""
@@ -220,7 +271,7 @@ class Authenticator:
             for work, _job in ready:
                 self._leave(work, stored=False)
             return None
-        futures = self.pool.submit([job for _work, job in ready])
+        futures = self.pool.submit([job or self._job(work) for work, job in ready])
         works = [work for work, _job in ready]
         task = asyncio.get_running_loop().create_task(self._judge_batch(works, futures))
         self._checks.add(task)
@@ -236,8 +287,15 @@ class Authenticator:
                 stored = False
                 try:
                     try:
-                        outcome = await future
-                        verdict = await self._combine(work, outcome)
+                        # Without an await when done (most are, by now): a coroutine a message
+                        # was a good part of the intake's cost.
+                        outcome = future.result() if future.done() else await future
+                        spf_future = work.spf_future
+                        if spf_future is None or spf_future.done():
+                            spf = self._spf_done(spf_future)
+                        else:
+                            spf = await self._spf_result(spf_future)
+                        verdict = self._combined(work, outcome, spf)
                     except WorkerFailed as exc:
                         if self._closed:
                             continue  # shutting down: judged by the pass at the next start
@@ -268,7 +326,7 @@ class Authenticator:
         if not stored:
             self._pending.discard(work.message_id)
         self._in_flight -= 1
-        if self._in_flight <= self.max_in_flight // 2:
+        if self._in_flight <= self._limit // 2:
             self._room.set()
 
     def _defer(self, message_id: str) -> None:
@@ -276,7 +334,7 @@ class Authenticator:
             log.warning(
                 "more than %d messages being authenticated; %s and others get their verdict "
                 "from the background pass",
-                self.max_in_flight,
+                self._limit,
                 message_id,
             )
         self.deferred += 1
@@ -328,7 +386,9 @@ class Authenticator:
 
     async def _combine(self, work: _Work, outcome: authwork.Outcome) -> Verdict:
         """The worker's outcome with SPF's result (usually in already): DMARC aligned."""
-        spf = await self._spf_result(work.spf_future)
+        return self._combined(work, outcome, await self._spf_result(work.spf_future))
+
+    def _combined(self, work: _Work, outcome: authwork.Outcome, spf: str | None) -> Verdict:
         dmarc = authcheck.dmarc_verdict(outcome.dmarc, spf, work.mail_from, outcome.dkim)
         return Verdict(spf, work.mail_from, outcome.dkim, dmarc)
 
@@ -344,6 +404,13 @@ class Authenticator:
                 return "temperror"
             except Exception:
                 return "temperror"
+        return self._spf_done(future)
+
+    @staticmethod
+    def _spf_done(future: concurrent.futures.Future[str] | None) -> str | None:
+        """SPF's result from its finished check."""
+        if future is None:
+            return None
         if future.cancelled() or future.exception() is not None:
             return "temperror"
         return future.result()
@@ -491,11 +558,11 @@ class Authenticator:
         total = 0
         checks: list[asyncio.Future[None]] = []
         while not self._closed:
-            while self._in_flight > self.max_in_flight // 2:
+            while self._in_flight > self._limit // 2:
                 await self._room.wait()
             limit = CATCH_UP_BATCH + len(self._pending)
             ids = await self.store.without_authentication(before, limit)
-            room = max(1, min(CATCH_UP_BATCH, self.max_in_flight - self._in_flight))
+            room = max(1, min(CATCH_UP_BATCH, self._limit - self._in_flight))
             fresh = [mid for mid in ids if mid not in self._pending][:room]
             if not fresh:
                 break
@@ -511,8 +578,10 @@ class Authenticator:
         small bodies in one query); how many were started. Their checks go to ``checks``."""
         found = await asyncio.gather(*(self.store.get_message(mid) for mid in ids))
         messages = [m for m in found if m is not None]
+        if self._database:  # the workers read the bytes
+            return self._check_stored_by_id(messages, checks)
         small = await self.store.read_small_bodies([m.id for m in messages], SMALL_READ)
-        ready: list[tuple[_Work, authwork.Job]] = []
+        ready: list[tuple[_Work, authwork.Job | None]] = []
         started = 0
         for message in messages:
             if message.id in self._pending:
@@ -541,6 +610,26 @@ class Authenticator:
                 checks.append(batch)
         return started
 
+    def _check_stored_by_id(
+        self, messages: list[StoredMessage], checks: list[asyncio.Future[None]]
+    ) -> int:
+        started = 0
+        for message in messages:
+            if message.id in self._pending:
+                continue
+            check = self.spf.start(message.client.address, message.mail_from, message.client.helo)
+            future = check.future if check is not None else None
+            work = _Work(
+                message.id, None, None, message.size, future, message.mail_from, time.perf_counter()
+            )
+            self._enter(work)
+            self._ready.append((work, None))
+            started += 1
+        batch = self._dispatch()
+        if batch is not None:
+            checks.append(batch)
+        return started
+
     async def _stored_bytes(self, message: StoredMessage) -> bytes:
         """The stored bytes; only the first piece (the header) when too large for DKIM."""
         pieces = []
@@ -554,6 +643,9 @@ class Authenticator:
         """Stop checking (messages not yet judged get theirs from the pass at the next start);
         ``drain`` then writes what was computed and waits for the workers to exit."""
         self._closed = True
+        if self._release is not None:
+            self._release.cancel()
+            self._release = None
         for task in self._checks:
             task.cancel()
         self.pool.close()

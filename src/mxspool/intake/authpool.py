@@ -7,8 +7,18 @@ intake itself, which has threads and an event loop that a forked child must not 
 one), each under SCHED_IDLE (``authwork.lower_priority``): they run only on CPU time the
 intake leaves idle.
 
+Jobs wait while the intake is busy: while a new message arrived (``arrived``, which the
+intake calls on a SQLite store; it also holds its messages' jobs until ``wait`` says so) less
+than ``IDLE_GAP`` seconds ago, unless the oldest job has waited ``hold_max`` seconds. SCHED_IDLE
+alone was not enough: a worker still ran in the gaps of a burst, on the other hardware thread
+of the intake's core or between its wake-ups, and cost 15-25% of the accept rate (measured
+with ``bench/accept.py``). So a burst is accepted first and verified right after it; a
+steady trickle of mail, which leaves such gaps all the time, is verified at once.
+
 Jobs go in batches (``authwork.verify_many``): while ``size`` + 1 batches are with the
-workers, new jobs wait here and leave together as the next batch (at most ``BATCH_MAX``). A
+workers, new jobs wait here and leave together as the next batch (at most ``BATCH_MAX``); the
+intake's idleness is checked again before each batch, so a new burst stops the flow within a
+batch. A
 round trip to a worker costs the intake ~0.1 ms of CPU (pickling, the executor's threads, the
 wake-up of the event loop); under load it is shared by the batch, and an idle intake sends
 each job at once.
@@ -30,6 +40,7 @@ import concurrent.futures
 import logging
 import multiprocessing
 import os
+import time
 from concurrent.futures.process import BrokenProcessPool
 
 from mxspool import metrics
@@ -41,6 +52,13 @@ STOP_TIMEOUT = 5.0
 """Seconds ``stopped`` waits for a busy worker to finish before killing it."""
 BATCH_MAX = 32
 """Jobs sent to a worker in one round trip, at most."""
+IDLE_GAP = 0.02
+"""Seconds without a new message (``arrived``) after which the intake counts as idle and queued
+jobs go to the workers."""
+HOLD_MAX = 5.0
+"""Seconds a job waits for the intake to be idle, at most; then it goes regardless (the
+intake passes half its ``authentication_timeout``: a relayed message, which waits that long
+plus a second for its verdict, still leaves that half for the verification)."""
 
 
 class WorkerFailed(Exception):
@@ -55,8 +73,16 @@ def default_size() -> int:
 class WorkerPool:
     """Verification worker processes; see the module docstring."""
 
-    def __init__(self, size: int = 0, *, nameserver: str = "", nice: int = authwork.NICE) -> None:
+    def __init__(
+        self,
+        size: int = 0,
+        *,
+        nameserver: str = "",
+        nice: int = authwork.NICE,
+        hold_max: float = HOLD_MAX,
+    ) -> None:
         self.size = size if size > 0 else default_size()
+        self.hold_max = hold_max
         self._nameserver = nameserver
         self._nice = nice
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
@@ -66,6 +92,8 @@ class WorkerPool:
         self._pids: set[int] = set()
         self._queue: list[_Queued] = []
         self._outstanding = 0
+        self._arrived = 0.0
+        self._timer: asyncio.TimerHandle | None = None
         self.restarts = 0
         """Times the pool was rebuilt after a worker died."""
 
@@ -119,8 +147,27 @@ class WorkerPool:
         self._pump()
         return futures
 
+    def arrived(self) -> None:
+        """A message arrived (the intake is busy): queued jobs wait for a pause, see above."""
+        self._arrived = time.monotonic()
+
+    def wait(self, oldest: float) -> float:
+        """Seconds until jobs the oldest of which was queued at ``oldest`` (``time.monotonic``)
+        may go to the workers (0: now)."""
+        now = time.monotonic()
+        return max(0.0, min(self._arrived + IDLE_GAP - now, oldest + self.hold_max - now))
+
+    def _timed_pump(self) -> None:
+        self._timer = None
+        self._pump()
+
     def _pump(self) -> None:
         while self._queue and self._outstanding <= self.size:
+            wait = self.wait(self._queue[0].queued)
+            if wait > 0:  # the timer checks again (a later arrival postpones it once more)
+                if self._timer is None:
+                    self._timer = asyncio.get_running_loop().call_later(wait, self._timed_pump)
+                return
             if self._queue[0].retried:
                 batch = [self._queue.pop(0)]
             else:
@@ -221,6 +268,9 @@ class WorkerPool:
     def close(self) -> None:
         """No more jobs; queued ones are cancelled. ``stopped`` waits for the workers."""
         self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         queued, self._queue = self._queue, []
         for item in queued:
             if not item.future.done():
@@ -237,12 +287,13 @@ class WorkerPool:
 
 
 class _Queued:
-    __slots__ = ("future", "job", "retried")
+    __slots__ = ("future", "job", "queued", "retried")
 
     def __init__(self, job: authwork.Job, future: asyncio.Future[authwork.Outcome]) -> None:
         self.job = job
         self.future = future
         self.retried = False
+        self.queued = time.monotonic()
 
 
 def _end(processes: list[multiprocessing.process.BaseProcess]) -> None:
