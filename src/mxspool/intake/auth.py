@@ -14,22 +14,23 @@ Where it runs, and what it costs the intake:
   (``intake.authpool``, ``intake.authwork``), which runs DKIM verification and reads the DMARC
   record: dkimpy's parsing and canonicalization are pure Python, ~0.5 ms a 10 KiB message
   (~1.4 ms at 100 KiB), and in a thread they took the GIL from the event loop that accepts
-  mail. On a SQLite store only the message's id goes: the worker reads the committed bytes
-  from the store itself and resolves the names the message needs with its own cache, so no
+  mail. On a SQLite or PostgreSQL store only the message's id goes: the worker reads the
+  committed bytes from the store itself (its own read-only SQLite connection, or its own
+  PostgreSQL connection) and resolves the names the message needs with its own cache, so no
   message byte passes through the intake (pickling, the executor's threads, a pipe: that cost
-  ~0.1-0.3 ms of serve's CPU a message). On PostgreSQL the intake sends the bytes it still
-  holds (memory, or its spill file, whose ownership passes here) with the records of the
+  ~0.1-0.3 ms of serve's CPU a message). For any other store the intake sends the bytes it
+  still holds (memory, or its spill file, whose ownership passes here) with the records of the
   names needed (``authcheck.names_needed``, ~10 us; cached here per TTL; a name not cached,
   or a spilled body, gives the message its own task, which resolves them in a thread). The
   messages submitted in one turn of the event loop go to the workers together
   (``_dispatch``) and one task collects their verdicts. The workers run under SCHED_IDLE
-  (``authwork.lower_priority``), and on SQLite the messages wait here while more keep
+  (``authwork.lower_priority``), and when only ids go the messages wait here while more keep
   arriving (``WorkerPool.arrived``, ``WorkerPool.wait``: ``authpool.IDLE_GAP``, at most half
   of ``timeout``), and only then get their jobs: a burst of mail is accepted
   first, at the rate it has with authentication off, and the verdicts follow right after it
-  (``bench/accept.py``: ~3 s after a 5000-message burst). (On PostgreSQL their bytes would
-  wait, and beyond ``max_in_flight`` go to the background pass: there the workers only have
-  SCHED_IDLE.)
+  (``bench/accept.py``: ~3 s after a 5000-message burst). (Where bytes are sent they would
+  wait here, and beyond ``max_in_flight`` go to the background pass: there the workers only
+  have SCHED_IDLE.)
   Back here, SPF's result is collected (a cached one costs nothing), DMARC aligned
   (microseconds), and the verdicts written in one store transaction per ``WRITE_DELAY``
   (``set_authentications``; the Authentication-Results value formatted once per distinct
@@ -40,10 +41,11 @@ Where it runs, and what it costs the intake:
   never turns into temperror. ``temperror`` means DNS trouble (or a worker that died twice on
   the message), nothing else.
 - Overload: at most ``max_in_flight`` messages are being checked (their bytes held here; on
-  SQLite only their ids, so ``IDS_PER_MESSAGE`` times as many). A message beyond that is not
-  judged now: its verdict stays empty (NULL) and a background pass (``run``) picks such
-  messages up from the store, oldest first, in batches of ``CATCH_UP_BATCH`` (their envelopes
-  read concurrently; on PostgreSQL bodies up to ``SMALL_READ`` in one query), as soon as the
+  SQLite and PostgreSQL only their ids, so ``IDS_PER_MESSAGE`` times as many). A message
+  beyond that is not judged now: its verdict stays empty (NULL) and a background pass
+  (``run``) picks such messages up from the store, oldest first, in batches of
+  ``CATCH_UP_BATCH`` (their envelopes read concurrently; on PostgreSQL bodies up to
+  ``SMALL_READ`` in one query), as soon as the
   checks in flight are down to half the limit; from the start, alongside the recovery's wait.
   The same pass runs every ``SWEEP_INTERVAL`` seconds (a verdict whose write failed) and,
   once, ``timeout`` after start: what a crash or shutdown left without a verdict.
@@ -96,9 +98,9 @@ MAX_IN_FLIGHT = 1024
 WRITE_DELAY = 0.01
 """Verdicts computed within this many seconds are written together."""
 IDS_PER_MESSAGE = 16
-"""On a SQLite store a message being checked is only its id here until a worker reads it: that
-many times ``max_in_flight`` of them may be in flight (a burst waits for its verdicts here,
-not in the store for the background pass, which costs the intake more)."""
+"""On a SQLite or PostgreSQL store a message being checked is only its id here until a worker
+reads it: that many times ``max_in_flight`` of them may be in flight (a burst waits for its
+verdicts here, not in the store for the background pass, which costs the intake more)."""
 CATCH_UP_BATCH = 200
 """Messages the background pass reads from the store and checks at a time."""
 SWEEP_INTERVAL = 30.0
@@ -127,6 +129,17 @@ class _Work:
     started: float = 0.0
 
 
+def _readable_by_workers(store: Store) -> str:
+    """Where a worker process can read ``store``'s committed messages by id: a SQLite file's
+    path, a PostgreSQL URL (the worker opens its own connection); "" when it cannot."""
+    if isinstance(store, SqliteStore):
+        return str(store.path)
+    url = getattr(store, "url", None)
+    if isinstance(url, str) and url.startswith(authwork.POSTGRES_SCHEMES):
+        return url
+    return ""
+
+
 class Authenticator:
     """Checks every accepted message; see the module docstring."""
 
@@ -149,8 +162,9 @@ class Authenticator:
         self.spf = SpfChecker(resolver=resolver, check_private=check_private, timeout=timeout)
         self._nameserver = resolver
         self.pool = WorkerPool(workers, nameserver=resolver, nice=nice, hold_max=timeout / 2)
-        self._database = str(store.path) if isinstance(store, SqliteStore) else ""
-        """A SQLite store's path: workers read the messages from it (``authwork.read_stored``)."""
+        self._database = _readable_by_workers(store)
+        """A SQLite store's path or a PostgreSQL store's URL: workers read the messages from
+        it (``authwork.read_stored``); "" for any other store (the bytes are sent)."""
         self._limit = max_in_flight * (IDS_PER_MESSAGE if self._database else 1)
         """Messages being checked at once, at most (``max_in_flight``, or more when only their
         ids are held here)."""
@@ -205,7 +219,7 @@ class Authenticator:
         Takes the message's body: it is closed once read. Call on the event loop.
         """
         body = message.body
-        if self._database:  # (on PostgreSQL the bytes wait here: max_in_flight would be hit)
+        if self._database:  # (with the bytes held here instead, max_in_flight would be hit)
             self.pool.arrived()
         if message.id in self._pending or self._closed:  # the background pass was first
             body.close()

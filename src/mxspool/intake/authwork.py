@@ -36,6 +36,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from mxspool.intake import authcheck, authdns
 from mxspool.intake.authcheck import DkimResult, DmarcPolicy
@@ -125,8 +126,8 @@ def verify(job: Job) -> Outcome:
     elif data is None:
         try:
             data = read_stored(job.database, job.message_id)
-        except sqlite3.Error as exc:
-            _connections.pop(job.database, None)
+        except Exception as exc:  # sqlite3.Error, psycopg.Error: the store, not the message
+            _forget(job.database)
             return _unreadable(f"store not readable: {exc}", started)
         if data is None:  # gone (deleted) before its check: no verdict to store anyway
             return _unreadable("message gone", started)
@@ -149,11 +150,54 @@ def ready() -> int:
 
 _connections: dict[str, sqlite3.Connection] = {}
 """The worker's read-only connection to each SQLite store it has read from."""
+_pg_connections: dict[str, Any] = {}
+"""The worker's connection to each PostgreSQL store it has read from (psycopg, imported only
+here: the postgres extra is installed whenever such a store is configured)."""
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def _forget(database: str) -> None:
+    """Drop a connection that failed; the next message opens a new one."""
+    _connections.pop(database, None)
+    conn = _pg_connections.pop(database, None)
+    if conn is not None:
+        try:
+            conn.close()
+        except Exception:  # already broken; nothing more to do
+            pass
+
+
+def _read_postgres(url: str, message_id: str) -> bytes | None:
+    """A committed message's bytes from the PostgreSQL store at ``url``: its chunks in order,
+    up to MAX_DKIM_SIZE + 1 bytes; None when it is gone."""
+    import psycopg  # the postgres extra: only a PostgreSQL store gets here
+
+    conn = _pg_connections.get(url)
+    if conn is None:
+        conn = psycopg.connect(url, autocommit=True, application_name="mxspool-auth")
+        _pg_connections[url] = conn
+    limit = authcheck.MAX_DKIM_SIZE + 1
+    rows = conn.execute(
+        "SELECT b.data FROM messages m JOIN bodies b ON b.message_seq = m.seq"
+        " WHERE m.id = %s ORDER BY b.chunk",
+        (message_id,),
+    ).fetchall()
+    if not rows:
+        return None
+    data = bytearray()
+    for (chunk,) in rows:
+        data += chunk
+        if len(data) >= limit:
+            break
+    return bytes(data[:limit])
 
 
 def read_stored(database: str, message_id: str) -> bytes | None:
-    """A committed message's bytes from the SQLite store at ``database`` (up to
-    MAX_DKIM_SIZE + 1), or None when it is gone. Raises sqlite3.Error."""
+    """A committed message's bytes from the store at ``database`` (a SQLite file's path, or a
+    PostgreSQL URL), up to MAX_DKIM_SIZE + 1, or None when it is gone. Raises the driver's
+    error when the store cannot be read."""
+    if database.startswith(POSTGRES_SCHEMES):
+        return _read_postgres(database, message_id)
     conn = _connections.get(database)
     if conn is None:
         conn = sqlite3.connect(
