@@ -118,12 +118,27 @@ async def test_read_stored_and_a_message_gone(store: SqliteStore, dns: DnsServer
     assert [(r.result, r.reason) for r in gone.dkim] == [("temperror", "message gone")]
 
 
+ARRIVAL_GAP = 0.005
+"""Seconds between the simulated arrivals (well under ``authpool.IDLE_GAP``)."""
+
+
 async def _arriving(pool: authpool.WorkerPool, seconds: float, until: asyncio.Future[Any]) -> None:
-    """Messages keep arriving (every 5 ms) for ``seconds``, or until ``until`` is done."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end and not until.done():
-        pool.arrived()
-        await asyncio.sleep(0.005)  # the pace of the arrivals, not a wait for something
+    """Messages keep arriving (a timer calls ``arrived`` every ARRIVAL_GAP, as the intake's
+    sessions would) until ``until`` is done, waiting for that at most ``seconds``."""
+    loop = asyncio.get_running_loop()
+    timer: list[asyncio.TimerHandle] = []
+
+    def arrive() -> None:
+        if not until.done():
+            pool.arrived()
+            timer[:] = [loop.call_later(ARRIVAL_GAP, arrive)]
+
+    arrive()
+    try:
+        await asyncio.wait([until], timeout=seconds)
+    finally:
+        for handle in timer:
+            handle.cancel()
 
 
 async def test_jobs_wait_while_messages_arrive(dns: DnsServer) -> None:

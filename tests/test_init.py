@@ -3,7 +3,9 @@ secrets private, and are never overwritten."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import smtplib
 import ssl
 import stat
@@ -20,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from mxspool.admin import check_config
 from mxspool.admin.auth import load_tokens
 from mxspool.cli import cli
-from mxspool.config import load_config
+from mxspool.config import load_config, split_host_port
 from tests.conftest import MXSPOOL, free_ports, wait_for_port
 from tests.waiting import wait_until
 
@@ -120,9 +122,17 @@ def test_the_starter_runs_a_node(tmp_path: Path) -> None:
     smtp_port, admin_port = free_ports(2)
     path = etc / "mxspool.toml"
     text = path.read_text()
-    text = text.replace('listen = ["0.0.0.0:25", "[::]:25"]', f'listen = ["127.0.0.1:{smtp_port}"]')
+    # The starter's public SMTP listen line (every address, port 25) becomes one loopback port.
+    text, moved = re.subn(
+        r'^listen = \[.*:25"\]$', f'listen = ["127.0.0.1:{smtp_port}"]', text, flags=re.M
+    )
+    assert moved == 1
     text = text.replace('listen = "127.0.0.1:8025"', f'listen = "127.0.0.1:{admin_port}"')
     path.write_text(text)
+    loaded = load_config(str(path))
+    hosts = [split_host_port(address)[0] for address in loaded.smtp.listen]
+    hosts.append(split_host_port(loaded.admin.listen)[0])
+    assert all(ipaddress.ip_address(host).is_loopback for host in hosts), hosts  # binds loopback
     config = ["--config", str(path)]
     subprocess.run([MXSPOOL, *config, "domain", "add", "example.com", "--mx", "--hold"], check=True)
     with (tmp_path / "serve.log").open("wb") as log:

@@ -90,11 +90,16 @@ class CountingStore:
 
     def __init__(self) -> None:
         self.writes = 0
+        self.gate = asyncio.Event()
+        """Holds each probe's commit open until the test opens it (a commit in flight)."""
 
     async def take_tokens(self, *_args: Any) -> int:
         self.writes += 1
-        await asyncio.sleep(0.01)
+        await self.gate.wait()
         return 1
+
+    async def open_gate(self) -> None:
+        self.gate.set()
 
     async def domains_generation(self) -> int:
         return 0
@@ -104,8 +109,11 @@ async def test_the_store_probe_is_shared_within_its_ttl(monkeypatch: pytest.Monk
     store = CountingStore()
     admin = cast(AdminContext, SimpleNamespace(store=store))
     probe = readyz_module.StoreProbe()
-    results = await asyncio.gather(*(probe.check(admin) for _ in range(50)))
-    assert all(result.ok for result in results)
+    checks = [asyncio.ensure_future(probe.check(admin)) for _ in range(50)]
+    # Tasks run in the order they were made: all fifty are waiting when the commit completes.
+    opening = asyncio.ensure_future(store.open_gate())
+    results = await asyncio.gather(*checks, opening)
+    assert all(result.ok for result in results[:50])
     assert store.writes == 1  # fifty requests, one commit
     monkeypatch.setattr(readyz_module, "PROBE_TTL", 0.0)  # control: no sharing, one each
     await asyncio.gather(*(probe.check(admin) for _ in range(5)))

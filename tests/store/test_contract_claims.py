@@ -112,7 +112,6 @@ async def test_concurrent_claimers_never_share_or_cut_a_message(open_store: Stor
             if not got:
                 return
             jobs[owner] += got
-            await asyncio.sleep(0)
 
     await asyncio.gather(
         claimer(first, "a"), claimer(second, "b"), claimer(first, "a"), claimer(second, "b")
