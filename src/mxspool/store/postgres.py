@@ -811,19 +811,8 @@ class PostgresStore(queries.ReadSide):
     async def set_authentication(
         self, message_id: str, auth_results: str, tags: Sequence[str]
     ) -> None:
-        new = list(tags)
-        async with self._connection() as conn, conn.transaction():
-            row = await (
-                await conn.execute(
-                    "SELECT tags FROM messages WHERE id = %s FOR UPDATE", (message_id,)
-                )
-            ).fetchone()
-            if row is None:
-                raise NotFound(_NOT_FOUND_MESSAGE.format(message_id))
-            await conn.execute(
-                "UPDATE messages SET auth_results = %s, auth_at = %s, tags = %s WHERE id = %s",
-                (auth_results, time.time(), codec.merge_tags(row[0], new), message_id),
-            )
+        if await self.set_authentications([(message_id, auth_results, tags)]):
+            raise NotFound(_NOT_FOUND_MESSAGE.format(message_id))
 
     async def set_authentications(
         self, verdicts: Sequence[tuple[str, str, Sequence[str]]]

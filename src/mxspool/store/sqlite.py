@@ -808,19 +808,8 @@ class SqliteStore(queries.ReadSide):
     async def set_authentication(
         self, message_id: str, auth_results: str, tags: Sequence[str]
     ) -> None:
-        new = list(tags)
-        now = time.time()
-
-        def work(conn: sqlite3.Connection) -> None:
-            row = conn.execute("SELECT tags FROM messages WHERE id = ?", (message_id,)).fetchone()
-            if row is None:
-                raise NotFound(f"no message {message_id}; 'mxspool queue list' shows the queue")
-            conn.execute(
-                "UPDATE messages SET auth_results = ?, auth_at = ?, tags = ? WHERE id = ?",
-                (auth_results, now, codec.merge_tags(row[0], new), message_id),
-            )
-
-        await self._write(work)
+        if await self.set_authentications([(message_id, auth_results, tags)]):
+            raise NotFound(f"no message {message_id}; 'mxspool queue list' shows the queue")
 
     async def set_authentications(
         self, verdicts: Sequence[tuple[str, str, Sequence[str]]]
