@@ -153,3 +153,22 @@ def test_a_burst_beyond_the_in_flight_limit_ends_with_real_verdicts(
     assert set(judged.values()) == {"spf=pass,dkim=pass,dmarc=pass"}
     # ... although the limit was passed (some went through the background pass).
     assert "get their verdict from the background pass" in node.log.read_text()
+
+
+def test_nothing_outlives_a_serve_killed_with_sigkill(spooler_factory: Any, dns: DnsServer) -> None:
+    # The forkserver lives while any worker holds its "alive" pipe: workers must watch serve
+    # itself, or a kill -9 leaves both behind (each crash test leaked three processes).
+    node = started(spooler_factory, dns)
+    assert node.proc is not None
+    serve = psutil.Process(node.proc.pid)
+    send(node)
+    all_judged(node, 1)
+    family = serve.children(recursive=True)
+    assert len(family) >= 2  # positive control: the forkserver and its worker, alive
+    os.kill(serve.pid, signal.SIGKILL)
+    node.proc.wait(10)
+
+    def gone() -> bool:
+        return not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family)
+
+    wait_until(gone, 15, "serve's child processes to exit after its kill -9")

@@ -107,7 +107,7 @@ class WorkerPool:
                 self.size,
                 mp_context=context,
                 initializer=authwork.initialize,
-                initargs=(self._nameserver, self._nice),
+                initargs=(self._nameserver, self._nice, os.getpid()),
             )
         return self._generation, self._executor
 

@@ -23,8 +23,8 @@ and aligns (``authcheck.dmarc_verdict``), which takes microseconds.
 DNS in the worker: for a name it was not given (every name of a message read from the store;
 a signature the intake's quick parse read differently), through its own resolver and cache
 (``intake.authdns``, set up by ``initialize`` from the same ``[delivery] resolver``), within
-the job's budget. A worker never outlives the intake: a thread watches its parent and exits
-when the parent is gone.
+the job's budget. A worker never outlives the intake: a thread watches the intake's pid and
+exits when it is gone (then the forkserver, which lives while a worker does, ends too).
 
 Everything here runs in the worker; nothing here touches the store or the event loop.
 """
@@ -47,8 +47,7 @@ refused (then ``FALLBACK_NICE`` is used instead)."""
 FALLBACK_NICE = 19
 """Niceness of a worker that may not use SCHED_IDLE."""
 PARENT_CHECK = 1.0
-"""Seconds between a worker's checks that its parent (the intake, or the forkserver that forked
-it and ends with the intake) is still there."""
+"""Seconds between a worker's checks that the intake (whose pid it was given) is still there."""
 
 _settings: dict[str, str] = {"nameserver": ""}
 
@@ -79,13 +78,12 @@ class Outcome:
     cpu: float
 
 
-def initialize(nameserver: str, nice: int) -> None:
-    """The worker's initializer: DNS settings, scheduling (``lower_priority``), and the parent
-    watch."""
+def initialize(nameserver: str, nice: int, owner: int) -> None:
+    """The worker's initializer: DNS settings, scheduling (``lower_priority``), and the watch
+    on ``owner``, the intake's pid."""
     _settings["nameserver"] = nameserver
     lower_priority(nice)
-    parent = os.getppid()
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    threading.Thread(target=_watch_owner, args=(owner,), daemon=True).start()
 
 
 def lower_priority(nice: int) -> str:
@@ -110,11 +108,18 @@ def lower_priority(nice: int) -> str:
     return policy
 
 
-def _watch_parent(parent: int) -> None:
+def _watch_owner(owner: int) -> None:
+    """Exit once the intake is gone. Its pid, not the parent's: the parent is the forkserver,
+    which lives as long as any worker holds its "alive" pipe, so a worker that watched it would
+    keep both alive for ever after a kill -9 of the intake."""
     while True:
         time.sleep(PARENT_CHECK)
-        if os.getppid() != parent:
+        try:
+            os.kill(owner, 0)
+        except ProcessLookupError:
             os._exit(0)
+        except PermissionError:
+            pass  # a process of another user took the pid? it exists: keep going
 
 
 def verify(job: Job) -> Outcome:
