@@ -31,6 +31,11 @@ that kills its worker takes no other with it); a job that fails again raises ``W
 idle ones at once, a busy one after its job, at most ``STOP_TIMEOUT`` seconds, then killed.
 The forkserver process ends with the intake (it watches a pipe from it); a worker watches its
 parent too (``authwork``), so nothing outlives a killed intake either.
+
+Workers are started in a thread, never on the event loop: ``executor.submit`` starts a worker
+when none is idle, and the first one starts the forkserver and waits for its preload import
+(0.3 s on an idle machine, over a second on a busy one), during which the loop would answer
+no client and see no domain change. Jobs wait in the queue until the pool's workers are up.
 """
 
 from __future__ import annotations
@@ -86,6 +91,10 @@ class WorkerPool:
         self._nameserver = nameserver
         self._nice = nice
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
+        self._starting: asyncio.Task[list[concurrent.futures.Future[int]]] | None = None
+        """Starting the current executor's workers (in a thread); jobs wait until it is done."""
+        self._retiring: list[asyncio.Task[list[concurrent.futures.Future[int]]]] = []
+        """Starts of retired executors still under way (``stopped`` waits for them)."""
         self._generation = 0
         self._closed = False
         self._stopping: list[multiprocessing.process.BaseProcess] = []
@@ -109,7 +118,27 @@ class WorkerPool:
                 initializer=authwork.initialize,
                 initargs=(self._nameserver, self._nice, os.getpid()),
             )
+            self._starting = asyncio.get_running_loop().create_task(
+                asyncio.to_thread(_start_workers, self._executor, self.size)
+            )
+            self._starting.add_done_callback(self._started)
         return self._generation, self._executor
+
+    def _started(self, task: asyncio.Task[list[concurrent.futures.Future[int]]]) -> None:
+        if task.cancelled():
+            return
+        task.exception()  # retrieved; a failure shows again at the next submit, handled there
+        if not self._closed:
+            self._pump()  # the jobs that waited for the workers
+
+    def _workers_up(self) -> bool:
+        """True when jobs can go to the workers now; else their start is under way (in a
+        thread) and ``_started`` pumps the queue when it ends."""
+        try:
+            self._current()
+        except WorkerFailed:
+            return True  # closed: _send fails the batch
+        return self._starting is None or self._starting.done()
 
     def _rebuild(self, generation: int) -> None:
         if generation != self._generation or self._executor is None:
@@ -122,6 +151,16 @@ class WorkerPool:
         metrics.auth_worker_restarted()
 
     def _retire(self, executor: concurrent.futures.ProcessPoolExecutor) -> None:
+        starting = self._starting
+        if starting is not None and not starting.done() and executor is self._executor:
+            # its workers are still being started: retire it once they are (``stopped`` waits)
+            self._starting = None
+            self._retiring.append(starting)
+            starting.add_done_callback(lambda _task: self._retire_started(executor))
+            return
+        self._retire_started(executor)
+
+    def _retire_started(self, executor: concurrent.futures.ProcessPoolExecutor) -> None:
         processes = getattr(executor, "_processes", None) or {}
         self._stopping.extend(processes.values())
         executor.shutdown(wait=False, cancel_futures=True)
@@ -163,6 +202,8 @@ class WorkerPool:
 
     def _pump(self) -> None:
         while self._queue and self._outstanding <= self.size:
+            if not self._workers_up():
+                return
             wait = self.wait(self._queue[0].queued)
             if wait > 0:  # the timer checks again (a later arrival postpones it once more)
                 if self._timer is None:
@@ -236,12 +277,18 @@ class WorkerPool:
     async def warm(self) -> None:
         """Start the workers ahead of the first message (the forkserver takes ~0.3 s)."""
         try:
-            _generation, executor = self._current()
-            pid = await asyncio.wrap_future(executor.submit(authwork.ready))
+            self._current()
+            starting = self._starting
+            pids = (
+                [await asyncio.wrap_future(started) for started in await starting]
+                if starting
+                else []
+            )
         except (BrokenProcessPool, RuntimeError, WorkerFailed) as exc:
             log.warning("could not start an authentication worker process: %s", exc)
             return
-        self._seen(pid)
+        for pid in pids:
+            self._seen(pid)
 
     def _seen(self, pid: int) -> None:
         if pid in self._pids:
@@ -281,6 +328,10 @@ class WorkerPool:
 
     async def stopped(self) -> None:
         """Wait until every worker of this pool (and of retired ones) has exited."""
+        starting, self._retiring = self._retiring, []
+        if starting:  # their executors are retired by a done callback, which runs before this
+            await asyncio.wait(starting)
+            await asyncio.sleep(0)
         processes, self._stopping = self._stopping, []
         if processes:
             await asyncio.to_thread(_end, processes)
@@ -294,6 +345,14 @@ class _Queued:
         self.future = future
         self.retried = False
         self.queued = time.monotonic()
+
+
+def _start_workers(
+    executor: concurrent.futures.ProcessPoolExecutor, size: int
+) -> list[concurrent.futures.Future[int]]:
+    """In a thread: start ``size`` workers (a submit starts one while none is idle; the first
+    also starts the forkserver); the futures of their ``authwork.ready`` jobs (their pids)."""
+    return [executor.submit(authwork.ready) for _ in range(size)]
 
 
 def _end(processes: list[multiprocessing.process.BaseProcess]) -> None:

@@ -1,8 +1,8 @@
 """The intake's view of the configured domains, kept fresh from the store.
 
 RCPT decisions must not wait on the database, so the listener reads an in-memory table that
-a background task reloads whenever the store's domain generation changes (polled twice a
-second, so a change made by the CLI is seen well within one second). Recipient lists
+a background task reloads whenever the store's domain generation changes (polled four times a
+second, one small read, so a change made by the CLI is seen well within one second). Recipient lists
 (``mxspool recipients import``) and their mailboxes' MaxReceiveSize ride on the same
 generation and are kept as one set per domain and one dict, so the RCPT check is a lookup.
 
@@ -21,7 +21,7 @@ from mxspool.store.base import Domain, Store, StoreError
 
 log = logging.getLogger(__name__)
 
-POLL_INTERVAL = 0.5
+POLL_INTERVAL = 0.25
 
 
 class DomainTable:
