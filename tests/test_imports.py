@@ -78,6 +78,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "mxspool.ids",
             "mxspool.csvsafe",
             "mxspool.addresses",
+            "mxspool.nameservers",
             "mxspool.liveness",
             "mxspool",
         ),

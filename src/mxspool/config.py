@@ -139,6 +139,11 @@ class SmtpConfig(_Section):
     proxy_timeout: Seconds = Field(default=5.0, gt=0, le=60)
     """A connection from proxy_from that has not sent its whole PROXY header this long after
     connecting is closed without a reply (Postfix smtpd_upstream_proxy_timeout)."""
+    reverse_lookup: bool = True
+    """Look up each client's host name (PTR, forward-confirmed) for the Received: field and
+    the mail log, as Postfix's smtpd_peername_lookup; nothing waits for it (intake.ptr)."""
+    reverse_lookup_timeout: Seconds = Field(default=5.0, gt=0, le=60)
+    """Seconds one client's reverse lookup may take in all; then the client is "unknown"."""
 
     @field_validator("proxy_from")
     @classmethod

@@ -108,6 +108,13 @@ AUTH_WORKER_RESTARTS = Counter(
     "Times the authentication worker processes were restarted after one died.",
     registry=REGISTRY,
 )
+REVERSE_LOOKUPS = Counter(
+    "mxspool_reverse_lookups",
+    "Reverse DNS lookups of SMTP clients (intake.ptr), by result: confirmed, no_name, "
+    "not_confirmed (no PTR name resolves back), timeout, failed, busy (too many at once).",
+    ["result"],
+    registry=REGISTRY,
+)
 COMMIT_SECONDS = Histogram(
     "mxspool_commit_seconds",
     "Time from end of DATA to the durable commit of a message (the wait before 250).",
@@ -166,6 +173,10 @@ def auth_released_unjudged(count: int) -> None:
 
 def auth_worker_restarted() -> None:
     AUTH_WORKER_RESTARTS.inc()
+
+
+def reverse_lookup(result: str) -> None:
+    REVERSE_LOOKUPS.labels(result=result).inc()
 
 
 def rejected(reason: str) -> None:

@@ -17,6 +17,7 @@ from mxspool.config import Config, ConfigError, split_host_port
 from mxspool.intake.auth import Authenticator
 from mxspool.intake.domains import DomainTable
 from mxspool.intake.listener import Intake
+from mxspool.intake.ptr import ReverseNames
 from mxspool.store import MissingDependency, Store, StoreError, create_store
 from mxspool.store.serverlock import SpoolLock
 from mxspool.store.sqlite import sqlite_path
@@ -120,6 +121,7 @@ async def run(
             spill_dir=_spill_dir(config),
             ssl_context=ssl_context,
             auth=Authenticator.from_config(config, store),
+            names=ReverseNames.from_config(config),
         )
         if intake.auth is not None:  # its workers; messages left without a verdict
             tasks.append(asyncio.create_task(intake.auth.run(time.time()), name="auth"))

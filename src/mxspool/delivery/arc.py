@@ -51,12 +51,12 @@ from typing import Any
 
 import dkim  # type: ignore[import-untyped]
 import dns.exception
-import dns.nameserver
 import dns.resolver
 from authres import AuthenticationResultsHeader  # type: ignore[import-untyped]
 from authres.core import AuthResError  # type: ignore[import-untyped]
 
-from mxspool.config import ArcConfig, Config, split_host_port
+from mxspool import nameservers
+from mxspool.config import ArcConfig, Config
 from mxspool.delivery.arckey import ArcKey, load_key
 from mxspool.delivery.bodyhash import BodyHasher, Canon
 
@@ -94,10 +94,7 @@ def make_dnsfunc(nameserver: str, timeout: float = DNS_TIMEOUT) -> DnsFunc:
     Only for verifying an existing chain at seal time; runs in a worker thread (dkimpy is
     synchronous). A DNS failure makes dkimpy's verdict ``fail`` for that chain.
     """
-    resolver = dns.resolver.Resolver(configure=not nameserver)
-    if nameserver:
-        host, port = split_host_port(nameserver, 53)
-        resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port)]
+    resolver = nameservers.configure(dns.resolver.Resolver, nameserver)
     resolver.lifetime = timeout
 
     def txt(name: bytes | str, timeout: float = timeout) -> bytes | None:

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import dns.asyncresolver
 import dns.exception
-import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from mxspool.config import AddressFamily, split_host_port
+from mxspool import nameservers
+from mxspool.config import AddressFamily
 from mxspool.delivery.errors import RoutingError, RoutingRefused
 
 MAX_TTL = 300.0
@@ -62,12 +62,7 @@ def make_resolver(nameserver: str, lifetime: float) -> dns.asyncresolver.Resolve
     Raises RoutingError (with what to do) when none can be set up.
     """
     try:
-        if nameserver:
-            host, port = split_host_port(nameserver, 53)
-            resolver = dns.asyncresolver.Resolver(configure=False)
-            resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port)]
-        else:
-            resolver = dns.asyncresolver.Resolver()
+        resolver = nameservers.configure(dns.asyncresolver.Resolver, nameserver)
     except (dns.resolver.NoResolverConfiguration, OSError, ValueError) as exc:
         raise RoutingError(
             f'no DNS resolver available ({exc}); set [delivery] resolver = "host:port"'

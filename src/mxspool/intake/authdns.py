@@ -17,11 +17,10 @@ from __future__ import annotations
 import functools
 
 import dns.exception
-import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from mxspool.config import split_host_port
+from mxspool import nameservers
 
 CACHE_SIZE = 8192
 """Cached DNS answers (records and negative answers), shared by every check of the process."""
@@ -40,12 +39,7 @@ def make_resolver(nameserver: str) -> dns.resolver.Resolver:
     Raises (ValueError, dnspython's NoResolverConfiguration) when it cannot be set up; called in
     a worker, where that makes the check a temperror instead of stopping the server.
     """
-    if not nameserver:
-        resolver = dns.resolver.Resolver()
-    else:
-        host, port = split_host_port(nameserver, 53)
-        resolver = dns.resolver.Resolver(configure=False)
-        resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port)]
+    resolver = nameservers.configure(dns.resolver.Resolver, nameserver)
     resolver.cache = dns.resolver.LRUCache(CACHE_SIZE)
     return resolver
 

@@ -98,6 +98,7 @@ from mxspool.intake.policy import (
     session_max_size,
     too_big_at_end,
 )
+from mxspool.intake.ptr import ReverseNames
 from mxspool.intake.received import protocol_name, received_header
 from mxspool.intake.slots import Slots, in_networks
 from mxspool.intake.spf import SpfCheck
@@ -144,6 +145,7 @@ class Intake:
         spill_dir: str | None,
         ssl_context: ssl.SSLContext | None = None,
         auth: Authenticator | None = None,
+        names: ReverseNames | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -153,6 +155,8 @@ class Intake:
         self.ssl_context = ssl_context
         self.auth = auth
         """SPF, DKIM and DMARC at arrival (``intake.auth``); None checks nothing."""
+        self.names = names
+        """Clients' host names (``intake.ptr``); None looks nothing up."""
         self.slots = Slots(
             config.max_connections, config.max_connections_per_ip, config.ipv6_prefix_length
         )
@@ -192,6 +196,8 @@ class Intake:
     def close_all(self) -> None:
         for session in list(self.connections):
             session.abort()
+        if self.names is not None:
+            self.names.close()
 
 
 class SmtpSession(asyncio.Protocol):
@@ -203,6 +209,7 @@ class SmtpSession(asyncio.Protocol):
         self.core = ServerConnection(intake.session_config())
         self.accepted: list[Accepted] = []  # how each recipient in core.recipients was let in
         self.peer = "unknown"
+        self.client_name: str | None = None  # forward-confirmed PTR name, once known
         self.helo = ""
         self.extended = False
         self.tls_version: str | None = None
@@ -257,6 +264,7 @@ class SmtpSession(asyncio.Protocol):
         self.slot, self.counted = key, True
         intake.connections.add(self)
         metrics.session_opened()
+        self._look_up_name()
         self._greet()
 
     def _too_many(self) -> None:
@@ -302,9 +310,18 @@ class SmtpSession(asyncio.Protocol):
             self._too_many()
             return
         self.slot = key
+        self._look_up_name()
         self._greet()
         if len(received) > header.length:
             self.data_received(received[header.length :])
+
+    def _look_up_name(self) -> None:
+        """Start finding the client's host name (``intake.ptr``); nothing waits for it."""
+        if self.intake.names is not None:
+            self.intake.names.look_up(self.peer, self._named)
+
+    def _named(self, name: str) -> None:
+        self.client_name = name
 
     def _proxy_timeout(self) -> None:
         self.timer = None
@@ -344,6 +361,8 @@ class SmtpSession(asyncio.Protocol):
         self._drop_body()
         self._release_claim()
         self.trail.close(self)
+        if self.intake.names is not None:
+            self.intake.names.forget(self.peer, self._named)
         if self.counted:
             metrics.session_closed()
             intake = self.intake
@@ -639,7 +658,7 @@ class SmtpSession(asyncio.Protocol):
             received_header(
                 helo=self.helo,
                 client_address=self.peer,
-                client_hostname=None,
+                client_hostname=self.client_name,
                 hostname=intake.config.hostname,
                 protocol=protocol_name(
                     self.extended, self.tls_version is not None, params.smtputf8
@@ -715,6 +734,7 @@ class SmtpSession(asyncio.Protocol):
             client=ClientInfo(
                 address=self.peer,
                 helo=self.helo,
+                hostname=self.client_name,
                 tls_version=self.tls_version,
                 tls_cipher=self.tls_cipher,
             ),

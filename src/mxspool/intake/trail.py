@@ -24,6 +24,7 @@ class SessionFacts(Protocol):
     """What the listener's session knows about its client (SmtpSession)."""
 
     peer: str
+    client_name: str | None
     helo: str
     proxy: str | None
     tls_version: str | None
@@ -35,12 +36,13 @@ def _reply(reply: Reply) -> str:
 
 
 def _client(session: SessionFacts) -> dict[str, maillog.Value]:
-    """client=unknown[IP] (no reverse DNS lookup is made), HELO, TLS, the load balancer."""
+    """client=name[IP] (``unknown`` until a forward-confirmed name is known: intake.ptr),
+    HELO, TLS, the load balancer."""
     tls = None
     if session.tls_version is not None:
         tls = f"{session.tls_version}:{session.tls_cipher or '?'}"
     return {
-        "client": f"unknown[{session.peer}]",
+        "client": f"{session.client_name or 'unknown'}[{session.peer}]",
         "proxy": session.proxy,
         "helo": session.helo or None,
         "tls": tls,
