@@ -47,9 +47,7 @@ def silent() -> Iterator[str]:
 
 
 def counted(result: str) -> float:
-    value = metrics.REGISTRY.get_sample_value(
-        "mxspool_reverse_lookups_total", {"result": result}
-    )
+    value = metrics.REGISTRY.get_sample_value("mxspool_reverse_lookups_total", {"result": result})
     return value or 0.0
 
 
