@@ -21,6 +21,7 @@ from typing import IO, Any, NoReturn, TypeVar
 import click
 from rich.console import Console
 
+from mxspool import maillog
 from mxspool import operations as ops
 from mxspool.actor import cli_actor, use_cli_actor
 from mxspool.config import Config, ConfigError
@@ -84,6 +85,8 @@ def run(ctx: click.Context, action: Callable[[Store], Awaitable[T]]) -> T:
         finally:
             await store.close()
 
+    log_error = _start_mail_log(config)
+    unwritten = maillog.unwritten()
     try:
         return asyncio.run(go())
     except ops.OperationError as exc:
@@ -92,6 +95,26 @@ def run(ctx: click.Context, action: Callable[[Store], Awaitable[T]]) -> T:
         fail(str(exc), 1)
     except ConfigError as exc:  # found only when used, e.g. [delivery] source_address
         fail(f"{exc}\nfix the configuration file, or point --config at another one", 2)
+    finally:
+        maillog.stop()
+        if log_error is not None and maillog.unwritten() > unwritten:
+            print(
+                f"mxspool: the action is in the audit log, not in the mail log: {log_error}",
+                file=sys.stderr,
+            )
+
+
+def _start_mail_log(config: Config) -> str | None:
+    """Log operator actions to the mail log when it is a file (``mxspool.maillog``); with
+    stderr (journald) the command's own stderr is not the server's log, so nothing is started.
+    Why the file could not be opened, or None."""
+    if not (config.log.enabled and config.log.file):
+        return None
+    try:
+        maillog.start(config.log)
+    except maillog.LogFileError as exc:
+        return str(exc)
+    return None
 
 
 def console() -> Console:

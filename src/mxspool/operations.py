@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from mxspool import maillog
 from mxspool import stage as stages
 from mxspool.actor import audit_actor
 from mxspool.addresses import ascii_lower, parent_domains
@@ -285,6 +286,31 @@ def _describe_routing(routes: tuple[Route, ...], use_mx: bool) -> str:
     return f"routes={shown} mx={'yes' if use_mx else 'no'}"
 
 
+ADMIN = "admin"
+"""The mail log's component for operator actions (``mxspool.maillog``)."""
+
+
+async def record_action(
+    store: Store,
+    actor: str,
+    action: str,
+    target: str,
+    detail: str = "",
+    *,
+    queue_id: str | None = None,
+) -> None:
+    """An operator action's audit entry, and its mail-log line: under the message's queue id
+    when it acts on one message (so ``mxspool log ID`` shows it among that message's arrival
+    and delivery lines), else NOQUEUE with its target (a domain, all parked mail...)."""
+    await store.record_audit(actor, action, target, detail)
+    fields: dict[str, maillog.Value] = {
+        "by": audit_actor(actor),
+        "target": None if queue_id else target,
+        "detail": detail or None,
+    }
+    maillog.emit(ADMIN, action, queue_id or maillog.NOQUEUE, fields)
+
+
 async def _require_domain(store: Store, name: str) -> Domain:
     domain = await store.get_domain(name)
     if domain is None:
@@ -334,7 +360,8 @@ async def add_domain(
         plus_separator=parse_plus_separator(plus_separator),
     )
     await store.add_domain(domain)
-    await store.record_audit(
+    await record_action(
+        store,
         actor,
         "domain.add",
         domain_name,
@@ -463,7 +490,7 @@ async def route_domain(
     current = await _require_domain(store, domain_name)
     changes = asked.changes(current)
     updated = await store.update_domain(domain_name, changes)
-    await store.record_audit(actor, "domain.route", domain_name, describe_route(updated))
+    await record_action(store, actor, "domain.route", domain_name, describe_route(updated))
     return updated
 
 
@@ -472,7 +499,7 @@ async def hold_domain(store: Store, name: str, *, actor: str = "cli") -> Domain:
     domain_name = normalize_domain(name)
     current = await _require_domain(store, domain_name)
     updated = await store.update_domain(domain_name, DomainChanges(mode=DomainMode.HOLD))
-    await store.record_audit(actor, "domain.hold", domain_name, f"was={current.mode.value}")
+    await record_action(store, actor, "domain.hold", domain_name, f"was={current.mode.value}")
     await stages.record(store, domain_name, ["holding"], actor=actor)
     return updated
 
@@ -516,8 +543,12 @@ async def release_domain(
         if unheld is not None:
             count = max(count, unheld)
             rate_detail += f" recipient_hold={unheld}"
-        await store.record_audit(
-            actor, "domain.release", domain_name, f"only={address} recipients={count}{rate_detail}"
+        await record_action(
+            store,
+            actor,
+            "domain.release",
+            domain_name,
+            f"only={address} recipients={count}{rate_detail}",
         )
         return ReleaseResult(domain, canary=address, released_recipients=count)
     at = time.time() if now is None else now
@@ -528,8 +559,8 @@ async def release_domain(
         released_at=at if was_held else None,
     )
     updated = await store.update_domain(domain_name, changes)
-    await store.record_audit(
-        actor, "domain.release", domain_name, f"was={current.mode.value}{rate_detail}"
+    await record_action(
+        store, actor, "domain.release", domain_name, f"was={current.mode.value}{rate_detail}"
     )
     if was_held:
         await stages.record(store, domain_name, ["released"], actor=actor, at=at)
@@ -542,7 +573,7 @@ async def remove_domain(
     """Stop accepting mail for the domain; refused (Conflict) while mail is open, unless force."""
     domain_name = normalize_domain(name)
     await store.remove_domain(domain_name, force=force)
-    await store.record_audit(actor, "domain.remove", domain_name, "force" if force else "")
+    await record_action(store, actor, "domain.remove", domain_name, "force" if force else "")
 
 
 # -- queue ---------------------------------------------------------------------------------
@@ -601,7 +632,9 @@ async def queue_discard(store: Store, message_id: str, *, actor: str = "cli") ->
     """Give up on every recipient of the message not yet final; the number changed."""
     queue_id = _check_message_id(message_id)
     count = await store.discard(queue_id)
-    await store.record_audit(actor, "queue.discard", queue_id, f"recipients={count}")
+    await record_action(
+        store, actor, "queue.discard", queue_id, f"recipients={count}", queue_id=queue_id
+    )
     return count
 
 
@@ -626,7 +659,7 @@ async def queue_bounce(
         detail += " forced" if result.forced else ""
     else:
         detail = f"dsn_withheld to=<{result.recipient}> reason={result.withheld}"
-    await store.record_audit(actor, "queue.bounce", queue_id, detail)
+    await record_action(store, actor, "queue.bounce", queue_id, detail, queue_id=queue_id)
     return result
 
 
@@ -659,7 +692,9 @@ async def queue_retry(
     queue_id = _check_message_id(message_id) if message_id is not None else None
     count = await store.retry(message_id=queue_id, domain=domain_name)
     target = queue_id or f"parked{'@' + domain_name if domain_name else ''}"
-    await store.record_audit(actor, "queue.retry", target, f"recipients={count}")
+    await record_action(
+        store, actor, "queue.retry", target, f"recipients={count}", queue_id=queue_id
+    )
     return count
 
 
@@ -672,7 +707,7 @@ async def queue_flush(
     if domain_name is not None:
         await _require_domain(store, domain_name)
     count = await store.flush_queue(time.time() if now is None else now, domain_name)
-    await store.record_audit(actor, "queue.flush", domain_name or "*", f"recipients={count}")
+    await record_action(store, actor, "queue.flush", domain_name or "*", f"recipients={count}")
     return count
 
 
@@ -713,7 +748,7 @@ async def hold_recipient(store: Store, address: str, *, actor: str = "cli") -> R
         actor=audit_actor(actor),
     )
     marked = await store.hold_recipient(hold)
-    await store.record_audit(actor, "recipient.hold", key, f"recipients={marked}")
+    await record_action(store, actor, "recipient.hold", key, f"recipients={marked}")
     holds = await store.recipient_holds(domain_name)
     return next((item for item in holds if item.address == key), hold)
 
@@ -794,8 +829,8 @@ async def check_store(store: Store, *, repair: bool = False, actor: str = "cli")
     ``status`` reads; with ``repair``, reset the counters that drifted to the recount."""
     drift = await store.check_counters(repair=repair)
     if repair and drift:
-        await store.record_audit(
-            actor, "store.repair", "recipient_counts", f"counters reset={len(drift)}"
+        await record_action(
+            store, actor, "store.repair", "recipient_counts", f"counters reset={len(drift)}"
         )
     return StoreCheck(drift, repaired=repair and bool(drift))
 
@@ -817,7 +852,7 @@ async def purge_delivered(
     result = await store.purge_delivered(time.time() - age, dry_run=dry_run)
     if not dry_run:
         detail = f"older_than={older_than} messages={result.messages} bytes={result.bytes}"
-        await store.record_audit(actor, "store.purge", "delivered", detail)
+        await record_action(store, actor, "store.purge", "delivered", detail)
     return result
 
 

@@ -19,8 +19,8 @@ from tests.delivery.target import Target
 from tests.waiting import wait_until
 
 TEXT_LINE = re.compile(
-    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z mxspool/(smtpd|deliver)\[\d+\]: "
-    r"(?P<id>[0-9A-Z]+): (?P<event>[a-z]+): (?P<fields>.*)$"
+    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z mxspool/(smtpd|deliver|admin)\[\d+\]: "
+    r"(?P<id>[0-9A-Z]+): (?P<event>[a-z]+(?:\.[a-z]+)?): (?P<fields>.*)$"
 )
 
 

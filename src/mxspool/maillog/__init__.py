@@ -5,7 +5,10 @@ did it go?" has an answer in a file, as with Postfix's maillog.
 Parts: ``lines`` (an entry and its text/JSON line), ``writer`` (the thread that writes them,
 bounded, never blocking the event loop), ``reader`` (``mxspool log ID``). The intake and the
 delivery engine call ``emit``; ``start`` (``mxspool serve``) decides where lines go, from the
-``[log]`` section. Before ``start`` (and in management commands) ``emit`` does nothing.
+``[log]`` section; management commands (``cli_support.run``) start it too when the log is a
+file, so an operator's action from the command line (``queue discard``...) is logged where the
+server logs (appended whole lines: the two processes' lines do not mix). Before ``start``
+``emit`` does nothing but count (``unwritten``).
 
 Lines for accepted messages and delivery outcomes are emitted after their store commit: the log
 never says "queued" or "delivered" for something the ledger does not hold.
@@ -30,10 +33,12 @@ __all__ = [
     "start",
     "stop",
     "timestamp",
+    "unwritten",
 ]
 
 _writer: Writer | None = None
 _dropped_before = 0
+_unwritten = 0
 
 
 def start(config: LogConfig) -> None:
@@ -61,9 +66,17 @@ def enabled() -> bool:
 
 def emit(component: str, event: str, queue_id: str, fields: dict[str, Value]) -> None:
     """Log one entry (never blocks; dropped and counted if the writer is far behind)."""
+    global _unwritten
     writer = _writer
     if writer is not None:
         writer.put(Entry(time.time(), component, event, queue_id, fields))
+    else:
+        _unwritten += 1
+
+
+def unwritten() -> int:
+    """Entries emitted while no log was started (mail log off, or not opened)."""
+    return _unwritten
 
 
 def dropped() -> int:

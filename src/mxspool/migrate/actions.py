@@ -47,7 +47,13 @@ from mxspool.migrate.smtpprobe import SmtpProber
 from mxspool.migrate.tenantplan import MAX_DOMAINS, DomainNow, Migration
 from mxspool.migrate.tenantplan import render_markdown as tenant_markdown
 from mxspool.migrate.tenantplan import render_ps1 as tenant_ps1
-from mxspool.operations import OperationError, normalize_domain, parse_route, show_domain
+from mxspool.operations import (
+    OperationError,
+    normalize_domain,
+    parse_route,
+    record_action,
+    show_domain,
+)
 from mxspool.store.base import Domain, NotFound, QueueEntry, QueueFilter, RecipientCheck, Store
 from mxspool.units import parse_rate
 
@@ -105,7 +111,8 @@ async def import_recipients(
     total = await store.add_recipients(
         domain, parsed.addresses, replace=replace, max_sizes=parsed.max_sizes
     )
-    await store.record_audit(
+    await record_action(
+        store,
         actor,
         "recipients.import",
         domain,
@@ -123,7 +130,7 @@ async def list_recipients(store: Store, name: str) -> list[str]:
 async def clear_recipients(store: Store, name: str, *, actor: str = "cli") -> int:
     domain = await require_domain(store, name)
     count = await store.clear_recipients(domain)
-    await store.record_audit(actor, "recipients.clear", domain, f"removed={count}")
+    await record_action(store, actor, "recipients.clear", domain, f"removed={count}")
     return count
 
 
@@ -177,7 +184,8 @@ async def check_dns(
     if domain is not None:
         # The checklist reads these entries: "mx=spooler" moves the domain to mx-to-spooler,
         # "mx=route" after the release to mx-to-target.
-        await store.record_audit(
+        await record_action(
+            store,
             actor,
             "check.dns",
             domain_name,
@@ -232,7 +240,8 @@ async def check_route(
             for report in reports
         ]
         result = RouteCheck(domain, verdicts, client_cert=prober.identity.client_cert)
-    await store.record_audit(
+    await record_action(
+        store,
         actor,
         "check.route",
         domain_name,
@@ -325,7 +334,8 @@ async def check_recipients(
         domain_name,
         [RecipientCheck(item.address, item.state, item.reply, checked_at) for item in results],
     )
-    await store.record_audit(
+    await record_action(
+        store,
         actor,
         "check.recipients",
         domain_name,
@@ -436,8 +446,8 @@ async def migration_runbook(
         text = tenant_ps1(plan) if fmt == "ps1" else tenant_markdown(plan)
     # The checklist's "planned" stage is this entry, one per domain.
     for domain in names:
-        await store.record_audit(
-            actor, "runbook", domain, f"spooler={spooler} ip={ip} target={target or '-'}"
+        await record_action(
+            store, actor, "runbook", domain, f"spooler={spooler} ip={ip} target={target or '-'}"
         )
     return text
 
@@ -555,8 +565,8 @@ async def probe(
         if state in ("held", "delivered", "parked", "bounced", "discarded") or waited >= wait:
             break
         await asyncio.sleep(PROBE_POLL)
-    await store.record_audit(
-        actor, "probe", domain_name, f"id={sent.queue_id} rcpt={rcpt} state={state}"
+    await record_action(
+        store, actor, "probe", domain_name, f"id={sent.queue_id} rcpt={rcpt} state={state}"
     )
     return ProbeResult(
         domain,
@@ -592,7 +602,7 @@ async def discard_probes(store: Store, name: str, *, actor: str = "cli") -> int:
     count = 0
     for queue_id in ids:
         count += await store.discard(queue_id)
-    await store.record_audit(
-        actor, "probe.discard", domain, f"messages={len(ids)} recipients={count}"
+    await record_action(
+        store, actor, "probe.discard", domain, f"messages={len(ids)} recipients={count}"
     )
     return count

@@ -39,7 +39,7 @@ from mxspool import stage as stages
 from mxspool.config import Config
 from mxspool.migrate import actions, releaseplan
 from mxspool.migrate.probe import PROBE_TAG
-from mxspool.operations import OperationError, RouteRequest, normalize_domain
+from mxspool.operations import OperationError, RouteRequest, normalize_domain, record_action
 from mxspool.store.base import (
     AuditEntry,
     Conflict,
@@ -161,7 +161,7 @@ def _audit(actor: str, action: str, migration: Migration, detail: str = "") -> A
 
 
 async def _record_audit(store: Store, entry: AuditEntry) -> None:
-    await store.record_audit(entry.actor, entry.action, entry.target, entry.detail)
+    await record_action(store, entry.actor, entry.action, entry.target, entry.detail)
 
 
 # -- create, change, remove ------------------------------------------------------------------
@@ -262,8 +262,12 @@ async def step(
         raise OperationError(f"--note is longer than {MAX_NOTE} characters; shorten it")
     event = StageEvent(domain_name, what, time.time(), actor, text, current.name)
     await store.record_stage_events([event])
-    await store.record_audit(
-        actor, "migration.step", current.name, f"domain={domain_name} step={what} note={text}"
+    await record_action(
+        store,
+        actor,
+        "migration.step",
+        current.name,
+        f"domain={domain_name} step={what} note={text}",
     )
     return event
 
