@@ -5,7 +5,6 @@ lookups at once, the cache's size, names unfit for a header, loopback clients.""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import Iterator
 
@@ -15,6 +14,7 @@ from mxspool import metrics
 from mxspool.intake import ptr
 from mxspool.intake.ptr import ReverseNames, valid_hostname
 from tests.delivery.dnsserver import DnsServer
+from tests.e2e.authkit import SilentDns
 from tests.waiting import eventually
 
 ZONE = """
@@ -32,18 +32,16 @@ v6.sender.test. 60 IN AAAA 2001:db8::5
 
 @pytest.fixture
 def dns() -> Iterator[DnsServer]:
-    server = DnsServer(ZONE).start()
-    yield server
-    server.stop()
+    with DnsServer(ZONE) as server:
+        yield server
 
 
 @pytest.fixture
 def silent() -> Iterator[str]:
     """A UDP port on loopback that takes DNS queries and never answers."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    yield f"127.0.0.1:{sock.getsockname()[1]}"
-    sock.close()
+    server = SilentDns()
+    yield server.address
+    server.close()
 
 
 def counted(result: str) -> float:

@@ -50,3 +50,9 @@ class DnsServer:
 
     def stop(self) -> None:
         self.server.stop()
+
+    def __enter__(self) -> DnsServer:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()

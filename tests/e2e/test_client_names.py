@@ -6,7 +6,6 @@ and ``mxspool log ID``. A name that does not resolve back stays ``unknown``; wit
 
 from __future__ import annotations
 
-import asyncio
 import re
 import urllib.request
 from collections.abc import Iterator
@@ -15,11 +14,9 @@ from typing import Any
 import pytest
 
 from mxspool.smtp.proxyproto import build_v1
-from mxspool.store.sqlite import SqliteStore
 from tests.conftest import Spooler
 from tests.delivery.dnsserver import DnsServer
-from tests.e2e.test_proxy_protocol import BALANCER, Client, _send
-from tests.smtp_client import split_received
+from tests.e2e.test_proxy_protocol import BALANCER, Client, _send, stored_client
 from tests.waiting import wait_until
 
 ZONE = """
@@ -32,9 +29,8 @@ liar.test. 60 IN A 192.0.2.99
 
 @pytest.fixture
 def dns() -> Iterator[DnsServer]:
-    server = DnsServer(ZONE).start()
-    yield server
-    server.stop()
+    with DnsServer(ZONE) as server:
+        yield server
 
 
 def _node(spooler_factory: Any, dns: DnsServer, **smtp: Any) -> Spooler:
@@ -72,18 +68,9 @@ def _session(node: Spooler, source: str) -> Client:
 
 
 def _stored(node: Spooler, queue_id: str) -> tuple[str | None, bytes]:
-    async def read() -> tuple[str | None, bytes]:
-        store = SqliteStore(f"sqlite:///{node.db}")
-        await store.open()
-        try:
-            message = await store.get_message(queue_id)
-            assert message is not None
-            body = b"".join([piece async for piece in store.read_body(queue_id)])
-            return message.client.hostname, split_received(body)[0]
-        finally:
-            await store.close()
-
-    return asyncio.run(read())
+    """The stored client host name of a message, and our Received: line."""
+    client, received = stored_client(node, queue_id)
+    return client.hostname, received
 
 
 def test_a_confirmed_name_is_shown_and_an_unconfirmed_one_is_not(

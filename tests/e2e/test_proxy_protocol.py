@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from mxspool.config import SmtpConfig
 from mxspool.intake.slots import Slots, in_networks
 from mxspool.smtp.proxyproto import V2_SIGNATURE, build_v1, build_v2
+from mxspool.store.base import ClientInfo
 from mxspool.store.sqlite import SqliteStore
 from tests.conftest import Spooler, free_port
 from tests.smtp_client import RawClient, split_received
@@ -112,21 +113,26 @@ def _send(client: RawClient, subject: str) -> str:
     return text.rsplit(" ", 1)[-1]
 
 
-def _stored_client(node: Spooler, queue_id: str) -> tuple[str, bytes]:
-    """The stored client address and our Received: line of a message, read from the store."""
+def stored_client(node: Spooler, queue_id: str) -> tuple[ClientInfo, bytes]:
+    """The stored client record and our Received: line of a message, read from the store."""
 
-    async def read() -> tuple[str, bytes]:
+    async def read() -> tuple[ClientInfo, bytes]:
         store = SqliteStore(f"sqlite:///{node.db}")
         await store.open()
         try:
             message = await store.get_message(queue_id)
             assert message is not None
             body = b"".join([piece async for piece in store.read_body(queue_id)])
-            return message.client.address, split_received(body)[0]
+            return message.client, split_received(body)[0]
         finally:
             await store.close()
 
     return asyncio.run(read())
+
+
+def _stored_address(node: Spooler, queue_id: str) -> tuple[str, bytes]:
+    client, received = stored_client(node, queue_id)
+    return client.address, received
 
 
 def test_the_real_client_address_via_haproxy_v1_and_v2(spooler_factory: Any, haproxy: Any) -> None:
@@ -142,18 +148,18 @@ def test_the_real_client_address_via_haproxy_v1_and_v2(spooler_factory: Any, hap
         assert client.command("QUIT")[0] == 221
         client.close()
     for name in ("v1", "v2"):
-        address, received = _stored_client(node, sent[name])
+        address, received = _stored_address(node, sent[name])
         assert address == "127.0.0.5", name
         assert b"from client.example ([127.0.0.5])" in received, received
     # Without the PROXY protocol the balancer's address is all there is.
-    address, received = _stored_client(node, sent["plain"])
+    address, received = _stored_address(node, sent["plain"])
     assert address == "127.0.0.3"
     assert b"[127.0.0.3]" in received and b"127.0.0.5" not in received
     # A v2 LOCAL header (a health check) names no client: the connection's own address counts.
     client = Client(node.port, BALANCER)
     client.send(build_v2(None))
     assert client.reply()[0] == 220
-    address, received = _stored_client(node, _send(client, "local"))
+    address, received = _stored_address(node, _send(client, "local"))
     assert address == BALANCER
     assert f"[{BALANCER}]".encode() in received
     client.close()
@@ -249,7 +255,7 @@ def test_headers_only_from_proxy_from_and_only_valid_ones(spooler_factory: Any) 
     client = Client(node.port, BALANCER)
     client.send(build_v1(("198.51.100.9", 4000), ("127.0.0.1", node.port)))
     assert client.reply()[0] == 220
-    address, _ = _stored_client(node, _send(client, "after the bad ones"))
+    address, _ = _stored_address(node, _send(client, "after the bad ones"))
     assert address == "198.51.100.9"
     client.close()
     log = node.log.read_text()
