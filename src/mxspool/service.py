@@ -26,6 +26,9 @@ from mxspool.tls.serving import ServerTls
 
 log = logging.getLogger("mxspool")
 
+WORKER_START_WAIT = 10.0
+"""Seconds serve waits for the verification workers before it opens its listeners anyway."""
+
 Component = Callable[[Config, Store, DomainTable], Awaitable[None]]
 """Something else that runs beside the intake until cancelled (delivery, admin plane)."""
 
@@ -124,6 +127,10 @@ async def run(
             names=ReverseNames.from_config(config),
         )
         if intake.auth is not None:  # its workers; messages left without a verdict
+            # The workers start before the listeners (in a thread: the loop runs meanwhile),
+            # so the first message's verdict, which a relayed message waits for, is not late.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(intake.auth.pool.warm(), WORKER_START_WAIT)
             tasks.append(asyncio.create_task(intake.auth.run(time.time()), name="auth"))
         tasks.append(asyncio.create_task(domains.follow(store), name="domains"))
         for work in tls.start(intake.set_ssl_context):

@@ -280,7 +280,7 @@ class WorkerPool:
             self._current()
             starting = self._starting
             pids = (
-                [await asyncio.wrap_future(started) for started in await starting]
+                [await asyncio.wrap_future(started) for started in await asyncio.shield(starting)]
                 if starting
                 else []
             )
