@@ -9,11 +9,17 @@ does, since a forkserver, once started, stays for the life of the process that s
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import subprocess
 import sys
 import textwrap
 from typing import Any
+
+import pytest
+
+from mxspool.intake import authpool, authwork
 
 PROGRAM = textwrap.dedent(
     """
@@ -120,3 +126,23 @@ def test_closing_while_the_workers_start_leaves_no_process() -> None:
     assert report["job"] == "WorkerFailed", report
     assert report["left"] == [], report
     assert report["control"] >= 1, "the control pool started no worker process"
+
+
+async def test_a_pool_that_cannot_be_made_fails_its_jobs_not_the_server(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No usable /dev/shm (a container without one): the executor's semaphores cannot be made.
+    The server goes on: warm says why, and each job fails with WorkerFailed (temperror)."""
+
+    def no_semaphores(*_args: object, **_kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", no_semaphores)
+    pool = authpool.WorkerPool(1)
+    await pool.warm()
+    assert "needs a writable /dev/shm" in caplog.text
+    (future,) = pool.submit([authwork.Job(b"x", None, 1, {}, 3.0)])
+    with pytest.raises(authpool.WorkerFailed, match="/dev/shm"):
+        await asyncio.wait_for(future, 5)
+    pool.close()
+    await pool.stopped()

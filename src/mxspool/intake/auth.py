@@ -178,6 +178,8 @@ class Authenticator:
         self._checks: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()
         self._deferred = asyncio.Event()
+        self._last_deferred = 0.0
+        """When the last message was left to the background pass (time.time())."""
         self._writes: set[asyncio.Future[None]] = set()
         self._batch: list[tuple[str, Verdict, float]] = []
         self._ready: list[tuple[_Work, authwork.Job | None]] = []
@@ -353,6 +355,7 @@ class Authenticator:
             )
         self.deferred += 1
         metrics.auth_deferred()
+        self._last_deferred = time.time()
         self._deferred.set()
 
     def _check(self, work: _Work) -> asyncio.Task[None]:
@@ -545,12 +548,15 @@ class Authenticator:
                 pass
             while True:
                 self._deferred.clear()
-                judged = await self._catch_up_logged(time.time() - GRACE)
-                if not self._deferred.is_set():
-                    if judged == 0:
-                        break
-                elif judged == 0:
-                    await asyncio.sleep(GRACE)
+                before = time.time() - GRACE
+                if await self._catch_up_logged(before):
+                    continue
+                # Nothing left before ``before``; done once that covers the last deferral
+                # (a message deferred later is not in this pass's window yet: wait for it).
+                if before >= self._last_deferred and not self._deferred.is_set():
+                    break
+                behind = self._last_deferred + GRACE - time.time()
+                await asyncio.sleep(min(max(behind, 0.05), GRACE))
 
     async def recover(self, started_at: float) -> None:
         """Judge recent messages received before ``started_at`` without a verdict (a crash, a

@@ -112,12 +112,19 @@ class WorkerPool:
         if self._executor is None:
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(["mxspool.intake.authwork"])
-            self._executor = concurrent.futures.ProcessPoolExecutor(
-                self.size,
-                mp_context=context,
-                initializer=authwork.initialize,
-                initargs=(self._nameserver, self._nice, os.getpid()),
-            )
+            try:
+                self._executor = concurrent.futures.ProcessPoolExecutor(
+                    self.size,
+                    mp_context=context,
+                    initializer=authwork.initialize,
+                    initargs=(self._nameserver, self._nice, os.getpid()),
+                )
+            except OSError as exc:  # its queues' locks are POSIX semaphores, in /dev/shm
+                raise WorkerFailed(
+                    f"cannot create the verification worker pool ({exc}): it needs a writable "
+                    "/dev/shm (a container: mount a tmpfs there); until then verdicts are "
+                    "temperror, or set [smtp] authentication = false"
+                ) from None
             self._starting = asyncio.get_running_loop().create_task(
                 asyncio.to_thread(_start_workers, self._executor, self.size)
             )
