@@ -127,8 +127,8 @@ async def run(
             names=ReverseNames.from_config(config),
         )
         if intake.auth is not None:  # its workers; messages left without a verdict
-            # The workers start before the listeners (in a thread: the loop runs meanwhile),
-            # so the first message's verdict, which a relayed message waits for, is not late.
+            # The workers are up before the listeners open (started in a thread: the loop runs
+            # meanwhile), so the first relayed message does not wait for them.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(intake.auth.pool.warm(), WORKER_START_WAIT)
             tasks.append(asyncio.create_task(intake.auth.run(time.time()), name="auth"))

@@ -281,21 +281,31 @@ class WorkerPool:
             else:
                 item.future.set_exception(error)
 
-    async def warm(self) -> None:
-        """Start the workers ahead of the first message (the forkserver takes ~0.3 s)."""
+    async def _spawned(self) -> None:
+        """Start the worker processes (the forkserver and its preload import take ~0.3 s) and
+        wait until they exist."""
         try:
             self._current()
-            starting = self._starting
-            pids = (
-                [await asyncio.wrap_future(started) for started in await asyncio.shield(starting)]
-                if starting
-                else []
-            )
+            if self._starting is not None:
+                await asyncio.shield(self._starting)
         except (BrokenProcessPool, RuntimeError, WorkerFailed) as exc:
             log.warning("could not start an authentication worker process: %s", exc)
+
+    async def warm(self) -> None:
+        """Start the workers and wait until each has answered (``authwork.ready``: they take
+        their SCHED_IDLE priority only after it, so a busy machine does not hold this up); their
+        pids go to the log."""
+        await self._spawned()
+        starting = self._starting
+        if starting is None or not starting.done() or starting.cancelled():
             return
-        for pid in pids:
-            self._seen(pid)
+        if starting.exception() is not None:
+            return
+        for started in starting.result():
+            try:
+                self._seen(await asyncio.wrap_future(started))
+            except (BrokenProcessPool, RuntimeError, concurrent.futures.CancelledError):
+                return  # the pool broke or closed meanwhile: the jobs say so
 
     def _seen(self, pid: int) -> None:
         if pid in self._pids:

@@ -79,11 +79,21 @@ class Outcome:
 
 
 def initialize(nameserver: str, nice: int, owner: int) -> None:
-    """The worker's initializer: DNS settings, scheduling (``lower_priority``), and the watch
-    on ``owner``, the intake's pid."""
+    """The worker's initializer: DNS settings, the watch on ``owner`` (the intake's pid), and
+    its scheduling (``lower_priority``), which the worker's first job applies: the start of a
+    worker (``ready``, which serve waits for) must not wait for an idle CPU."""
     _settings["nameserver"] = nameserver
-    lower_priority(nice)
+    _priority[:] = [nice]
     threading.Thread(target=_watch_owner, args=(owner,), daemon=True).start()
+
+
+_priority: list[int] = []
+"""The ``nice`` that ``_lowered`` applies, until it has (then empty)."""
+
+
+def _lowered() -> None:
+    if _priority:
+        lower_priority(_priority.pop())
 
 
 def lower_priority(nice: int) -> str:
@@ -145,11 +155,14 @@ def verify(job: Job) -> Outcome:
 
 def verify_many(jobs: list[Job]) -> list[Outcome]:
     """``verify`` of each job: one round trip to the worker for a batch of messages."""
+    _lowered()
     return [verify(job) for job in jobs]
 
 
 def ready() -> int:
-    """A no-op job that starts a worker ahead of the first message; its pid."""
+    """A job that starts a worker ahead of the first message: its pid, once it runs, from now
+    on, under its lower priority."""
+    _lowered()
     return os.getpid()
 
 
