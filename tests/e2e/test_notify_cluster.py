@@ -13,21 +13,14 @@ import pytest
 
 from tests.conftest import Spooler
 from tests.delivery.target import Target
-from tests.e2e.test_notify import SECRET, add_notify, send
+from tests.e2e.test_notify import SECRET, add_notify, receiver, send
 from tests.notify_receiver import Receiver
 from tests.store.conftest import pg_server, pg_url
 from tests.waiting import stays, wait_until
 
-__all__ = ["pg_server", "pg_url"]  # fixtures used by this module
+__all__ = ["pg_server", "pg_url", "receiver"]  # fixtures used by this module
 
 INTERVAL = 0.2
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    server = Receiver(SECRET.encode()).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
