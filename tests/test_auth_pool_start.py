@@ -44,18 +44,29 @@ PROGRAM = textwrap.dedent(
                     todo.append(pid)
         return found
 
-    async def ticking(gaps):
-        last = time.monotonic()
-        while True:
-            await asyncio.sleep(0.005)
+    class Ticker:
+        '''Samples the loop every 5 ms (a timer, not a wait): gaps are the pauses.'''
+
+        def __init__(self, loop):
+            self.loop, self.gaps, self.last = loop, [], time.monotonic()
+            self.first = loop.create_future()
+            self.handle = loop.call_later(0.005, self.tick)
+
+        def tick(self):
             now = time.monotonic()
-            gaps.append(now - last)
-            last = now
+            self.gaps.append(now - self.last)
+            self.last = now
+            if not self.first.done():
+                self.first.set_result(None)
+            self.handle = self.loop.call_later(0.005, self.tick)
+
+        def cancel(self):
+            self.handle.cancel()
 
     async def main(case):
-        gaps = []
-        ticker = asyncio.create_task(ticking(gaps))
-        await asyncio.sleep(0.05)
+        ticker = Ticker(asyncio.get_running_loop())
+        gaps = ticker.gaps
+        await ticker.first  # the sampler runs before the pool starts
         report = {}
         if case == "warm":
             pool = authpool.WorkerPool(1)
@@ -69,7 +80,6 @@ PROGRAM = textwrap.dedent(
         else:  # a job queued, then close, while the workers are still being started
             pool = authpool.WorkerPool(2)
             (future,) = pool.submit([authwork.Job(b"x", None, 1, {}, 3.0)])
-            await asyncio.sleep(0.02)
             report["starting"] = pool._starting is not None and not pool._starting.done()
             pool.close()
             await pool.stopped()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -266,7 +267,8 @@ def serve_in_the_image(rootfs: Rootfs, tmp_path: Path) -> None:
     port, admin_port = free_ports(2)
     config = rootfs.root / "etc/mxspool/mxspool.toml"
     text = config.read_text()
-    text = text.replace('listen = ["0.0.0.0:25", "[::]:25"]', f'listen = ["127.0.0.1:{port}"]')
+    # the starter's SMTP listen list (all addresses, port 25) becomes one loopback port
+    text = re.sub(r"^listen = \[.*\]$", f'listen = ["127.0.0.1:{port}"]', text, count=1, flags=re.M)
     text = text.replace('listen = "127.0.0.1:8025"', f'listen = "127.0.0.1:{admin_port}"')
     config.write_text(text)
     added = rootfs.run(
