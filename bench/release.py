@@ -17,7 +17,9 @@ Must run as root (Postfix). Needs .ci/install-postfix and an installed mxspool.
 mxspool releases to ``busy_sink.py`` (a stdlib sink that answers ``451 4.7.500 Server busy``
 to SHARE of the MAIL, RCPT and DATA commands at random) and, alternately in the same run, to
 the same sink answering none busy; the table gives the median rate of each and the ratio
-busy / unthrottled. The domain has ``--profile exchange-online``, no rate (unpaced), and
+busy / unthrottled, both until the last message is delivered and until 95% were (the sending
+rate: the last few percent are the tail of geometric retries, ``retry_schedule`` apart, which
+lasts about 4 s whatever N). The domain has ``--profile exchange-online``, no rate (unpaced), and
 ``retry_schedule = ["1s"]`` in both, so a throttled recipient is retried a second later and
 the rate counts until every message is delivered. Each message goes to its own recipient
 (smtp-source ``-N``), as the profile's per-recipient hourly limit would hold one address back.
@@ -77,6 +79,12 @@ class Sink:
             self.proc.wait(timeout=10)
 
 
+SENDING_SHARE = 0.95
+"""``--busy`` also reports the rate until this share was delivered: the rest is the tail of
+retries (a message busy on every try waits ``retry_schedule`` between them), which at 5,000
+messages is about half the run whatever the sending rate."""
+
+
 def wait_until(check: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -98,6 +106,15 @@ def _count(db: Path, sql: str) -> int:
 def run_mxspool(
     messages: int, sink_port: int, concurrency: int, timeout: float, *, exo: bool = False
 ) -> float:
+    """The release rate: ``messages`` / seconds until the last one is delivered."""
+    return release_mxspool(messages, sink_port, concurrency, timeout, exo=exo)[0]
+
+
+def release_mxspool(
+    messages: int, sink_port: int, concurrency: int, timeout: float, *, exo: bool = False
+) -> tuple[float, float]:
+    """The release rate until the last message is delivered and until ``SENDING_SHARE`` of
+    them were (the sending rate, without the tail of retries)."""
     extra = f"\n[delivery]\nconcurrency = {concurrency}\n"
     if exo:
         extra += 'retry_schedule = ["1s"]\n'
@@ -116,9 +133,13 @@ def run_mxspool(
         done_sql = "SELECT count(*) FROM recipients WHERE state = 'delivered'"
         start = time.perf_counter()
         server.cli("domain", "release", DOMAIN)
+        most = int(messages * SENDING_SHARE)
+        if not wait_until(lambda: _count(db, done_sql) >= most, timeout):
+            raise BenchError(f"mxspool delivered {_count(db, done_sql)} of {messages} in time")
+        sending = most / (time.perf_counter() - start)
         if not wait_until(lambda: _count(db, done_sql) >= messages, timeout):
             raise BenchError(f"mxspool delivered {_count(db, done_sql)} of {messages} in time")
-        return messages / (time.perf_counter() - start)
+        return messages / (time.perf_counter() - start), sending
 
 
 def _fill_distinct(port: int, messages: int) -> SourceResult:
@@ -160,6 +181,7 @@ def main_busy(args: argparse.Namespace) -> int:
     """The exchange-online backoff case: busy vs unthrottled, alternately, medians."""
     cases = {"unthrottled": 0.0, f"{args.busy:.0%} busy": args.busy}
     rates: dict[str, list[float]] = {name: [] for name in cases}
+    sending: dict[str, list[float]] = {name: [] for name in cases}
     errors: list[str] = []
     print(
         f"# exchange-online release of {args.messages:,} held 10 KiB messages to busy_sink.py, "
@@ -170,7 +192,7 @@ def main_busy(args: argparse.Namespace) -> int:
             sink_port = free_port()
             try:
                 with BusySink(sink_port, share, seed=run + 1):
-                    rate = run_mxspool(
+                    rate, most = release_mxspool(
                         args.messages, sink_port, args.concurrency, args.timeout, exo=True
                     )
             except BenchError as exc:
@@ -178,17 +200,25 @@ def main_busy(args: argparse.Namespace) -> int:
                 print(f"run {run + 1} {name}: ERROR {exc}", file=sys.stderr)
                 continue
             rates[name].append(rate)
-            print(f"run {run + 1} {name}: {rate:,.0f} msgs/s", flush=True)
-    healthy, busy = (median(rates[name]) for name in cases)
-    ratio = f"{busy / healthy:.2f}" if healthy and busy else "n/a"
+            sending[name].append(most)
+            print(
+                f"run {run + 1} {name}: {rate:,.0f} msgs/s ({most:,.0f} until {SENDING_SHARE:.0%})",
+                flush=True,
+            )
+    rows = []
+    for label, table in (("all delivered", rates), (f"{SENDING_SHARE:.0%} delivered", sending)):
+        healthy, busy = (median(table[name]) for name in cases)
+        ratio = f"{busy / healthy:.2f}" if healthy and busy else "n/a"
+        job = f"exchange-online release of {args.messages:,}, until {label}"
+        rows.append([job, fmt(healthy), fmt(busy), ratio])
     print()
     print(
         markdown_table(
             ["job", "unthrottled msgs/s", f"{args.busy:.0%} busy msgs/s", "busy / unthrottled"],
-            [[f"exchange-online release of {args.messages:,}", fmt(healthy), fmt(busy), ratio]],
+            rows,
         )
     )
-    print(f"(median of {args.runs} runs each; runs: {rates})")
+    print(f"(median of {args.runs} runs each; runs: {rates}; until {SENDING_SHARE:.0%}: {sending})")
     return 1 if errors else 0
 
 
