@@ -118,6 +118,8 @@ def test_serve_survives_an_unreachable_ca_and_keeps_smtp(spooler_factory: Any) -
             "enabled": True,
             "directory": f"https://127.0.0.1:{free_port()}/dir",
             "retry_after": "1s",
+            # never bound here (no order reaches a challenge), but loopback all the same
+            "http_listen": f"127.0.0.1:{free_port()}",
         },
     )
     node.cli("domain", "add", "example.test", "--route", "127.0.0.1:9", "--tls", "off", "--hold")
