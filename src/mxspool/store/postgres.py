@@ -186,11 +186,17 @@ def claim_statement(relay: bool) -> str:
         f" AND {pending})"
         " OR (r.state = 'delivering' AND r.lease_until < %(now)s))"
     )
+    lanes = _claim_lanes(relay)
     return (
-        f"WITH {_claim_lanes(relay)},"
-        " first AS (SELECT message_seq FROM (SELECT * FROM fresh UNION ALL"
-        "  SELECT * FROM retry UNION ALL SELECT * FROM lapsed) l"
-        "  ORDER BY id LIMIT %(limit)s),"
+        "WITH "
+        + "".join(
+            f"{name} AS (SELECT r.id, r.message_seq FROM recipients r WHERE {where}"
+            " LIMIT %(limit)s FOR UPDATE OF r SKIP LOCKED), "
+            for name, where in lanes.items()
+        )
+        + "first AS (SELECT message_seq FROM ("
+        + " UNION ALL ".join(f"SELECT * FROM {name}" for name in lanes)
+        + ") l ORDER BY id LIMIT %(limit)s),"
         # The rows of the chosen messages, found by message_seq alone (OFFSET 0 keeps the due
         # condition out of the scan, so no plan can answer it from a domain-wide index), then
         # each locked by its id. Without statistics (autovacuum off) the planner otherwise
@@ -214,40 +220,35 @@ def claim_statement(relay: bool) -> str:
     )
 
 
-def _claim_lanes(relay: bool) -> str:
-    """The CTEs ``fresh``, ``retry`` and ``lapsed``: up to ``limit`` due rows each, locked
-    (SKIP LOCKED), each read from an index range that holds only due candidates in the order
-    wanted, so a claim costs the same with a million rows behind it (one walk of the domain's
-    open rows in id order skipped every deferred or held row ahead of the first due one: 50 ms
-    a claim with 100,000 deferred rows in front). ``fresh``: due since arrival, release or a
-    retry-now (next_attempt_at 0), oldest first; ``retry``: retries whose time has come,
-    earliest first; ``lapsed``: a dead worker's expired leases. ``claim_statement`` merges
-    them by id, so an old retry is not starved by a stream of new mail. A held domain sends
-    only its canaries (released rows, recipients_canary)."""
-    if relay:
-        guard = f" AND {_STILL_RELAYING}"
-        fresh = (
-            "fresh AS (SELECT r.id, r.message_seq FROM recipients r WHERE r.domain = %(domain)s"
-            " AND r.state = 'pending' AND r.next_attempt_at = 0 AND NOT r.held"
-            f"{guard} ORDER BY r.id LIMIT %(limit)s FOR UPDATE OF r SKIP LOCKED),"
-            " retry AS (SELECT r.id, r.message_seq FROM recipients r"
-            " WHERE r.domain = %(domain)s AND r.state = 'pending' AND r.next_attempt_at > 0"
-            f" AND r.next_attempt_at <= %(now)s AND NOT r.held{guard}"
-            " ORDER BY r.next_attempt_at, r.id LIMIT %(limit)s FOR UPDATE OF r SKIP LOCKED)"
-        )
-    else:
-        fresh = (
-            "fresh AS (SELECT r.id, r.message_seq FROM recipients r WHERE r.domain = %(domain)s"
-            " AND r.released AND r.state IN ('pending', 'delivering') AND r.state = 'pending'"
-            " AND r.next_attempt_at <= %(now)s AND NOT r.held"
-            " ORDER BY r.id LIMIT %(limit)s FOR UPDATE OF r SKIP LOCKED),"
-            " retry AS (SELECT 0::bigint AS id, 0::bigint AS message_seq WHERE false)"
-        )
-    return (
-        f"{fresh}, lapsed AS (SELECT r.id, r.message_seq FROM recipients r"
-        " WHERE r.domain = %(domain)s AND r.state = 'delivering' AND r.lease_until < %(now)s"
-        " ORDER BY r.lease_until LIMIT %(limit)s FOR UPDATE OF r SKIP LOCKED)"
+def _claim_lanes(relay: bool) -> dict[str, str]:
+    """The lanes of a claim, by name: each a WHERE ... ORDER BY over recipients ``r`` that
+    ``claim_statement`` takes up to ``limit`` rows from, locked (SKIP LOCKED). Each reads an
+    index range that holds only due candidates in the order wanted, so a claim costs the same
+    with a million rows behind it (one walk of the domain's open rows in id order skipped every
+    deferred or held row ahead of the first due one: 50 ms a claim with 100,000 deferred rows
+    in front). ``fresh``: due since arrival, release or a retry-now (next_attempt_at 0), oldest
+    first; ``retry``: retries whose time has come, earliest first; ``lapsed``: a dead worker's
+    expired leases. ``claim_statement`` merges them by id, so an old retry is not starved by a
+    stream of new mail. A held domain sends only its canaries (released rows,
+    recipients_canary)."""
+    lapsed = (
+        "r.domain = %(domain)s AND r.state = 'delivering' AND r.lease_until < %(now)s"
+        " ORDER BY r.lease_until"
     )
+    if not relay:
+        return {
+            "canary": "r.domain = %(domain)s AND r.released"
+            " AND r.state IN ('pending', 'delivering') AND r.state = 'pending'"
+            " AND r.next_attempt_at <= %(now)s AND NOT r.held ORDER BY r.id",
+            "lapsed": lapsed,
+        }
+    pending = f"r.domain = %(domain)s AND r.state = 'pending' AND NOT r.held AND {_STILL_RELAYING}"
+    return {
+        "fresh": f"{pending} AND r.next_attempt_at = 0 ORDER BY r.id",
+        "retry": f"{pending} AND r.next_attempt_at > 0 AND r.next_attempt_at <= %(now)s"
+        " ORDER BY r.next_attempt_at, r.id",
+        "lapsed": lapsed,
+    }
 
 
 class PostgresStore(queries.ReadSide):

@@ -157,34 +157,52 @@ def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
-_CLAIM_LAPSED = (
-    "SELECT id, message_seq FROM (SELECT r.id, r.message_seq FROM recipients r"
-    " INDEXED BY recipients_lease WHERE r.domain = :domain AND r.state = 'delivering'"
-    " AND r.lease_until < :now ORDER BY r.lease_until LIMIT :limit)"
+def _claim_choice(*lanes: tuple[str, str]) -> str:
+    """The messages a claim takes: the first ``:limit`` rows of the lanes (index, WHERE ...
+    ORDER BY over recipients ``r``), each lane cut at ``:limit``, merged by id so an old retry
+    is not starved by a stream of new mail. Each lane is an index range that holds only due
+    candidates in the order wanted: never a walk over a domain's whole backlog (one OR over
+    two indexes, sorted in full, made every claim a quarter of a second at a million held)."""
+    picks = " UNION ALL ".join(
+        f"SELECT id, message_seq FROM (SELECT r.id, r.message_seq FROM recipients r"
+        f" INDEXED BY {index} WHERE {where} LIMIT :limit)"
+        for index, where in lanes
+    )
+    return (
+        f"SELECT DISTINCT message_seq FROM (SELECT message_seq FROM ({picks})"
+        " ORDER BY id LIMIT :limit)"
+    )
+
+
+_LAPSED = (
+    "recipients_lease",
+    "r.domain = :domain AND r.state = 'delivering' AND r.lease_until < :now ORDER BY r.lease_until",
 )
-_CLAIM_CHOICE_RELAY = (
-    "SELECT DISTINCT message_seq FROM (SELECT message_seq FROM ("
+_CLAIM_CHOICE_RELAY = _claim_choice(
     # Due since it arrived or was released or retried now (next_attempt_at 0), oldest first:
     # recipients_due (domain, next_attempt_at) ends with the rowid, so this is a range of the
     # index already in id order.
-    "SELECT id, message_seq FROM (SELECT r.id, r.message_seq FROM recipients r"
-    " INDEXED BY recipients_due WHERE r.domain = :domain AND r.state = 'pending'"
-    " AND r.next_attempt_at = 0 AND r.held = 0 ORDER BY r.id LIMIT :limit)"
+    (
+        "recipients_due",
+        "r.domain = :domain AND r.state = 'pending' AND r.next_attempt_at = 0 AND r.held = 0"
+        " ORDER BY r.id",
+    ),
     # Retries whose time has come, the earliest first.
-    " UNION ALL SELECT id, message_seq FROM (SELECT r.id, r.message_seq FROM recipients r"
-    " INDEXED BY recipients_due WHERE r.domain = :domain AND r.state = 'pending'"
-    " AND r.next_attempt_at > 0 AND r.next_attempt_at <= :now AND r.held = 0"
-    " ORDER BY r.next_attempt_at, r.id LIMIT :limit)"
-    f" UNION ALL {_CLAIM_LAPSED}) ORDER BY id LIMIT :limit)"
+    (
+        "recipients_due",
+        "r.domain = :domain AND r.state = 'pending' AND r.next_attempt_at > 0"
+        " AND r.next_attempt_at <= :now AND r.held = 0 ORDER BY r.next_attempt_at, r.id",
+    ),
+    _LAPSED,
 )
-_CLAIM_CHOICE_HELD = (
-    "SELECT DISTINCT message_seq FROM (SELECT message_seq FROM ("
+_CLAIM_CHOICE_HELD = _claim_choice(
     # A held domain sends only its canaries (released = 1), a handful of rows.
-    "SELECT id, message_seq FROM (SELECT r.id, r.message_seq FROM recipients r"
-    " INDEXED BY recipients_canary WHERE r.domain = :domain AND r.released = 1"
-    " AND r.state IN ('pending', 'delivering') AND r.state = 'pending'"
-    " AND r.next_attempt_at <= :now AND r.held = 0 ORDER BY r.id LIMIT :limit)"
-    f" UNION ALL {_CLAIM_LAPSED}) ORDER BY id LIMIT :limit)"
+    (
+        "recipients_canary",
+        "r.domain = :domain AND r.released = 1 AND r.state IN ('pending', 'delivering')"
+        " AND r.state = 'pending' AND r.next_attempt_at <= :now AND r.held = 0 ORDER BY r.id",
+    ),
+    _LAPSED,
 )
 """The messages a claim takes: the first ``limit`` due rows, each lane read from an index that
 holds only due candidates in the order wanted (never a walk over a domain's whole backlog,
