@@ -64,6 +64,7 @@ from common import (
     median,
     mxspool_bin,
     run_smtp_source,
+    settle,
 )
 from postfix_spool import PostfixError, PostfixSpool
 
@@ -223,6 +224,7 @@ def run_mxspool(case: Case, run: int, store_url: str | None, system: str = "mxsp
         before = server.held_count() if server.persistent_store else 0
         if not off and AUTH["setup"] is not None:  # its start is not the messages' cost
             servercpu.wait_for_worker(server.log)
+        settle()  # before the CPU snapshot: run_smtp_source settles again, briefly
         cpu_before = servercpu.snapshot(server.pid)
         res = run_smtp_source(
             server.port,

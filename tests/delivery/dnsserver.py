@@ -33,11 +33,12 @@ class ZoneResolver(BaseResolver):  # type: ignore[misc]
 
 
 class DnsServer:
-    def __init__(self, zone: str) -> None:
+    def __init__(self, zone: str, resolver: ZoneResolver | None = None) -> None:
+        """Serves ``zone``, or ``resolver`` (a ZoneResolver that does more) when given."""
         self.port = free_port()
         quiet = DNSLogger(logf=lambda _text: None)
         self.server = DNSServer(
-            ZoneResolver(zone), port=self.port, address="127.0.0.1", logger=quiet
+            resolver or ZoneResolver(zone), port=self.port, address="127.0.0.1", logger=quiet
         )
 
     @property

@@ -14,7 +14,9 @@ import concurrent.futures
 import contextlib
 import json
 import sqlite3
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from mxspool.intake.spf import SpfCheck, SpfChecker
 from mxspool.store.base import ClientInfo, IncomingMessage, StoredMessage
 from mxspool.store.sqlite import SqliteStore
 from tests.conftest import Spooler
-from tests.delivery.dnsserver import DnsServer
+from tests.delivery.dnsserver import DnsServer, ZoneResolver
 from tests.delivery.target import Target
 from tests.smtp_client import RawClient
 from tests.waiting import eventually, wait_until
@@ -173,6 +175,57 @@ async def test_checker_results_cache_and_bounds(dns: DnsServer) -> None:
         assert busy is not None and busy.tags() == ("spf=temperror",)
     finally:
         full.close()
+
+
+class GatedResolver(ZoneResolver):
+    """Answers only once ``gate`` is open (at most 10 s), counting the questions per name
+    (the checker's resolver caches answers: a name is asked once, however many checks)."""
+
+    def __init__(self, zone: str) -> None:
+        super().__init__(zone)
+        self.gate = threading.Event()
+        self.asked: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def resolve(self, request: Any, handler: Any) -> Any:
+        with self._lock:
+            self.asked[str(request.q.qname)] += 1
+        self.gate.wait(10)
+        return super().resolve(request, handler)
+
+
+async def test_same_sender_from_same_client_is_checked_once_at_a_time() -> None:
+    """A bulk sender's parallel sessions (one client, one sender) share the check in flight,
+    and one of them ending its transaction does not cancel the check the others wait for."""
+    resolver = GatedResolver(ZONE)
+    with DnsServer(ZONE, resolver) as dns:
+        checker = SpfChecker(resolver=dns.address, check_private=True, timeout=5.0, workers=1)
+        try:
+            # The only worker is busy with the first check (its DNS answer is held back), so
+            # every later check waits in the queue: cancellable.
+            started = [checker.start("127.0.0.1", "x@fail.test", "h") for _ in range(5)]
+            other = checker.start("127.0.0.1", "x@soft.test", "h")  # another sender: its own
+            both = [checker.start("127.0.0.2", "y@fail.test", "h") for _ in range(2)]
+            alone = checker.start("127.0.0.3", "z@fail.test", "h")
+            first = [c for c in started if c is not None]
+            queued = [c for c in both if c is not None]
+            assert len(first) == 5 and len(queued) == 2 and other is not None and alone is not None
+            assert all(c.future is first[0].future for c in first)
+            assert other.future is not first[0].future
+            assert queued[0].future is queued[1].future
+            queued[0].cancel()  # the other transaction still waits for it: not cancelled
+            alone.cancel()  # positive control: nobody else waits, the queued check is dropped
+            assert alone.future.cancelled() and not queued[1].future.cancelled()
+            resolver.gate.set()
+            results = [await asyncio.wrap_future(c.future) for c in first]
+            assert results == ["fail"] * 5
+            assert await asyncio.wrap_future(other.future) == "softfail"
+            assert await asyncio.wrap_future(queued[1].future) == "fail"
+            assert alone.tags() == ("spf=temperror",)
+            assert resolver.asked["soft.test."] == 1  # the other sender's own check ran
+        finally:
+            resolver.gate.set()
+            checker.close()
 
 
 async def test_result_after_the_commit_is_tagged_when_it_comes(tmp_path: Path) -> None:

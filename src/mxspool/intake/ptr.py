@@ -37,6 +37,7 @@ import dns.reversename
 
 from mxspool import metrics, nameservers
 from mxspool.config import Config
+from mxspool.intake.slots import client_ip
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +69,6 @@ def valid_hostname(name: str) -> bool:
     return not name.rsplit(".", 1)[-1].isdigit()
 
 
-def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
 class ReverseNames:
     """Forward-confirmed client names with a cache; see the module docstring."""
 
@@ -105,7 +96,7 @@ class ReverseNames:
     def look_up(self, address: str, listener: Listener) -> None:
         """Start finding ``address``'s name; ``listener(name)`` is called when one is confirmed
         (at once when it is cached). Call ``forget`` when the answer is no longer wanted."""
-        ip = _address(address)
+        ip = client_ip(address)
         if ip is None or ip.is_loopback or ip.is_unspecified:
             return
         key = str(ip)
@@ -131,7 +122,7 @@ class ReverseNames:
     def forget(self, address: str, listener: Listener) -> None:
         """``listener`` no longer wants the answer (its session ended); the lookup goes on for
         the cache and the other sessions from that address."""
-        ip = _address(address)
+        ip = client_ip(address)
         running = self._running.get(str(ip)) if ip is not None else None
         if running is not None and listener in running[1]:
             running[1].remove(listener)
@@ -183,7 +174,7 @@ class ReverseNames:
             except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.NoNameservers):
                 continue
             rrset = forward.rrset
-            if rrset is not None and ip in [_address(record.address) for record in rrset]:
+            if rrset is not None and ip in [client_ip(record.address) for record in rrset]:
                 return name, float(min(ptr_ttl, rrset.ttl)), "confirmed"
         log.debug("no PTR name of %s resolves back to it: %s", ip, ", ".join(names[:MAX_NAMES]))
         return None, NEGATIVE_TTL, "not_confirmed"

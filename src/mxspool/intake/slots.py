@@ -13,22 +13,35 @@ place under the client's key when the header names the client (:meth:`Slots.name
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import Counter
 from collections.abc import Sequence
 
 
+@functools.lru_cache(maxsize=4096)
+def client_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A client's address as an IP: no zone index (``fe80::1%eth0``), an IPv4-mapped IPv6
+    address as the IPv4 address it carries; None when it is not an IP address (a Unix socket,
+    "unknown"). Cached: each session asks several times (its slot, ``proxy_from``, its PTR
+    lookup, SPF), and most mail comes from clients that came before."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+@functools.lru_cache(maxsize=4096)
 def client_key(address: str, ipv6_prefix_length: int) -> str:
     """The name under which ``address`` is counted: itself for IPv4, its network for IPv6."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])  # no zone index (fe80::1%eth0)
-    except ValueError:
+    ip = client_ip(address)
+    if ip is None:
         return address  # not an IP address (a Unix socket, "unknown"): counted as it is
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        network = ipaddress.IPv6Network((ip, ipv6_prefix_length), strict=False)
-        return str(network)
+        return str(ipaddress.IPv6Network((ip, ipv6_prefix_length), strict=False))
     return str(ip)
 
 
@@ -36,13 +49,10 @@ def in_networks(
     address: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
 ) -> bool:
     """Whether ``address`` (IPv4-mapped IPv6 as its IPv4 address) is in one of ``networks``."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
+    if not networks:
         return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in network for network in networks)
+    ip = client_ip(address)
+    return ip is not None and any(ip in network for network in networks)
 
 
 class Slots:

@@ -10,8 +10,11 @@ How it runs: when MAIL FROM is accepted (a non-null sender, a client that is not
 private, link-local or otherwise non-global address: internal relays are not listed in anyone's
 SPF record), :meth:`SpfChecker.start` submits the check to a small thread pool (pyspf is
 blocking) and returns at once; the 250 is never delayed, and the check runs while the client
-sends DATA. ``intake.auth`` collects the result after the commit (:attr:`SpfCheck.future`);
-a check never takes longer than ``TIMEOUT`` seconds of DNS time. :meth:`SpfCheck.tags` and
+sends DATA. Results are cached per client and sender for ``CACHE_TTL``; while a check runs,
+sessions from the same client with the same sender (a bulk sender's parallel connections) wait
+for that check instead of starting their own. ``intake.auth`` collects the result after the
+commit (:attr:`SpfCheck.future`); a check never takes longer than ``TIMEOUT`` seconds of DNS
+time. :meth:`SpfCheck.tags` and
 :meth:`SpfCheck.settle` record the result alone, as a tag, for a caller without ``intake.auth``.
 
 Results are RFC 7208's: ``pass``, ``fail``, ``softfail``, ``neutral``, ``none``, ``temperror``,
@@ -27,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-import ipaddress
 import logging
 import threading
 import time
@@ -39,6 +41,7 @@ import spf  # type: ignore[import-untyped]
 
 from mxspool.config import Config
 from mxspool.intake.authdns import make_resolver
+from mxspool.intake.slots import client_ip
 from mxspool.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -65,12 +68,9 @@ def tag(result: str) -> str:
 @functools.lru_cache(maxsize=4096)
 def _internal(client: str) -> bool:
     """Whether ``client`` is not a global unicast address (loopback, private, link-local...)."""
-    try:
-        address = ipaddress.ip_address(client)
-    except ValueError:
+    address = client_ip(client)
+    if address is None:
         return True  # not an IP at all (a Unix socket, "unknown"): nothing to check
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
     return not address.is_global or address.is_multicast
 
 
@@ -118,9 +118,12 @@ def _install() -> None:
 class SpfCheck:
     """One SPF check of one transaction's sender; its result becomes a message tag."""
 
-    def __init__(self, future: concurrent.futures.Future[str]) -> None:
+    def __init__(
+        self, future: concurrent.futures.Future[str], flight: _Flight | None = None
+    ) -> None:
         self.future = future
         self.recorded = False
+        self._flight = flight
 
     def tags(self) -> tuple[str, ...]:
         """``("spf=<result>",)`` when the check is done (then it counts as recorded), else ()."""
@@ -149,8 +152,25 @@ class SpfCheck:
         self.future.add_done_callback(done)
 
     def cancel(self) -> None:
-        """The transaction ended without a message (RSET, new MAIL): drop a queued check."""
+        """The transaction ended without a message (RSET, new MAIL): drop a queued check,
+        unless another transaction waits for the same check."""
+        flight = self._flight
+        if flight is not None:
+            self._flight = None
+            flight.waiting -= 1
+            if flight.waiting > 0:
+                return
         self.future.cancel()
+
+
+class _Flight:
+    """A check in flight, and how many transactions wait for it (``SpfChecker.start``)."""
+
+    __slots__ = ("future", "waiting")
+
+    def __init__(self, future: concurrent.futures.Future[str]) -> None:
+        self.future = future
+        self.waiting = 1
 
 
 def _outcome(future: concurrent.futures.Future[str]) -> str:
@@ -207,6 +227,7 @@ class SpfChecker:
         self._in_flight = 0
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, str], tuple[float, str]] = {}
+        self._flights: dict[tuple[str, str], _Flight] = {}  # under _lock
 
     @classmethod
     def from_config(cls, config: Config) -> SpfChecker:
@@ -223,6 +244,12 @@ class SpfChecker:
         if cached is not None and cached[0] > time.monotonic():
             return SpfCheck(_settled(cached[1]))
         with self._lock:
+            flight = self._flights.get(key)
+            if flight is not None:
+                # The same sender from the same client in another session, still being
+                # checked (a bulk sender's parallel connections): wait for that check.
+                flight.waiting += 1
+                return SpfCheck(flight.future, flight)
             busy = self._in_flight >= self.max_in_flight
             if not busy:
                 self._in_flight += 1
@@ -230,12 +257,20 @@ class SpfChecker:
             log.warning("too many SPF checks in flight; %s from %s gets temperror", sender, client)
             return SpfCheck(_settled("temperror"))
         future = self._pool.submit(self._check, client, sender, helo)
-        future.add_done_callback(self._finished)
-        return SpfCheck(future)
+        flight = _Flight(future)
+        with self._lock:
+            self._flights[key] = flight
+        # After the flight is listed: a check already done calls _finished at once, here.
+        future.add_done_callback(functools.partial(self._finished, key, flight))
+        return SpfCheck(future, flight)
 
-    def _finished(self, future: concurrent.futures.Future[str]) -> None:
+    def _finished(
+        self, key: tuple[str, str], flight: _Flight, _future: concurrent.futures.Future[str]
+    ) -> None:
         with self._lock:
             self._in_flight -= 1
+            if self._flights.get(key) is flight:
+                del self._flights[key]
 
     def _check(self, client: str, sender: str, helo: str) -> str:
         _local.nameserver = self._nameserver
