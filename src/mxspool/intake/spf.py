@@ -14,8 +14,8 @@ sends DATA. Results are cached per client and sender for ``CACHE_TTL``; while a 
 sessions from the same client with the same sender (a bulk sender's parallel connections) wait
 for that check instead of starting their own. ``intake.auth`` collects the result after the
 commit (:attr:`SpfCheck.future`); a check never takes longer than ``TIMEOUT`` seconds of DNS
-time. :meth:`SpfCheck.tags` and
-:meth:`SpfCheck.settle` record the result alone, as a tag, for a caller without ``intake.auth``.
+time. :meth:`SpfCheck.tags` and :meth:`SpfCheck.settle` record the result alone, as a tag, for
+a caller without ``intake.auth``.
 
 Results are RFC 7208's: ``pass``, ``fail``, ``softfail``, ``neutral``, ``none``, ``temperror``,
 ``permerror``. A check that cannot start (too many in flight) or breaks records ``temperror``.
