@@ -224,7 +224,7 @@ def run_mxspool(case: Case, run: int, store_url: str | None, system: str = "mxsp
         before = server.held_count() if server.persistent_store else 0
         if not off and AUTH["setup"] is not None:  # its start is not the messages' cost
             servercpu.wait_for_worker(server.log)
-        settle()  # before the CPU snapshot: run_smtp_source settles again, briefly
+        settle()  # before the CPU snapshot and the timed run
         cpu_before = servercpu.snapshot(server.pid)
         res = run_smtp_source(
             server.port,
@@ -309,6 +309,7 @@ def run_mxspool_pg2(case: Case, run: int, pg: PgSchemas) -> RunResult:
             )
 
         threads = [threading.Thread(target=drive, args=(i,), daemon=True) for i in (0, 1)]
+        settle()  # once, for both: the barrier starts them together
         for t in threads:
             t.start()
         for t in threads:
@@ -339,6 +340,7 @@ def run_postfix(case: Case, run: int, spool: PostfixSpool) -> RunResult:
         spool.flush()
         if spool.total_count() != 0:
             raise PostfixError("queue not empty after postsuper -d ALL")
+        settle()
         res = run_smtp_source(
             spool.port,
             sessions=case.sessions,

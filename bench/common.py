@@ -431,7 +431,6 @@ def run_smtp_source(
 ) -> SourceResult:
     """Run Postfix's smtp-source once and time it (wall clock of the whole run).
 
-    The machine settles first (:func:`settle`), outside the timed part.
     Without ``persistent`` smtp-source opens a new connection per message; with it (``-d``)
     each session keeps its connection open for all its messages. ``message_file``: send that
     pre-formatted message (``-F``) instead of a generated one of ``size`` bytes.
@@ -441,7 +440,6 @@ def run_smtp_source(
     if persistent:
         cmd.append("-d")
     cmd += ["-f", sender, "-t", recipient, "-M", helo, f"{host}:{port}"]
-    settle()
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)

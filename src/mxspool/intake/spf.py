@@ -224,10 +224,11 @@ class SpfChecker:
         self.timeout = timeout
         self.max_in_flight = max_in_flight
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="spf")
-        self._in_flight = 0
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, str], tuple[float, str]] = {}
-        self._flights: dict[tuple[str, str], _Flight] = {}  # under _lock
+        self._flights: dict[tuple[str, str], _Flight] = {}
+        """The checks queued or running (at most ``max_in_flight``), by client and sender;
+        under ``_lock`` (a check ends in a pool thread)."""
 
     @classmethod
     def from_config(cls, config: Config) -> SpfChecker:
@@ -240,7 +241,6 @@ class SpfChecker:
             return None
         key = (client, sender.lower())
         cached = self._cache.get(key)
-        future: concurrent.futures.Future[str]
         if cached is not None and cached[0] > time.monotonic():
             return SpfCheck(_settled(cached[1]))
         with self._lock:
@@ -250,27 +250,20 @@ class SpfChecker:
                 # checked (a bulk sender's parallel connections): wait for that check.
                 flight.waiting += 1
                 return SpfCheck(flight.future, flight)
-            busy = self._in_flight >= self.max_in_flight
-            if not busy:
-                self._in_flight += 1
-        if busy:
+            if len(self._flights) < self.max_in_flight:
+                flight = self._flights[key] = _Flight(
+                    self._pool.submit(self._check, client, sender, helo)
+                )
+        if flight is None:
             log.warning("too many SPF checks in flight; %s from %s gets temperror", sender, client)
             return SpfCheck(_settled("temperror"))
-        future = self._pool.submit(self._check, client, sender, helo)
-        flight = _Flight(future)
-        with self._lock:
-            self._flights[key] = flight
         # After the flight is listed: a check already done calls _finished at once, here.
-        future.add_done_callback(functools.partial(self._finished, key, flight))
-        return SpfCheck(future, flight)
+        flight.future.add_done_callback(functools.partial(self._finished, key))
+        return SpfCheck(flight.future, flight)
 
-    def _finished(
-        self, key: tuple[str, str], flight: _Flight, _future: concurrent.futures.Future[str]
-    ) -> None:
+    def _finished(self, key: tuple[str, str], _future: concurrent.futures.Future[str]) -> None:
         with self._lock:
-            self._in_flight -= 1
-            if self._flights.get(key) is flight:
-                del self._flights[key]
+            del self._flights[key]
 
     def _check(self, client: str, sender: str, helo: str) -> str:
         _local.nameserver = self._nameserver

@@ -235,7 +235,7 @@ def _claim_lanes(relay: bool) -> dict[str, str]:
         "r.domain = %(domain)s AND r.state = 'delivering' AND r.lease_until < %(now)s"
         " ORDER BY r.lease_until"
     )
-    if not relay:
+    if not relay:  # state IN (...): recipients_canary's own condition, so the index applies
         return {
             "canary": "r.domain = %(domain)s AND r.released"
             " AND r.state IN ('pending', 'delivering') AND r.state = 'pending'"

@@ -196,7 +196,8 @@ _CLAIM_CHOICE_RELAY = _claim_choice(
     _LAPSED,
 )
 _CLAIM_CHOICE_HELD = _claim_choice(
-    # A held domain sends only its canaries (released = 1), a handful of rows.
+    # A held domain sends only its canaries (released = 1), a handful of rows. The state IN
+    # (...) is recipients_canary's own condition, repeated so that the partial index applies.
     (
         "recipients_canary",
         "r.domain = :domain AND r.released = 1 AND r.state IN ('pending', 'delivering')"
@@ -204,12 +205,6 @@ _CLAIM_CHOICE_HELD = _claim_choice(
     ),
     _LAPSED,
 )
-"""The messages a claim takes: the first ``limit`` due rows, each lane read from an index that
-holds only due candidates in the order wanted (never a walk over a domain's whole backlog,
-which at a million held messages made every claim a quarter of a second: one OR over two
-indexes sorted in full). Lanes: rows due since they arrived or were released (id order),
-retries whose time has come (earliest first), lapsed leases of a dead worker; merged by id so
-an old retry is not starved by a stream of new mail."""
 
 
 class SqliteStore(queries.ReadSide):
