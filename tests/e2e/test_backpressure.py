@@ -41,7 +41,8 @@ def flood(
     socks: list[socket.socket], *, limit: int, seconds: float, stall: float = 1.0
 ) -> list[int]:
     """Send UNIT repeatedly on every socket without reading, until each has sent ``limit``
-    bytes or made no progress for ``stall`` seconds, or ``seconds`` pass. Bytes sent each."""
+    bytes, made no progress for ``stall`` seconds or was reset, or ``seconds`` pass. Bytes
+    sent each."""
     payload = UNIT * (65536 // len(UNIT))
     sent = [0] * len(socks)
     progress = [time.monotonic()] * len(socks)
@@ -57,6 +58,9 @@ def flood(
                 n = sock.send(payload[offset:])
             except BlockingIOError:
                 n = 0
+            except (ConnectionResetError, BrokenPipeError):
+                done[i] = True  # the server gave up on it already (its idle_timeout ran out)
+                continue
             now = time.monotonic()
             if n:
                 sent[i] += n

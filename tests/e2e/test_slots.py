@@ -44,13 +44,16 @@ def test_idle_clients_that_do_not_read_give_their_slots_back(spooler_factory: An
     idle = 2.0
     node = _node(spooler_factory, max_connections=5, max_connections_per_ip=10, idle_timeout="2s")
     socks = [flooder(node.port) for _ in range(5)]
-    sent = flood(socks, limit=8 << 20, seconds=6.0, stall=0.5)
-    stalled = time.monotonic()
-    assert all(n < 8 << 20 for n in sent), sent  # the server stopped reading each of them
-    # Every slot is taken now: a sender is turned away (the control for what follows).
+    # Every slot is taken now: a sender is turned away (the control for what follows). It
+    # is taken before the flood, not after: the server accepts in the order clients
+    # connected, so this is certain, whereas after a flood slowed by a busy machine the
+    # first flooder's idle_timeout may already have run out (CI saw 220 here once).
     refused = RawClient(node.port, timeout=5)
     assert refused.reply()[0] == 421
     refused.close()
+    sent = flood(socks, limit=8 << 20, seconds=6.0, stall=0.5)
+    stalled = time.monotonic()
+    assert all(n < 8 << 20 for n in sent), sent  # the server stopped reading each of them
     # Within idle_timeout (plus a margin) of the flood, the slots are free again.
     while True:
         client = RawClient(node.port, timeout=5)
