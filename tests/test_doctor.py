@@ -8,13 +8,18 @@ import json
 import socket
 import subprocess
 from collections.abc import Iterator
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
+from mxspool import doctor as doctor_module
+from mxspool.store import postgres_health
 from tests.conftest import MXSPOOL, Spooler
 from tests.delivery.dnsserver import DnsServer
+from tests.store.conftest import pg_server, pg_url  # noqa: F401  (fixtures)
 
 
 @pytest.fixture
@@ -102,3 +107,80 @@ def test_ports_held_by_others_fail_and_by_our_server_pass(setup: Spooler) -> Non
     assert code == 0, checks
     ours = checks[f"port smtp 127.0.0.1:{setup.port}"]
     assert ours["status"] == "ok" and "our server" in ours["detail"]
+
+
+# -- the database server (PostgreSQL) ------------------------------------------------------
+
+
+def test_postgres_durability_and_autovacuum_are_judged(
+    spooler_factory: Any,
+    pg_url: str,  # noqa: F811
+) -> None:
+    node: Spooler = spooler_factory(store={"url": pg_url, "min_free_space": "0"})
+    node.cli("domain", "add", "example.test", "--route", "127.0.0.1:2526")  # creates the tables
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        autovacuum = conn.execute("SHOW autovacuum").fetchone()
+        track_counts = conn.execute("SHOW track_counts").fetchone()
+    assert autovacuum is not None and track_counts is not None
+    server_vacuums = autovacuum[0] == "on" and track_counts[0] == "on"
+
+    _, checks = doctor(node)
+    database, maintenance = checks["database"], checks["database maintenance"]
+    assert database["status"] == "ok" and "PostgreSQL" in database["detail"], database
+    # This machine's server may run without autovacuum: then doctor must say so, with the fix.
+    if server_vacuums:
+        assert maintenance["status"] == "ok", maintenance
+    else:
+        assert maintenance["status"] == "warn" and "dead tuples" in maintenance["detail"]
+        assert "ALTER SYSTEM SET" in maintenance["fix"] and "pg_reload_conf" in maintenance["fix"]
+
+    # One of our tables with autovacuum off is found (none before: the control) and named,
+    # with the statement that turns it on again.
+    assert postgres_health(pg_url).no_autovacuum == []
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE recipients SET (autovacuum_enabled = off)")
+    health = postgres_health(pg_url)
+    assert health.no_autovacuum == ["recipients"]
+    _, checks = doctor(node)
+    maintenance = checks["database maintenance"]
+    assert maintenance["status"] == "warn", maintenance
+    # A server-wide "off" is reported first (it covers the table too); the table's own finding,
+    # as doctor words it on a server that does vacuum:
+    vacuuming = replace(health, settings={**health.settings, "autovacuum": "on"})
+    (finding,) = doctor_module.judge_vacuum(vacuuming)
+    assert finding.status == "warn" and "recipients" in finding.detail
+    assert finding.fix == "ALTER TABLE recipients RESET (autovacuum_enabled)"
+    if server_vacuums:
+        assert maintenance == asdict(finding)
+
+
+def test_postgres_without_synchronous_commit_fails(
+    spooler_factory: Any,
+    pg_url: str,  # noqa: F811
+) -> None:
+    # The role's or the URL's synchronous_commit = off: serve refuses to open, doctor says why.
+    marker = "options=-csearch_path%3D"
+    assert marker in pg_url
+    url = pg_url.replace(marker, "options=-csynchronous_commit%3Doff%20-csearch_path%3D")
+    node: Spooler = spooler_factory(store={"url": url, "min_free_space": "0"})
+    code, checks = doctor(node)
+    assert code == 1
+    assert checks["database"]["status"] == "fail", checks["database"]
+    assert "synchronous_commit = on" in checks["database"]["fix"]
+    # The control: the same database through the unchanged URL passes.
+    node_ok: Spooler = spooler_factory(store={"url": pg_url, "min_free_space": "0"})
+    _, checks = doctor(node_ok)
+    assert checks["database"]["status"] == "ok", checks["database"]
+
+
+def test_an_unreachable_postgres_fails_with_the_fix(spooler_factory: Any) -> None:
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"postgresql://postgres@127.0.0.1:{port}/test?connect_timeout=3"
+    node: Spooler = spooler_factory(store={"url": url, "min_free_space": "0"})
+    code, checks = doctor(node)
+    assert code == 1
+    database = checks["database"]
+    assert database["status"] == "fail" and "cannot connect" in database["detail"], database
+    assert "[store] url" in database["fix"]

@@ -25,16 +25,22 @@ import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dns.exception
 import dns.resolver
 
 from mxspool.config import Config, split_host_port
+from mxspool.store import StoreError, is_postgres, postgres_health
+from mxspool.store.base import SYNCHRONOUS_COMMIT_OFF
 from mxspool.store.serverlock import SpoolBusy, SpoolLock, lock_path
 from mxspool.store.sqlite import sqlite_path
 from mxspool.tls import certinfo
 from mxspool.tls.files import served_paths, state_dir
 from mxspool.units import format_duration
+
+if TYPE_CHECKING:
+    from mxspool.store.postgres import ServerHealth
 
 DNS_TIMEOUT = 3.0
 """Seconds the resolver gets to answer one query."""
@@ -292,6 +298,79 @@ def check_disk(config: Config) -> Iterator[Finding]:
         yield _ok("disk", text)
 
 
+def check_database(config: Config) -> Iterator[Finding]:
+    """The PostgreSQL server's durability and maintenance settings, as mxspool's connection
+    sees them (a SQLite store has nothing to ask a server)."""
+    url = config.store.url
+    if not is_postgres(url):
+        yield _ok("database", f"SQLite store {sqlite_path(url)}: WAL, synchronous = FULL")
+        return
+    try:
+        health = postgres_health(url)
+    except StoreError as exc:
+        yield Finding(
+            "database",
+            "fail",
+            str(exc),
+            "check [store] url, that the server runs and that it accepts this user",
+        )
+        return
+    settings = health.settings
+    if settings.get("synchronous_commit") == "off":
+        yield Finding("database", "fail", "synchronous_commit = off", SYNCHRONOUS_COMMIT_OFF)
+    elif settings.get("fsync") == "off":
+        yield Finding(
+            "database",
+            "fail",
+            "fsync = off: a crash of the database machine can lose or corrupt mail already "
+            "acknowledged with 250",
+            "set fsync = on in postgresql.conf, then SELECT pg_reload_conf()",
+        )
+    elif settings.get("full_page_writes") == "off":
+        yield Finding(
+            "database",
+            "warn",
+            "full_page_writes = off: a power loss in the middle of a page write can leave the "
+            "database unreadable",
+            "set full_page_writes = on in postgresql.conf, then SELECT pg_reload_conf()",
+        )
+    else:
+        yield _ok("database", f"PostgreSQL {health.version}: synchronous_commit and fsync on")
+    yield from judge_vacuum(health)
+
+
+def judge_vacuum(health: ServerHealth) -> Iterator[Finding]:
+    """Whether the server reclaims the rows a release and a purge leave behind."""
+    # A release turns every held recipient row into a dead tuple (an UPDATE is a new row
+    # version) and purge deletes them; without autovacuum nobody reclaims them, so the claim
+    # query and the status counts scan more and more of them as the release goes on.
+    consequence = (
+        "rows finished by a release or a purge stay as dead tuples nobody reclaims; claims and "
+        "status slow down as the release goes on"
+    )
+    off = [name for name in ("autovacuum", "track_counts") if health.settings.get(name) == "off"]
+    if off:
+        yield Finding(
+            "database maintenance",
+            "warn",
+            f"{' and '.join(f'{name} = off' for name in off)}: {consequence}",
+            "; ".join(f"ALTER SYSTEM SET {name} = on" for name in off)
+            + "; SELECT pg_reload_conf()",
+        )
+    elif health.no_autovacuum:
+        tables = ", ".join(health.no_autovacuum)
+        yield Finding(
+            "database maintenance",
+            "warn",
+            f"autovacuum is turned off for {tables}: {consequence}",
+            "; ".join(
+                f"ALTER TABLE {name} RESET (autovacuum_enabled)" for name in health.no_autovacuum
+            ),
+        )
+    else:
+        yield _ok("database maintenance", "autovacuum on")
+
+
 def _adjtimex_synchronised() -> bool | None:
     libc_name = ctypes.util.find_library("c")
     if not libc_name:
@@ -344,6 +423,7 @@ CHECKS: tuple[Callable[[Config], Iterator[Finding]], ...] = (
     check_certificate,
     check_dns,
     check_disk,
+    check_database,
     check_clock,
 )
 

@@ -23,6 +23,7 @@ from mxspool.notify.build import build_targets
 from mxspool.notify.detector import Detector
 from mxspool.notify.dispatcher import Dispatcher
 from mxspool.notify.nodes import NodeWatch
+from mxspool.store import is_postgres
 from mxspool.store.base import Store
 from mxspool.store.presence import Presence
 
@@ -47,7 +48,7 @@ class Notifications:
         self.node = config.smtp.hostname
         self.targets = build_targets(config)
         self.dispatcher = Dispatcher(self.targets, config.notifications.queue_size)
-        postgres = config.store.url.startswith(("postgresql://", "postgres://"))
+        postgres = is_postgres(config.store.url)
         self.presence = Presence(config.store.url, self.node) if postgres else None
         self.detector: Detector | None = None
         self.nodes: NodeWatch | None = None

@@ -7,7 +7,14 @@ needs psycopg, and a PostgreSQL URL without it fails with a message naming the e
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 from mxspool.store.base import Store, StoreError
+
+if TYPE_CHECKING:
+    from mxspool.store.postgres import ServerHealth
 
 POSTGRES_MODULES = frozenset({"psycopg", "psycopg_pool", "psycopg_binary", "psycopg_c"})
 """What the ``postgres`` extra installs; only :mod:`mxspool.store.postgres` imports them."""
@@ -30,17 +37,9 @@ def create_store(url: str) -> Store:
         from mxspool.store.sqlite import SqliteStore
 
         return SqliteStore(url)
-    if url.startswith(("postgresql://", "postgres://")):
-        try:
+    if is_postgres(url):
+        with _postgres_extra():
             from mxspool.store.postgres import PostgresStore
-        except ImportError as exc:
-            if not _from_postgres_extra(exc):
-                raise
-            raise MissingDependency(
-                f"the store URL is postgresql:// but its driver cannot be imported ({exc}); "
-                "install the PostgreSQL support with: pip install 'mxspool[postgres]' "
-                "(or use a sqlite:/// store URL)"
-            ) from None
         return PostgresStore(url)
     raise StoreError(
         f"store URL {url!r} is not supported; use sqlite:///path/to/spool.db "
@@ -48,4 +47,37 @@ def create_store(url: str) -> Store:
     )
 
 
-__all__ = ["MissingDependency", "Store", "StoreError", "create_store"]
+def is_postgres(url: str) -> bool:
+    return url.startswith(("postgresql://", "postgres://"))
+
+
+def postgres_health(url: str) -> ServerHealth:
+    """What ``mxspool doctor`` judges about the PostgreSQL server behind ``url`` (blocking)."""
+    with _postgres_extra():
+        from mxspool.store.postgres import server_health
+    return server_health(url)
+
+
+@contextlib.contextmanager
+def _postgres_extra() -> Iterator[None]:
+    """Imports of the PostgreSQL store: a missing psycopg becomes a message naming the extra."""
+    try:
+        yield
+    except ImportError as exc:
+        if not _from_postgres_extra(exc):
+            raise
+        raise MissingDependency(
+            f"the store URL is postgresql:// but its driver cannot be imported ({exc}); "
+            "install the PostgreSQL support with: pip install 'mxspool[postgres]' "
+            "(or use a sqlite:/// store URL)"
+        ) from None
+
+
+__all__ = [
+    "MissingDependency",
+    "Store",
+    "StoreError",
+    "create_store",
+    "is_postgres",
+    "postgres_health",
+]

@@ -26,6 +26,15 @@ class StoreError(Exception):
     """The store could not do what was asked; the message says what and what to do."""
 
 
+SYNCHRONOUS_COMMIT_OFF = (
+    "the PostgreSQL store runs with synchronous_commit = off, so a PostgreSQL crash could lose "
+    "mail already acknowledged with 250; set it to on for mxspool's role or database (ALTER "
+    "ROLE ... SET synchronous_commit = on) or remove it from the options in [store] url"
+)
+"""An accept's 250 waits for its COMMIT; with synchronous_commit off the COMMIT returns before
+the WAL is flushed. The PostgreSQL store refuses to open so, and ``mxspool doctor`` says why."""
+
+
 class NotFound(StoreError):
     pass
 

@@ -63,6 +63,7 @@ from mxspool.store import codec, counts, purge, queries
 from mxspool.store.base import (
     FLUSH_ALL,
     HELD_UNTIL,
+    SYNCHRONOUS_COMMIT_OFF,
     AcceptCallback,
     Conflict,
     CounterDrift,
@@ -310,14 +311,7 @@ class PostgresStore(queries.ReadSide):
                     )
                 ).fetchone()
                 if schema is not None and schema[1] == "off":
-                    # An accept's 250 waits for its COMMIT; with this off the COMMIT returns
-                    # before the WAL is flushed, and a crash could lose acknowledged mail.
-                    raise StoreError(
-                        "the PostgreSQL store runs with synchronous_commit = off, so a "
-                        "PostgreSQL crash could lose mail already acknowledged with 250; set it "
-                        "to on for mxspool's role or database (ALTER ROLE ... SET "
-                        "synchronous_commit = on) or remove it from the options in [store] url"
-                    )
+                    raise StoreError(SYNCHRONOUS_COMMIT_OFF)
                 if schema is None or schema[0] is None:
                     raise StoreError(
                         "the PostgreSQL store has no schema to create its tables in: the "
@@ -1538,3 +1532,42 @@ async def _insert_message(conn: Conn, message: IncomingMessage) -> None:
             (seq, chunk, piece),
         )
         chunk += 1
+
+
+# -- what doctor asks of the server --------------------------------------------------------
+
+HEALTH_SETTINGS = ("synchronous_commit", "fsync", "full_page_writes", "autovacuum", "track_counts")
+"""Server settings ``mxspool doctor`` judges (as the connection sees them: role, database and
+URL options included)."""
+
+_HEALTH_SQL = "SELECT name, setting FROM pg_settings WHERE name = ANY(%s)"
+# Tables of the store's schema whose autovacuum was turned off (ALTER TABLE ... SET
+# (autovacuum_enabled = off)); PostgreSQL accepts any prefix of false/off/no, or 0.
+_NO_AUTOVACUUM_SQL = (
+    "SELECT c.relname FROM pg_class c WHERE c.relkind = 'r'"
+    " AND c.relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema())"
+    " AND EXISTS (SELECT 1 FROM unnest(c.reloptions) AS o"
+    "  WHERE o ~* '^autovacuum_enabled=(f|fa|fal|fals|false|n|no|of|off|0)$')"
+    " ORDER BY c.relname"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerHealth:
+    version: str
+    settings: dict[str, str]
+    """``HEALTH_SETTINGS`` by name, as ``pg_settings`` gives them (``on``/``off``, ...)."""
+    no_autovacuum: list[str]
+    """Tables of the store's schema with autovacuum turned off for them."""
+
+
+def server_health(url: str) -> ServerHealth:
+    """Read what doctor judges about the server behind ``url``: blocking, read only."""
+    try:
+        with psycopg.connect(url, **_connect_kwargs(url)) as conn:
+            version = conn.execute("SHOW server_version").fetchone()
+            settings = dict(conn.execute(_HEALTH_SQL, (list(HEALTH_SETTINGS),)).fetchall())
+            tables = [name for (name,) in conn.execute(_NO_AUTOVACUUM_SQL).fetchall()]
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot connect to the PostgreSQL store: {exc}") from exc
+    return ServerHealth(str(version[0]) if version else "unknown", settings, tables)
