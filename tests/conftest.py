@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,26 @@ class Spooler:
     def status(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(self.cli("status", "--json").stdout)
         return data
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the ``/metrics`` samples called ``name`` with these labels (0.0 when there
+        are none); waits up to 10 s for the admin plane to answer."""
+        url = f"http://127.0.0.1:{self.admin_port}/metrics"
+
+        def text() -> str | None:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as answer:
+                    return str(answer.read().decode())
+            except OSError:
+                return None
+
+        total = 0.0
+        for line in wait_until(text, within=10, what="the admin plane to answer").splitlines():
+            if not line.startswith((name + "{", name + " ")):
+                continue
+            if all(f'{key}="{value}"' in line for key, value in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
 
     def domain_status(self, domain: str) -> dict[str, Any]:
         for row in self.status()["domains"]:

@@ -244,7 +244,7 @@ async def test_recover_judges_what_a_crash_left_without_a_verdict(
     store = SqliteStore(f"sqlite:///{tmp_path / 'spool.db'}")
     await store.open()
     auth = Authenticator(
-        store, authserv_id="mx.test", resolver=dns.address, check_private=True, timeout=0.5
+        store, authserv_id="mx.test", resolver=dns.address, check_private=True, timeout=3.0
     )
     try:
         # Committed, then the process died before the verdict: nothing was submitted.

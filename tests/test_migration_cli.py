@@ -8,6 +8,8 @@ import csv
 import io
 import json
 import smtplib
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -214,8 +216,21 @@ def test_serve_performs_scheduled_release_and_records_stages(spooler_factory: An
         node.cli("migration", "hold", "move")
         _send(node, ["late@two.test"])
         wait_until(lambda: node.domain_status("two.test")["held"] == 1, 10, "mail held")
-        node.cli("migration", "release", "move", "--at", "+3s")
+        # (+8s: the cancel, a second CLI process, comes in time even on a loaded machine.)
+        node.cli("migration", "release", "move", "--at", "+8s")
+        scheduled = json.loads(node.cli("migration", "show", "move", "--json").stdout)
+        assert scheduled["release_at"] is not None
+        # Shown to the second; the schedule itself may be up to a second later.
+        due = datetime.fromisoformat(scheduled["release_at"].replace("Z", "+00:00")).timestamp()
         node.cli("migration", "release", "move", "--cancel")
-        stays(lambda: node.domain_status("two.test")["held"] == 1, 4, "held after cancel")
+        assert time.time() < due, "too slow to tell: the schedule was due before the cancel"
+        assert (
+            json.loads(node.cli("migration", "show", "move", "--json").stdout)["release_at"] is None
+        )
+        stays(
+            lambda: node.domain_status("two.test")["held"] == 1,
+            due + 1 - time.time() + 2,
+            "held after cancel",
+        )
     finally:
         target.stop()

@@ -73,7 +73,9 @@ async def test_two_nodes_share_the_rate(
     times = sorted(item.at for item in target.recorder.received)
     measured = (count - 1) / (times[-1] - times[0])
     print(f"cluster rate {measured:.2f}/s for a limit of {rate:.0f}/s")
-    assert abs(measured - rate) <= 0.1 * rate, measured
+    # Never faster than the limit (two nodes each pacing alone would send about twice it); a
+    # loaded machine stalling both nodes (one process) may make it slower.
+    assert 0.6 * rate <= measured <= 1.1 * rate, measured
     # Each second holds at most the rate plus the bucket's small start-up allowance.
     for index, start in enumerate(times):
         assert sum(1 for t in times[index:] if t - start < 1.0) <= rate * 1.2
@@ -104,8 +106,8 @@ async def test_notification_wakes_the_other_node_at_once(
     await wait_until(lambda: "resync" in notes, within=10)  # the listener is connected
     released_at = time.time()
     await release(one)  # type: ignore[arg-type]  # on the other node's connection
-    await wait_until(lambda: len(target.recorder.received) == 1, within=5)
-    assert target.recorder.received[0].at - released_at < 1.0
+    await wait_until(lambda: len(target.recorder.received) == 1, within=15)
+    assert target.recorder.received[0].at - released_at < 10.0  # polling would take 30 s
     assert await _pending(two) == 0
 
 
@@ -118,12 +120,14 @@ async def test_slots_of_a_dead_node_expire(
     one = await open_store()
     await add_domain(one, target.port, hold=False)  # type: ignore[arg-type]
     # A node took every connection slot of the destination, then died without a word.
+    ttl = 6.0  # room for the control on a loaded machine before the slots expire
     taken_at = time.monotonic()
     for number in range(2):
-        assert await one.acquire_slot(DOMAIN, f"dead-node/{number}", 2, 3.0)
+        assert await one.acquire_slot(DOMAIN, f"dead-node/{number}", 2, ttl)
     await put_message(one, [f"a@{DOMAIN}"])  # type: ignore[arg-type]
     engine(on=one, concurrency=2, shared_pacing=True)
     await delivered_control(one, control)  # type: ignore[arg-type]  # the engine sends...
-    assert target.recorder.sessions == 0  # ...but not here: the cluster's limit is still taken
-    assert time.monotonic() - taken_at < 3.0, "too slow to tell: the slots expired meanwhile"
-    await wait_until(lambda: len(target.recorder.received) == 1, within=10)
+    sessions, elapsed = target.recorder.sessions, time.monotonic() - taken_at
+    assert elapsed < ttl, "too slow to tell: the slots expired meanwhile"
+    assert sessions == 0  # ...but not here: the cluster's limit is still taken
+    await wait_until(lambda: len(target.recorder.received) == 1, within=ttl + 10)

@@ -4,6 +4,7 @@ every reaction is measured at the target."""
 from __future__ import annotations
 
 import itertools
+import time
 
 import pytest
 
@@ -70,6 +71,7 @@ async def test_not_ready_at_target_is_rechecked_then_parked(
     await add_domain(store, target.port, hold=True, profile=EXO)
     await put_message(store, [f"new@{DOMAIN}", f"ok@{DOMAIN}"])
     engine(retry=(0.1,))  # a plain deferral would come back every 0.1 s: 5.4.1 waits longer
+    released_at = time.time()
     await release(store)
     await wait_for(lambda: _state(store, f"new@{DOMAIN}", "pending", "not ready at target"))
     _, reply, _ = await _row(store, f"new@{DOMAIN}")
@@ -78,8 +80,11 @@ async def test_not_ready_at_target_is_rechecked_then_parked(
     checks = [at for at, address, _ in target.recorder.rcpts if address == f"new@{DOMAIN}"]
     gaps = [b - a for a, b in itertools.pairwise(checks)]
     print(f"{len(checks)} checks, gaps {[round(g, 2) for g in gaps]}")
-    assert 4 <= len(checks) <= 7, checks
+    # Re-checked every 0.4 s (never sooner) until 2 s after the release, then parked: about
+    # five checks, fewer only if a loaded machine stalled the engine in between.
+    assert 2 <= len(checks) <= 7, checks
     assert all(gap >= 0.35 for gap in gaps), gaps
+    assert checks[-1] - released_at >= 2.0 - 0.05, (released_at, checks)
     # Parked: no more checks. The positive controls: the checks above came every 0.4 s, so
     # 1 s is more than two of their gaps; and the engine still polls and sends (the control).
     await delivered_control(store, control)

@@ -116,7 +116,7 @@ async def test_five_percent_busy_keeps_at_least_half_the_rate(
     ratio = throttled / unthrottled
     print(f"unthrottled {unthrottled:.1f}/s, 5% busy {throttled:.1f}/s: {ratio:.2f}")
     # Positive controls: the healthy release went at its rate, the busy target was busy.
-    assert unthrottled >= rate * 0.7, unthrottled
+    assert unthrottled >= rate * 0.5, unthrottled
     assert busy.exo.busy_given >= 0.5 * 0.05 * 3 * count, busy.exo.busy_given
     assert healthy.exo.busy_given == 0
     assert ratio >= 0.5, ratio

@@ -50,10 +50,13 @@ async def test_rate_limit_holds_at_the_target(
     await wait_for(lambda: len(target.recorder.received) == 60, within=30)
     times = sorted(item.at for item in target.recorder.received)
     assert times[-1] - times[0] >= 2.5, times[-1] - times[0]
-    # No window of one second saw more than the rate (plus one for the window's edge).
+    # No window of one second saw more than the rate, plus one for the window's edge and, at
+    # most, one send per connection: each of the 5 holds one reserved turn, and if this process
+    # stalls past those turns (a loaded CI machine), they go out together when it resumes.
+    # Unpaced, all 60 would arrive within a fraction of a second.
     for index, start in enumerate(times):
         in_window = sum(1 for t in times[index:] if t - start < 1.0)
-        assert in_window <= 21
+        assert in_window <= 20 + 1 + 5, (index, in_window)
 
 
 async def test_rate_change_mid_drain_applies(

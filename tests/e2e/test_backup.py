@@ -21,7 +21,9 @@ from tests.conftest import Spooler
 from tests.waiting import wait_until
 
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
-TOTAL = 5000
+TOTAL = 200_000
+"""More than smtp-source can send while the backup runs, however slow the machine: it is
+stopped once the backup is done (its messages so far all answered 250)."""
 
 pytestmark = pytest.mark.skipif(
     not Path(SMTP_SOURCE).exists(), reason="Postfix's smtp-source is not installed"
@@ -73,12 +75,14 @@ def test_backup_during_intake_holds_everything_acknowledged(node: Spooler, tmp_p
         result = node.cli("backup", str(backup))
         took = time.monotonic() - started
         after = count(node.db)
-        assert source.poll() is None or after < TOTAL, "smtp-source finished before the check"
-        assert source.wait(timeout=120) == 0, source.stderr.read() if source.stderr else ""
+        assert source.poll() is None, "smtp-source ended before the backup did"
     finally:
         if source.poll() is None:
-            source.kill()
-            source.wait()
+            source.terminate()
+        source.wait(timeout=30)
+    # No 4xx/5xx meanwhile (smtp-source would have stopped with a fatal error and said so).
+    complaints = source.stderr.read().decode() if source.stderr else ""
+    assert "fatal" not in complaints and "error" not in complaints, complaints
     print(f"backup of {len(acknowledged)}+ messages took {took:.2f} s: {result.stdout.strip()}")
     assert "backed up" in result.stdout and str(backup) in result.stdout
     # Intake went on meanwhile (positive control for "the backup did not stop it").
@@ -93,7 +97,7 @@ def test_backup_during_intake_holds_everything_acknowledged(node: Spooler, tmp_p
     missing = acknowledged - in_backup
     assert not missing, f"{len(missing)} acknowledged messages missing from the backup"
     assert bodies == len(in_backup)
-    wait_until(lambda: count(node.db) == TOTAL, 30, "all 5,000 messages in the live spool")
+    assert count(node.db) >= after  # the live spool lost nothing either
 
 
 def test_backup_refuses_to_overwrite_unless_forced(stopped: Spooler, tmp_path: Path) -> None:

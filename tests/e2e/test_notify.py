@@ -9,7 +9,6 @@ import json
 import smtplib
 import socket
 import time
-import urllib.request
 from collections.abc import Iterator
 from email import message_from_bytes
 from typing import Any
@@ -36,19 +35,6 @@ def add_notify(spooler: Spooler, *entries: dict[str, Any]) -> None:
 def send(spooler: Spooler, rcpts: list[str], number: int = 0) -> None:
     with smtplib.SMTP("127.0.0.1", spooler.port, timeout=10) as client:
         client.sendmail("sender@src.test", rcpts, f"Subject: m{number}\r\n\r\nbody\r\n".encode())
-
-
-def metric(spooler: Spooler, name: str, **labels: str) -> float:
-    url = f"http://127.0.0.1:{spooler.admin_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as answer:
-        text = answer.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{key}="{value}"' in line for key, value in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 @pytest.fixture
@@ -101,7 +87,7 @@ def test_backlog_parked_release_disk_and_retries(
     disk = receiver.accepted("disk_low")[0]
     assert disk["node"] == "mx.test.local" and disk["domain"] is None
     assert disk["details"]["warning_bytes"] == 900 * 2**40
-    assert metric(node, "mxspool_notification_retries_total", target="hook") == 2
+    assert node.metric("mxspool_notification_retries_total", target="hook") == 2
 
     # Backlog: two recipients are below the threshold, the third crosses it: told once.
     send(node, ["a@hold.test", "b@hold.test"])
@@ -193,14 +179,14 @@ def test_hung_receiver_never_slows_intake_and_queue_is_bounded(spooler_factory: 
         _intake_seconds(node, 6, domains)  # six backlog_high events: one in flight, the rest queue
         wait_until(
             lambda: (
-                metric(node, "mxspool_notifications_total", target="hung", result="dropped") >= 3
+                node.metric("mxspool_notifications_total", target="hung", result="dropped") >= 3
             ),
             15,
             "the oldest notifications dropped",
         )
         seconds = _intake_seconds(node, 150, domains)
         assert seconds < control_seconds * 3 + 1.0, (seconds, control_seconds)
-        assert metric(node, "mxspool_notifications_total", target="hung", result="sent") == 0
+        assert node.metric("mxspool_notifications_total", target="hung", result="sent") == 0
         assert node.domain_status("d0.test")["held"] == 26
         assert "queue of hung is full" in node.log.read_text()
     finally:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime
 import os
 import signal
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -57,19 +56,10 @@ def spooler_with_tls(
     return node, ca, serial
 
 
-def metric(node: Spooler, name: str) -> float:
-    url = f"http://127.0.0.1:{node.admin_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise KeyError(name)
-
-
 def test_changed_files_reach_new_connections(spooler_factory: Any, tmp_path: Path) -> None:
     node, ca, first = spooler_with_tls(spooler_factory, tmp_path, "0.2s")
     assert served_serial(node.port) == first
-    left = metric(node, "mxspool_tls_certificate_expiry_seconds")
+    left = node.metric("mxspool_tls_certificate_expiry_seconds")
     assert 89 * 86400 < left <= 90 * 86400
     session = starttls(node.port)
     assert session.cert.serial_number == first
@@ -79,7 +69,7 @@ def test_changed_files_reach_new_connections(spooler_factory: Any, tmp_path: Pat
     # Under the 30-day threshold: a clear WARNING line, and the gauge follows.
     wait_until(lambda: "WARNING mxspool.tls: TLS certificate" in node.log.read_text(), 5)
     assert "expires in 10.0 days" in node.log.read_text()
-    assert metric(node, "mxspool_tls_certificate_expiry_seconds") < 10 * 86400
+    assert node.metric("mxspool_tls_certificate_expiry_seconds") < 10 * 86400
 
     assert session.command("NOOP").startswith("250")  # the encrypted session goes on
     assert session.command("MAIL FROM:<a@src.test>").startswith("250")
