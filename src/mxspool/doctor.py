@@ -3,9 +3,10 @@
 An operator sets a spooler up once per migration, on a fresh VM, in a hurry; what goes wrong is
 rarely mxspool and often the machine: a key file anyone can read, a port another MTA holds, a
 certificate that does not match its key or expires mid-migration, a resolver that does not
-answer, a small disk, a clock nobody synchronises (certificates, retry times and the report's
-timestamps all trust it). ``doctor`` checks those, without changing anything, and prints one
-line per check with the fix. Exit 0 when nothing failed (warnings allowed), 1 otherwise.
+answer, a small disk, a PostgreSQL server that could lose acknowledged mail or never vacuums,
+a clock nobody synchronises (certificates, retry times and the report's timestamps all trust
+it). ``doctor`` checks those, without changing anything, and prints one line per check with
+the fix. Exit 0 when nothing failed (warnings allowed), 1 otherwise.
 
 The clock cannot be compared with anything outside (a spooler may have no internet access to
 NTP servers beyond its own), so it asks the kernel whether it considers the clock synchronised
