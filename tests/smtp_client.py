@@ -41,6 +41,21 @@ class RawClient:
         assert not self.buffer, f"unexpected plaintext after STARTTLS: {self.buffer!r}"
         self.sock = context.wrap_socket(self.sock, server_hostname=server_hostname)
 
+    def quiet_for(self, seconds: float) -> bool:
+        """Wait ``seconds`` for the server to say anything: True when it sent nothing and kept
+        the connection open all that time (pair with a positive control)."""
+        previous = self.sock.gettimeout()
+        self.sock.settimeout(seconds)
+        try:
+            self.sock.recv(1, socket.MSG_PEEK)  # bytes or end of stream: it was not quiet
+        except TimeoutError:
+            return not self.buffer
+        except OSError:
+            return False
+        finally:
+            self.sock.settimeout(previous)
+        return False
+
     def closed_by_peer(self, timeout: float = 5.0) -> bool:
         self.sock.settimeout(timeout)
         deadline = time.monotonic() + timeout

@@ -336,7 +336,8 @@ def check_database(config: Config) -> Iterator[Finding]:
             "set full_page_writes = on in postgresql.conf, then SELECT pg_reload_conf()",
         )
     else:
-        yield _ok("database", f"PostgreSQL {health.version}: synchronous_commit and fsync on")
+        version = settings.get("server_version", "(version unknown)")
+        yield _ok("database", f"PostgreSQL {version}: synchronous_commit and fsync on")
     yield from judge_vacuum(health)
 
 

@@ -1536,8 +1536,15 @@ async def _insert_message(conn: Conn, message: IncomingMessage) -> None:
 
 # -- what doctor asks of the server --------------------------------------------------------
 
-HEALTH_SETTINGS = ("synchronous_commit", "fsync", "full_page_writes", "autovacuum", "track_counts")
-"""Server settings ``mxspool doctor`` judges (as the connection sees them: role, database and
+HEALTH_SETTINGS = (
+    "server_version",
+    "synchronous_commit",
+    "fsync",
+    "full_page_writes",
+    "autovacuum",
+    "track_counts",
+)
+"""Server settings ``mxspool doctor`` reads (as the connection sees them: role, database and
 URL options included)."""
 
 _HEALTH_SQL = "SELECT name, setting FROM pg_settings WHERE name = ANY(%s)"
@@ -1554,7 +1561,6 @@ _NO_AUTOVACUUM_SQL = (
 
 @dataclass(frozen=True, slots=True)
 class ServerHealth:
-    version: str
     settings: dict[str, str]
     """``HEALTH_SETTINGS`` by name, as ``pg_settings`` gives them (``on``/``off``, ...)."""
     no_autovacuum: list[str]
@@ -1565,9 +1571,8 @@ def server_health(url: str) -> ServerHealth:
     """Read what doctor judges about the server behind ``url``: blocking, read only."""
     try:
         with psycopg.connect(url, **_connect_kwargs(url)) as conn:
-            version = conn.execute("SHOW server_version").fetchone()
             settings = dict(conn.execute(_HEALTH_SQL, (list(HEALTH_SETTINGS),)).fetchall())
             tables = [name for (name,) in conn.execute(_NO_AUTOVACUUM_SQL).fetchall()]
     except psycopg.Error as exc:
         raise StoreError(f"cannot connect to the PostgreSQL store: {exc}") from exc
-    return ServerHealth(str(version[0]) if version else "unknown", settings, tables)
+    return ServerHealth(settings, tables)
