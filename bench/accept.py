@@ -103,6 +103,10 @@ class RunResult:
     verdict_lag: float | None = None
     cpu_serve_burst: float | None = None
     """CPU seconds of serve itself while smtp-source ran (the burst), per message."""
+    cpu_loop_burst: float | None = None
+    """CPU seconds of serve's event loop thread during the burst, per message."""
+    loop_busy: float | None = None
+    """Share of one core the event loop thread used during the burst (its CPU / wall time)."""
 
 
 @dataclass
@@ -235,7 +239,9 @@ def run_mxspool(case: Case, run: int, store_url: str | None, system: str = "mxsp
             timeout=case.run_timeout(),
             message_file=_message_file(case),
         )
-        burst_serve, _burst_workers = servercpu.used(cpu_before, servercpu.snapshot(server.pid))
+        cpu_burst = servercpu.snapshot(server.pid)
+        burst_serve, _burst_workers = servercpu.used(cpu_before, cpu_burst)
+        burst_loop = cpu_burst.loop - cpu_before.loop
         lag = None
         sqlite = server.store_url.removeprefix("sqlite:///")
         if not off and AUTH["mode"] != "off" and not server.persistent_store:
@@ -246,6 +252,8 @@ def run_mxspool(case: Case, run: int, store_url: str | None, system: str = "mxsp
         rr = judge(system, case, run, res.ok, res.output, res.elapsed, stored)
         rr.cpu_serve, rr.cpu_workers = serve_cpu / case.messages, workers_cpu / case.messages
         rr.cpu_serve_burst = burst_serve / case.messages
+        rr.cpu_loop_burst = burst_loop / case.messages
+        rr.loop_busy = burst_loop / res.elapsed if res.elapsed > 0 else None
         rr.verdict_lag = lag
         if lag is not None:
             rr.note = f"verdict lag {lag:.1f}s"
@@ -402,7 +410,13 @@ def report(results: list[CaseResult], systems: list[str], runs: int) -> str:
                 if r.rate is not None and r.cpu_serve_burst is not None
             ]
             burst = f"{median(bursts) or 0.0:.2f}" if bursts else "-"
-            row = [cr.case.label, system, f"{total:.2f}", f"{serve:.2f}", burst, f"{workers:.2f}"]
+            ok = [r for r in cr.runs[system] if r.rate is not None]
+            loops = [r.cpu_loop_burst * 1000 for r in ok if r.cpu_loop_burst is not None]
+            loop = f"{median(loops) or 0.0:.2f}" if loops else "-"
+            busy_shares = [r.loop_busy * 100 for r in ok if r.loop_busy is not None]
+            busy = f"{median(busy_shares) or 0.0:.0f}%" if busy_shares else "-"
+            row = [cr.case.label, system, f"{total:.2f}", f"{serve:.2f}", burst, loop, busy]
+            row.append(f"{workers:.2f}")
             cpu_rows.append([*row, lag, runs_text])
     if cpu_rows:
         cpu_headers = [
@@ -411,6 +425,8 @@ def report(results: list[CaseResult], systems: list[str], runs: int) -> str:
             "CPU ms/msg",
             "serve",
             "serve in burst",
+            "loop in burst",
+            "loop busy",
             "workers",
             "verdict lag s",
             "runs (ms/msg)",

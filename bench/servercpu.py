@@ -24,18 +24,22 @@ import psutil
 class CpuSnapshot:
     serve: float
     children: dict[int, float]
+    loop: float = 0.0
+    """CPU seconds of serve's main thread alone: the event loop, which every SMTP session
+    shares (the commit thread, the checkpoint thread and the others are in ``serve``)."""
 
 
 def snapshot(pid: int) -> CpuSnapshot:
-    """CPU seconds (user + system) of ``pid`` and of each live descendant."""
+    """CPU seconds (user + system) of ``pid``, of its main thread and of each live descendant."""
     process = psutil.Process(pid)
     times = process.cpu_times()
+    loop = sum(t.user_time + t.system_time for t in process.threads() if t.id == pid)
     children: dict[int, float] = {}
     for child in process.children(recursive=True):
         with contextlib.suppress(psutil.Error):
             child_times = child.cpu_times()
             children[child.pid] = child_times.user + child_times.system
-    return CpuSnapshot(times.user + times.system, children)
+    return CpuSnapshot(times.user + times.system, children, loop)
 
 
 def used(before: CpuSnapshot, after: CpuSnapshot) -> tuple[float, float]:
