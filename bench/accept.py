@@ -105,8 +105,13 @@ class RunResult:
     """CPU seconds of serve itself while smtp-source ran (the burst), per message."""
     cpu_loop_burst: float | None = None
     """CPU seconds of serve's event loop thread during the burst, per message."""
-    loop_busy: float | None = None
-    """Share of one core the event loop thread used during the burst (its CPU / wall time)."""
+
+    @property
+    def loop_busy(self) -> float | None:
+        """Share of one core the event loop thread used during the burst (its CPU / wall time)."""
+        if self.cpu_loop_burst is None or self.elapsed <= 0:
+            return None
+        return self.cpu_loop_burst * self.messages / self.elapsed
 
 
 @dataclass
@@ -253,7 +258,6 @@ def run_mxspool(case: Case, run: int, store_url: str | None, system: str = "mxsp
         rr.cpu_serve, rr.cpu_workers = serve_cpu / case.messages, workers_cpu / case.messages
         rr.cpu_serve_burst = burst_serve / case.messages
         rr.cpu_loop_burst = burst_loop / case.messages
-        rr.loop_busy = burst_loop / res.elapsed if res.elapsed > 0 else None
         rr.verdict_lag = lag
         if lag is not None:
             rr.note = f"verdict lag {lag:.1f}s"
@@ -404,13 +408,9 @@ def report(results: list[CaseResult], systems: list[str], runs: int) -> str:
             runs_text = ", ".join(f"{(c[0] + c[1]) * 1000:.2f}" for c in cpu)
             lags = [r.verdict_lag for r in cr.runs[system] if r.verdict_lag is not None]
             lag = f"{median(lags):.1f}" if lags else "-"
-            bursts = [
-                r.cpu_serve_burst * 1000
-                for r in cr.runs[system]
-                if r.rate is not None and r.cpu_serve_burst is not None
-            ]
-            burst = f"{median(bursts) or 0.0:.2f}" if bursts else "-"
             ok = [r for r in cr.runs[system] if r.rate is not None]
+            bursts = [r.cpu_serve_burst * 1000 for r in ok if r.cpu_serve_burst is not None]
+            burst = f"{median(bursts) or 0.0:.2f}" if bursts else "-"
             loops = [r.cpu_loop_burst * 1000 for r in ok if r.cpu_loop_burst is not None]
             loop = f"{median(loops) or 0.0:.2f}" if loops else "-"
             busy_shares = [r.loop_busy * 100 for r in ok if r.loop_busy is not None]

@@ -30,7 +30,15 @@ from mxspool.store.base import (
 from tests.delivery.exo_target import TOO_MANY, ExoTarget
 from tests.store import test_contract
 from tests.store.conftest import StoreFactory
-from tests.store.test_contract import LEASE, RELAY, add_domain, claim, claimed_ids, put
+from tests.store.test_contract import (
+    LEASE,
+    RELAY,
+    add_domain,
+    claim,
+    claim_the_rest,
+    claimed_ids,
+    put,
+)
 from tests.waiting import eventually
 
 open_store = test_contract.open_store
@@ -116,13 +124,8 @@ async def test_concurrent_claimers_never_share_or_cut_a_message(open_store: Stor
     await asyncio.gather(
         claimer(first, "a"), claimer(second, "b"), claimer(first, "a"), claimer(second, "b")
     )
-    # A message two claims raced for is left by both, for a later claim (the drain's next
-    # poll): collect what is left, as that would.
-    for _ in range(count):
-        got = await first.claim_due("a", time.time(), LEASE, 7, RELAY)
-        if not got:
-            break
-        jobs["a"] += got
+    # What two claims raced for is left by both, for a later claim (the drain's next poll).
+    jobs["a"] += await claim_the_rest(first, "a", 7)
     everything = claimed_ids(jobs["a"]) + claimed_ids(jobs["b"])
     assert len(everything) == 3 * count
     assert len(set(everything)) == 3 * count

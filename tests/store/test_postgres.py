@@ -15,7 +15,14 @@ import mxspool.store
 from mxspool.store import create_store
 from mxspool.store.base import DomainChanges, DomainMode, StoreError
 from mxspool.store.postgres import RESYNC, PostgresStore
-from tests.store.test_contract import RELAY, add_domain, claimed_ids, make_message, put
+from tests.store.test_contract import (
+    RELAY,
+    add_domain,
+    claim_the_rest,
+    claimed_ids,
+    make_message,
+    put,
+)
 
 
 def terminate(url: str, listeners_only: bool = False) -> int:
@@ -112,12 +119,7 @@ async def test_two_nodes_claiming_one_domain_never_share_a_recipient(pg_url: str
 
         await asyncio.gather(*(worker(i % 2) for i in range(8)))
         concurrent = len(got[0]) + len(got[1])
-        # A message whose rows two concurrent claims split is left by both, for the next claim
-        # (claim_statement): so an empty claim under contention does not mean nothing is due,
-        # and the last such message can outlive every worker. One claimer alone never splits:
-        # its sweep takes what is left, and then an empty claim does mean nothing is due.
-        while jobs := await nodes[0].claim_due("sweep", time.time(), 60.0, 5, RELAY):
-            got[0] += claimed_ids(jobs)
+        got[0] += claimed_ids(await claim_the_rest(nodes[0], "sweep", 5))
         assert concurrent >= 900  # the concurrent claims did the work, the sweep the rest
         assert len(got[0]) + len(got[1]) == 1000  # every recipient claimed once...
         assert len(set(got[0]) | set(got[1])) == 1000  # ...and none by both nodes
