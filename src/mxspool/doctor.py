@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import dns.exception
 import dns.resolver
 
+from mxspool import nameservers
 from mxspool.config import Config, split_host_port
 from mxspool.store import StoreError, is_postgres, postgres_health
 from mxspool.store.base import SYNCHRONOUS_COMMIT_OFF
@@ -240,7 +241,7 @@ def check_certificate(config: Config) -> Iterator[Finding]:
 
 def check_dns(config: Config) -> Iterator[Finding]:
     try:
-        resolver = dns.resolver.Resolver(configure=not config.delivery.resolver)
+        resolver = nameservers.configure(dns.resolver.Resolver, config.delivery.resolver)
     except dns.resolver.NoResolverConfiguration:
         yield Finding(
             "dns",
@@ -249,12 +250,7 @@ def check_dns(config: Config) -> Iterator[Finding]:
             "add a nameserver to /etc/resolv.conf, or set [delivery] resolver",
         )
         return
-    where = "the system resolver"
-    if config.delivery.resolver:
-        host, port = split_host_port(config.delivery.resolver)
-        resolver.nameservers = [host]
-        resolver.port = port
-        where = config.delivery.resolver
+    where = config.delivery.resolver or "the system resolver"
     resolver.lifetime = DNS_TIMEOUT
     name = config.smtp.hostname or socket.getfqdn()
     try:

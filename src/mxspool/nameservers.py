@@ -7,13 +7,20 @@ server asks the same place.
 
 Raises dnspython's ``NoResolverConfiguration``, ``OSError`` or ``ValueError`` when no resolver
 can be set up (no /etc/resolv.conf, a bad "host:port"); each caller says what that means for it.
+
+A resolver on a loopback address (a local unbound on 127.0.0.1:53, the tests' servers) is asked
+from that family's loopback address. dnspython sends UDP from an unconnected socket, which the
+kernel binds to every address (0.0.0.0:<port>): the port a reply is awaited on would be open to
+datagrams from the network (off-path spoofing tries exactly that), and to none of it is needed.
 """
 
 from __future__ import annotations
 
-from typing import TypeVar
+import ipaddress
+from typing import Any, TypeVar
 
 import dns.asyncresolver
+import dns.message
 import dns.nameserver
 import dns.resolver
 
@@ -29,5 +36,57 @@ def configure(kind: type[R], nameserver: str) -> R:
         return kind()
     host, port = split_host_port(nameserver, 53)
     resolver = kind(configure=False)
-    resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port)]
+    resolver.nameservers = [_Do53(host, port)]
     return resolver
+
+
+class _Do53(dns.nameserver.Do53Nameserver):
+    """A DNS server over UDP/TCP whose queries leave from the loopback address when it is on
+    one (see the module docstring); other servers are asked as dnspython does."""
+
+    def __init__(self, address: str, port: int = 53) -> None:
+        super().__init__(address, port)
+        ip = ipaddress.ip_address(address)
+        self._source = None if not ip.is_loopback else "::1" if ip.version == 6 else "127.0.0.1"
+
+    def query(  # noqa: PLR0917  (dnspython's signature, overridden)
+        self,
+        request: dns.message.QueryMessage,
+        timeout: float,
+        source: str | None,
+        source_port: int,
+        max_size: bool,
+        one_rr_per_rrset: bool = False,
+        ignore_trailing: bool = False,
+    ) -> dns.message.Message:
+        return super().query(
+            request,
+            timeout,
+            source or self._source,
+            source_port,
+            max_size,
+            one_rr_per_rrset,
+            ignore_trailing,
+        )
+
+    async def async_query(  # noqa: PLR0917  (dnspython's signature, overridden)
+        self,
+        request: dns.message.QueryMessage,
+        timeout: float,  # noqa: ASYNC109
+        source: str | None,
+        source_port: int,
+        max_size: bool,
+        backend: Any,
+        one_rr_per_rrset: bool = False,
+        ignore_trailing: bool = False,
+    ) -> dns.message.Message:
+        return await super().async_query(
+            request,
+            timeout,
+            source or self._source,
+            source_port,
+            max_size,
+            backend,
+            one_rr_per_rrset,
+            ignore_trailing,
+        )

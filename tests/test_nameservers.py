@@ -1,0 +1,55 @@
+"""``mxspool.nameservers``: a resolver on a loopback address is asked from the loopback address,
+never from a socket bound to every address (which the network could aim datagrams at)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+
+import dns.asyncresolver
+import dns.resolver
+import pytest
+
+from mxspool import nameservers
+from tests.delivery.dnsserver import DnsServer
+
+
+@pytest.fixture
+def dns_server() -> Iterator[DnsServer]:
+    server = DnsServer("a.test. 60 IN A 192.0.2.9\n").start()
+    yield server
+    server.stop()
+
+
+def test_blocking_queries_leave_from_loopback(
+    dns_server: DnsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sources: list[str] = []
+    sendto = socket.socket.sendto
+
+    def recording(sock: socket.socket, *args: object) -> int:
+        sent = sendto(sock, *args)  # type: ignore[call-overload]
+        sources.append(sock.getsockname()[0])
+        return int(sent)
+
+    monkeypatch.setattr(socket.socket, "sendto", recording)
+    resolver = nameservers.configure(dns.resolver.Resolver, dns_server.address)
+    assert str(resolver.resolve("a.test", "A")[0]) == "192.0.2.9"
+    assert sources and set(sources) == {"127.0.0.1"}  # not 0.0.0.0
+
+
+async def test_asynchronous_queries_leave_from_loopback(dns_server: DnsServer) -> None:
+    resolver = nameservers.configure(dns.asyncresolver.Resolver, dns_server.address)
+    (server,) = resolver.nameservers
+    assert isinstance(server, nameservers._Do53)
+    answer = await asyncio.wait_for(resolver.resolve("a.test", "A"), 10)
+    assert str(answer[0]) == "192.0.2.9"
+    assert server._source == "127.0.0.1"
+
+
+def test_other_resolvers_are_asked_as_dnspython_does() -> None:
+    outside = nameservers.configure(dns.resolver.Resolver, "192.0.2.53:53").nameservers[0]
+    assert isinstance(outside, nameservers._Do53) and outside._source is None
+    v6 = nameservers.configure(dns.resolver.Resolver, "[::1]:5353").nameservers[0]
+    assert isinstance(v6, nameservers._Do53) and v6._source == "::1"
