@@ -60,27 +60,42 @@ def _spill_dir(config: Config) -> str | None:
     return None
 
 
+def _listening_sockets(addresses: list[str]) -> list[socket.socket]:
+    """Every listener's socket, bound and listening, before any of them is served.
+
+    Binding them all before the first await means that once any listener answers, the kernel
+    already queues connections on every other one: a client (or a test, or a health check)
+    that has seen one address greet can reach the rest. Creating them one by one with
+    ``loop.create_server`` yields between them, so the first could greet while a later one
+    still refused connections. A bind failure closes what was opened and names the address.
+    """
+    sockets: list[socket.socket] = []
+    try:
+        for address in addresses:
+            host, port = split_host_port(address)
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            try:
+                # SO_REUSEADDR, and IPV6_V6ONLY on an IPv6 address, as asyncio would set them.
+                sockets.append(socket.create_server((host, port), family=family, backlog=1024))
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot listen on {address}: {exc.strerror or exc}; is another server "
+                    "using that port? Change [smtp] listen in the configuration"
+                ) from exc
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 async def start_listeners(config: Config, intake: Intake) -> list[asyncio.Server]:
     loop = asyncio.get_running_loop()
     servers = []
-    for address in config.smtp.listen:
-        host, port = split_host_port(address)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        try:
-            server = await loop.create_server(
-                intake.protocol_factory,
-                host=host,
-                port=port,
-                family=family,
-                reuse_address=True,
-                backlog=1024,
-            )
-        except OSError as exc:
-            raise StoreError(
-                f"cannot listen on {address}: {exc.strerror or exc}; is another server using "
-                "that port? Change [smtp] listen in the configuration"
-            ) from exc
-        servers.append(server)
+    for address, sock in zip(
+        config.smtp.listen, _listening_sockets(config.smtp.listen), strict=True
+    ):
+        servers.append(await loop.create_server(intake.protocol_factory, sock=sock, backlog=1024))
         log.info("SMTP listening on %s", address)
     return servers
 
