@@ -42,15 +42,22 @@ def free_port() -> int:
 
 
 def wait_for_port(
-    port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None
+    port: int,
+    timeout: float = 15.0,
+    proc: subprocess.Popen[bytes] | None = None,
+    *,
+    greeting: bool = True,
 ) -> None:
+    """Until 127.0.0.1:``port`` accepts a connection and (``greeting``, an SMTP listener) says
+    something; without ``greeting`` (an HTTP listener) the accepted connection is enough."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited early with status {proc.returncode}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-                sock.recv(100)
+                if greeting:
+                    sock.recv(100)
                 return
         except OSError:
             time.sleep(0.05)
@@ -86,6 +93,10 @@ class Spooler:
             preexec_fn=preexec,  # noqa: PLW1509 (the test process starts it before threads)
         )
         wait_for_port(self.port, proc=self.proc)
+        if f'"127.0.0.1:{self.admin_port}"' in self.config.read_text():
+            # The admin plane starts beside the SMTP listeners, not before them: a test that
+            # goes on to the API or /metrics must not meet it still starting.
+            wait_for_port(self.admin_port, proc=self.proc, greeting=False)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
