@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import dns.asyncresolver
 import dns.resolver
@@ -53,3 +54,13 @@ def test_other_resolvers_are_asked_as_dnspython_does() -> None:
     assert isinstance(outside, nameservers._Do53) and outside._source is None
     v6 = nameservers.configure(dns.resolver.Resolver, "[::1]:5353").nameservers[0]
     assert isinstance(v6, nameservers._Do53) and v6._source == "::1"
+
+
+def test_the_system_configuration_gets_the_same_rule(tmp_path: Path) -> None:
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("nameserver 127.0.0.1\nnameserver 192.0.2.53\nnameserver ::1\n")
+    servers = nameservers._sourced(dns.resolver.Resolver(filename=str(conf))).nameservers
+    assert all(isinstance(server, nameservers._Do53) for server in servers)
+    sources = [server._source for server in servers]  # type: ignore[union-attr]
+    assert sources == ["127.0.0.1", None, "::1"]  # the non-loopback one as dnspython asks it
+    assert [server.port for server in servers] == [53, 53, 53]  # type: ignore[union-attr]

@@ -8,10 +8,11 @@ server asks the same place.
 Raises dnspython's ``NoResolverConfiguration``, ``OSError`` or ``ValueError`` when no resolver
 can be set up (no /etc/resolv.conf, a bad "host:port"); each caller says what that means for it.
 
-A resolver on a loopback address (a local unbound on 127.0.0.1:53, the tests' servers) is asked
-from that family's loopback address. dnspython sends UDP from an unconnected socket, which the
-kernel binds to every address (0.0.0.0:<port>): the port a reply is awaited on would be open to
-datagrams from the network (off-path spoofing tries exactly that), and to none of it is needed.
+A resolver on a loopback address (a local unbound on 127.0.0.1:53, configured or in
+/etc/resolv.conf; the tests' servers) is asked from that family's loopback address. dnspython
+sends UDP from an unconnected socket, which the kernel binds to every address (0.0.0.0:<port>):
+the port a reply is awaited on would be open to datagrams from the network (off-path spoofing
+tries exactly that), and none of that is needed.
 """
 
 from __future__ import annotations
@@ -32,12 +33,33 @@ R = TypeVar("R", dns.resolver.Resolver, dns.asyncresolver.Resolver)
 def configure(kind: type[R], nameserver: str) -> R:
     """A ``kind`` resolver on ``nameserver`` ("host:port", port 53 if left out), or on the
     system's configuration when it is empty."""
-    if not nameserver:
-        return kind()
-    host, port = split_host_port(nameserver, 53)
-    resolver = kind(configure=False)
-    resolver.nameservers = [_Do53(host, port)]
+    if nameserver:
+        host, port = split_host_port(nameserver, 53)
+        resolver = kind(configure=False)
+        resolver.nameservers, resolver.port = [host], port
+    else:
+        resolver = kind()
+    return _sourced(resolver)
+
+
+def _sourced(resolver: R) -> R:
+    """``resolver`` with each nameserver given as an address (the configured one, or those of
+    /etc/resolv.conf) asked through ``_Do53``; others (DoH URLs) are left as they are."""
+    resolver.nameservers = [
+        _Do53(server, resolver.nameserver_ports.get(server, resolver.port))
+        if isinstance(server, str) and _is_address(server)
+        else server
+        for server in resolver.nameservers
+    ]
     return resolver
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 class _Do53(dns.nameserver.Do53Nameserver):
