@@ -8,16 +8,17 @@ server asks the same place.
 Raises dnspython's ``NoResolverConfiguration``, ``OSError`` or ``ValueError`` when no resolver
 can be set up (no /etc/resolv.conf, a bad "host:port"); each caller says what that means for it.
 
-A resolver on a loopback address (a local unbound on 127.0.0.1:53, configured or in
-/etc/resolv.conf; the tests' servers) is asked from that family's loopback address. dnspython
-sends UDP from an unconnected socket, which the kernel binds to every address (0.0.0.0:<port>):
-the port a reply is awaited on would be open to datagrams from the network (off-path spoofing
-tries exactly that), and none of that is needed.
+Queries leave from the address the route to the nameserver uses (from 127.0.0.1 to a local
+unbound on 127.0.0.1:53, configured or in /etc/resolv.conf; from the host's own address to a
+remote one). dnspython sends UDP from an unconnected socket, which the kernel binds to every
+address (0.0.0.0:<port>): the port a reply is awaited on would take datagrams sent to any of
+the host's addresses, which is what off-path spoofing aims at, and none of that is needed.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import Any, TypeVar
 
 import dns.asyncresolver
@@ -63,13 +64,21 @@ def _is_address(text: str) -> bool:
 
 
 class _Do53(dns.nameserver.Do53Nameserver):
-    """A DNS server over UDP/TCP whose queries leave from the loopback address when it is on
-    one (see the module docstring); other servers are asked as dnspython does."""
+    """A DNS server over UDP/TCP whose queries leave from the address of the route to it, not
+    from a socket bound to every address (see the module docstring)."""
 
-    def __init__(self, address: str, port: int = 53) -> None:
-        super().__init__(address, port)
-        ip = ipaddress.ip_address(address)
-        self._source = None if not ip.is_loopback else "::1" if ip.version == 6 else "127.0.0.1"
+    def _source(self) -> str | None:
+        """The source address of the route to this server, asked afresh for each query (routes
+        and addresses change); a UDP connect sends nothing. None, dnspython's own choice, when
+        there is no route or the address is IPv6 link-local (binding it needs a scope)."""
+        family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                probe.connect((self.address, self.port))
+                source = str(probe.getsockname()[0])
+        except OSError:
+            return None
+        return None if ipaddress.ip_address(source).is_link_local else source
 
     def query(  # noqa: PLR0917  (dnspython's signature, overridden)
         self,
@@ -84,7 +93,7 @@ class _Do53(dns.nameserver.Do53Nameserver):
         return super().query(
             request,
             timeout,
-            source or self._source,
+            source or self._source(),
             source_port,
             max_size,
             one_rr_per_rrset,
@@ -105,7 +114,7 @@ class _Do53(dns.nameserver.Do53Nameserver):
         return await super().async_query(
             request,
             timeout,
-            source or self._source,
+            source or self._source(),
             source_port,
             max_size,
             backend,
