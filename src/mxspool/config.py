@@ -60,6 +60,15 @@ def split_host_port(value: str, default_port: int | None = None) -> tuple[str, i
     return host, int(port_text)
 
 
+def is_ip_address(text: str) -> bool:
+    """``text`` is an IPv4 or IPv6 address, written plainly (no brackets)."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True

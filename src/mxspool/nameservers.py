@@ -26,7 +26,7 @@ import dns.message
 import dns.nameserver
 import dns.resolver
 
-from mxspool.config import split_host_port
+from mxspool.config import is_ip_address, split_host_port
 
 R = TypeVar("R", dns.resolver.Resolver, dns.asyncresolver.Resolver)
 
@@ -48,19 +48,11 @@ def _sourced(resolver: R) -> R:
     /etc/resolv.conf) asked through ``_Do53``; others (DoH URLs) are left as they are."""
     resolver.nameservers = [
         _Do53(server, resolver.nameserver_ports.get(server, resolver.port))
-        if isinstance(server, str) and _is_address(server)
+        if isinstance(server, str) and is_ip_address(server)
         else server
         for server in resolver.nameservers
     ]
     return resolver
-
-
-def _is_address(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 class _Do53(dns.nameserver.Do53Nameserver):

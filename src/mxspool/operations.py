@@ -24,7 +24,7 @@ from mxspool import maillog
 from mxspool import stage as stages
 from mxspool.actor import audit_actor
 from mxspool.addresses import ascii_lower, parent_domains
-from mxspool.config import Config, split_host_port
+from mxspool.config import Config, is_ip_address, split_host_port
 from mxspool.stage import stage
 from mxspool.store import purge
 from mxspool.store.base import (
@@ -140,7 +140,7 @@ def _host_labels(name: str, what: str) -> str:
 def normalize_domain(name: str) -> str:
     """The canonical form of a mail domain name, or OperationError saying what is wrong."""
     text = name.strip()
-    if text.startswith("[") or _is_ip(text.strip("[]")):
+    if text.startswith("[") or is_ip_address(text.strip("[]")):
         raise OperationError(
             f"{name!r} is an IP address; mxspool holds mail for domain names such as example.com"
         )
@@ -159,14 +159,6 @@ def normalize_domain(name: str) -> str:
     return ascii_name
 
 
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
 def parse_route(value: str) -> Route:
     """A route from "host", "host:port", "1.2.3.4:25" or "[2001:db8::1]:25" (port 25 default)."""
     text = value.strip()
@@ -177,7 +169,7 @@ def parse_route(value: str) -> Route:
             f"bad route {value!r}: {exc}; use HOST[:PORT], e.g. mx.example.net:25 or "
             "[2001:db8::1]:25"
         ) from None
-    if _is_ip(host):
+    if is_ip_address(host):
         return Route(str(ipaddress.ip_address(host)), port)
     if text.startswith("["):
         raise OperationError(

@@ -13,7 +13,6 @@ about the name) and ``RoutingError`` for everything temporary (timeouts, SERVFAI
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ import dns.rdatatype
 import dns.resolver
 
 from mxspool import nameservers
-from mxspool.config import AddressFamily
+from mxspool.config import AddressFamily, is_ip_address
 from mxspool.delivery.errors import RoutingError, RoutingRefused
 
 MAX_TTL = 300.0
@@ -46,11 +45,8 @@ class MxRecord:
 
 
 def is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
+    """An address, bracketed ("[192.0.2.1]", an address literal) or not."""
+    return is_ip_address(host.strip("[]"))
 
 
 _Entry = tuple[float, tuple[object, ...] | NameNotFound]
