@@ -83,7 +83,16 @@ class Spooler:
         self.config.write_text(_toml(config))
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, extra_env: dict[str, str] | None = None, preexec: Any = None) -> None:
+    def start(
+        self,
+        extra_env: dict[str, str] | None = None,
+        preexec: Any = None,
+        *,
+        wait_admin: bool = True,
+    ) -> None:
+        """Start serve and wait for its SMTP greeting; with ``wait_admin``, also for its admin
+        port (serve makes it listen before SMTP: tests/e2e/test_listener.py shows it without
+        this wait)."""
         env = {**os.environ, **(extra_env or {})}
         self.proc = subprocess.Popen(
             [MXSPOOL, "--config", str(self.config), "serve"],
@@ -93,9 +102,7 @@ class Spooler:
             preexec_fn=preexec,  # noqa: PLW1509 (the test process starts it before threads)
         )
         wait_for_port(self.port, proc=self.proc)
-        if f'"127.0.0.1:{self.admin_port}"' in self.config.read_text():
-            # The admin plane starts beside the SMTP listeners, not before them: a test that
-            # goes on to the API or /metrics must not meet it still starting.
+        if wait_admin and f'"127.0.0.1:{self.admin_port}"' in self.config.read_text():
             wait_for_port(self.admin_port, proc=self.proc, greeting=False)
 
     def kill(self) -> None:

@@ -291,8 +291,8 @@ def serve_in_the_image(rootfs: Rootfs, tmp_path: Path) -> None:
         status = json.loads(rootfs.run("mxspool", "status", "--json").stdout)
         held = {row["domain"]: row["held"] for row in status["domains"]}
         assert held["example.test"] == 1
-        # As the runtime does (HEALTHCHECK --retries), ask again while the admin plane, which
-        # starts beside the SMTP listener, may still be coming up; the last answer is shown.
+        # As the runtime does (HEALTHCHECK --retries), ask again while the node may still be
+        # becoming ready (its delivery loop's first turn); the last answer is shown.
         checks: list[subprocess.CompletedProcess[str]] = []
 
         def healthy() -> bool:

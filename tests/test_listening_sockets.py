@@ -1,13 +1,20 @@
-"""serve binds every SMTP listener before it serves any (service._listening_sockets)."""
+"""serve binds every SMTP listener before it serves any (service._listening_sockets), and the
+admin plane's before those (admin.server)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
+from pathlib import Path
 
 import pytest
 
+from mxspool.admin.server import admin_component
+from mxspool.config import AdminConfig, Config, SmtpConfig
 from mxspool.service import _listening_sockets
 from mxspool.store import StoreError
+from mxspool.store.sqlite import SqliteStore
 from tests.conftest import free_ports
 
 
@@ -41,3 +48,26 @@ def test_a_taken_address_names_itself_and_leaves_nothing_open() -> None:
             _listening_sockets([f"127.0.0.1:{first}", f"127.0.0.1:{taken}"])
         assert not _connects(socket.AF_INET, "127.0.0.1", first)  # the first was closed
         assert _connects(socket.AF_INET, "127.0.0.1", taken)  # control: the holder still listens
+
+
+async def test_the_admin_port_listens_after_the_components_first_step(tmp_path: Path) -> None:
+    """service.run gives every component one step (``asyncio.sleep(0)``) before it opens the
+    SMTP listeners; the admin plane's socket listens from that step, before uvicorn runs, so
+    a client greeted on SMTP can already reach /readyz (the kernel queues the connection)."""
+    (port,) = free_ports(1)
+    config = Config(
+        admin=AdminConfig(listen=f"127.0.0.1:{port}"), smtp=SmtpConfig(hostname="mx.test")
+    )
+    store = SqliteStore(f"sqlite:///{tmp_path / 'spool.db'}")
+    await store.open()
+    assert not _connects(socket.AF_INET, "127.0.0.1", port)  # control: nothing there yet
+    component = asyncio.create_task(admin_component(config, store))
+    try:
+        await asyncio.sleep(0)  # what service.run does before start_listeners
+        assert _connects(socket.AF_INET, "127.0.0.1", port)
+    finally:
+        component.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await component
+        await store.close()
+    assert not _connects(socket.AF_INET, "127.0.0.1", port)  # and the component closes it

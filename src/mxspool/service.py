@@ -152,6 +152,10 @@ async def run(
             tasks.append(asyncio.create_task(_guard(work)))
         for component in extra_components:
             tasks.append(asyncio.create_task(_guard(component(config, store, domains))))
+        # Every component takes its first step before SMTP opens: the admin plane's socket
+        # listens from then on (admin.server), so whoever sees a greeting, or READY=1, can
+        # reach /readyz.
+        await asyncio.sleep(0)
         servers = await start_listeners(config, intake)
         liveness.NODE.listeners = lambda: bool(servers) and all(s.is_serving() for s in servers)
         log.info("mxspool ready (store %s)", config.store.url)

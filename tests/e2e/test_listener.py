@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import sqlite3
 import time
+import urllib.error
+import urllib.request
 from typing import Any
 
 from tests.conftest import Spooler, free_port
 from tests.smtp_client import RawClient, split_received
+from tests.waiting import wait_until
 
 
 def _deliver(client: RawClient, rcpt: str, body: bytes) -> tuple[int, str]:
@@ -41,6 +45,34 @@ def test_ipv6_listener(spooler_factory: Any) -> None:
     client.close()
     exported = node.cli("queue", "list", "--json").stdout
     assert "u@example.test" in exported
+
+
+def _readyz(port: int) -> tuple[int, dict[str, Any]]:
+    """GET /readyz once: its status and body (a refused connection raises URLError)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as exc:  # 503: not ready yet, still an answer
+        return exc.code, json.loads(exc.read())
+
+
+def test_admin_plane_answers_as_soon_as_smtp_greets(spooler_factory: Any) -> None:
+    """serve makes the admin port listen before any SMTP listener opens: whoever has seen a
+    greeting (a health check, an orchestrator) is answered on /readyz, never refused."""
+    node: Spooler = spooler_factory()
+    # Control: nothing is listening on the admin port yet, and a request is refused.
+    try:
+        _readyz(node.admin_port)
+    except urllib.error.URLError as exc:
+        assert isinstance(exc.reason, ConnectionRefusedError), exc
+    else:
+        raise AssertionError("something answered on the admin port before serve started")
+    node.start(wait_admin=False)  # returns at the first SMTP greeting
+    status, body = _readyz(node.admin_port)  # once, no retry: it must not be refused
+    assert status in (200, 503), body
+    assert body["checks"]["listeners"]["ok"] is True, body
+    # And it becomes ready (the delivery loop's first turn may come just after the greeting).
+    wait_until(lambda: _readyz(node.admin_port)[0] == 200, 15, "/readyz to answer 200")
 
 
 def test_domain_changes_reach_a_running_server_within_a_second(spooler_factory: Any) -> None:

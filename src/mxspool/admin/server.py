@@ -3,7 +3,11 @@
 uvicorn normally installs SIGINT/SIGTERM handlers; here the node owns signals (service.run),
 so ``_Server`` captures none, and the component stops when its task is cancelled. The socket
 is bound here, before uvicorn starts, so a busy port is a clear error instead of uvicorn's
-``sys.exit``.
+``sys.exit``; and it listens at once, in the component's first step. ``service.run`` starts the
+components before it opens the SMTP listeners, and that first step runs before the event loop
+first polls for connections, so by the time any SMTP client is greeted the admin port already
+queues connections: a health check (``/readyz``) or an orchestrator that saw the greeting is
+answered, not refused, once uvicorn serves the queued connection.
 """
 
 from __future__ import annotations
@@ -44,6 +48,10 @@ def check_config(config: Config) -> None:
     host_policy(config)
 
 
+BACKLOG = 128
+"""Connections the kernel queues on the admin port until uvicorn accepts them."""
+
+
 def _bind(host: str, port: int, listen: str) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     address = "127.0.0.1" if host == "localhost" else host
@@ -51,6 +59,7 @@ def _bind(host: str, port: int, listen: str) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((address, port))
+        sock.listen(BACKLOG)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
