@@ -15,11 +15,14 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests.waiting import wait_until
+
+if TYPE_CHECKING:
+    from tests.delivery.dnsserver import DnsServer
 
 BIN = Path(sys.executable).parent
 MXSPOOL = str(BIN / "mxspool") if (BIN / "mxspool").exists() else shutil.which("mxspool") or ""
@@ -39,6 +42,26 @@ def free_ports(count: int) -> list[int]:
 
 def free_port() -> int:
     return free_ports(1)[0]
+
+
+_QUIET_DNS: list[DnsServer] = []
+
+
+def quiet_dns() -> DnsServer:
+    """This test process's own DNS server (dnslib on 127.0.0.1) that knows no name: every query
+    is NXDOMAIN. A node a test starts without ``[delivery] resolver`` asks it, not the machine's
+    resolver, so what serve looks up in the background (DMARC for arriving mail, MX for a
+    domain without a route) is answered the same on every machine. Started on first use."""
+    if not _QUIET_DNS:
+        from tests.delivery.dnsserver import DnsServer  # it imports this module
+
+        _QUIET_DNS.append(DnsServer("").start())
+    return _QUIET_DNS[0]
+
+
+def quiet_resolver() -> str:
+    """``[delivery] resolver`` for the quiet server."""
+    return quiet_dns().address
 
 
 def wait_for_port(
@@ -76,6 +99,7 @@ class Spooler:
             "smtp": {"listen": [f"127.0.0.1:{self.port}"], "hostname": "mx.test.local"},
             "store": {"url": f"sqlite:///{self.db}", "min_free_space": "10MiB"},
             "admin": {"listen": f"127.0.0.1:{self.admin_port}"},
+            "delivery": {"resolver": quiet_resolver()},  # a test's own resolver replaces it
         }
         for name, values in sections.items():
             config.setdefault(name, {}).update(values)

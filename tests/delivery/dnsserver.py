@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 from dnslib import QTYPE, RCODE, RR, DNSRecord
@@ -16,11 +17,14 @@ class ZoneResolver(BaseResolver):  # type: ignore[misc]
 
     def __init__(self, zone: str) -> None:
         self.records = RR.fromZone(zone)
+        self.questions: deque[tuple[str, str]] = deque(maxlen=1000)
+        """The latest questions, (name, type), oldest first."""
 
     def resolve(self, request: DNSRecord, handler: Any) -> DNSRecord:
         reply = request.reply()
         qname = request.q.qname
         qtype = QTYPE[request.q.qtype]
+        self.questions.append((str(qname).rstrip(".").lower(), str(qtype)))
         known = False
         for record in self.records:
             if record.rname == qname:
@@ -37,9 +41,8 @@ class DnsServer:
         """Serves ``zone``, or ``resolver`` (a ZoneResolver that does more) when given."""
         self.port = free_port()
         quiet = DNSLogger(logf=lambda _text: None)
-        self.server = DNSServer(
-            resolver or ZoneResolver(zone), port=self.port, address="127.0.0.1", logger=quiet
-        )
+        self.resolver = resolver or ZoneResolver(zone)
+        self.server = DNSServer(self.resolver, port=self.port, address="127.0.0.1", logger=quiet)
 
     @property
     def address(self) -> str:

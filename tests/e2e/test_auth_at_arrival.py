@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Spooler
+from tests.conftest import Spooler, quiet_dns
 from tests.delivery.dnsserver import DnsServer
 from tests.delivery.target import Target
 from tests.e2e.authkit import Key, SilentDns, message
@@ -138,6 +138,22 @@ def test_verdicts_are_stored_with_the_message(spooler_factory: Any, dns: DnsServ
     assert "x= value is past" in found["expired"]["auth_results"]
     # What the operator sees (the message view lists the tags).
     assert "dmarc=fail" in node.cli("queue", "show", sent["forged"]).stdout
+
+
+def test_a_node_without_a_resolver_asks_the_tests_own(spooler_factory: Any) -> None:
+    """The suite is hermetic: a node a test starts without ``[delivery] resolver`` looks its
+    background names up at the test process's quiet server (tests/conftest.py), which answers
+    NXDOMAIN to all, never at the machine's resolver."""
+    node: Spooler = spooler_factory()
+    assert f'resolver = "{quiet_dns().address}"' in node.config.read_text()
+    node.cli("domain", "add", "example.test", "--route", "127.0.0.1:2526", "--tls", "off", "--hold")
+    node.start()
+    queue_id, _ = send(node, "a@quiet.test", message("a@quiet.test"))
+    found = verdict(node, queue_id)
+    assert found["tags"] == "dkim=none,dmarc=none"  # a loopback client: SPF not checked
+    # The DMARC question for the From: domain reached the quiet server.
+    questions = quiet_dns().resolver.questions
+    assert ("_dmarc.quiet.test", "TXT") in questions, list(questions)
 
 
 def test_silent_dns_delays_neither_the_250_nor_release_beyond_the_bound(
