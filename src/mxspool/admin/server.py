@@ -3,11 +3,11 @@
 uvicorn normally installs SIGINT/SIGTERM handlers; here the node owns signals (service.run),
 so ``_Server`` captures none, and the component stops when its task is cancelled. The socket
 is bound here, before uvicorn starts, so a busy port is a clear error instead of uvicorn's
-``sys.exit``; and it listens at once, in the component's first step. ``service.run`` starts the
-components before it opens the SMTP listeners, and that first step runs before the event loop
-first polls for connections, so by the time any SMTP client is greeted the admin port already
-queues connections: a health check (``/readyz``) or an orchestrator that saw the greeting is
-answered, not refused, once uvicorn serves the queued connection.
+``sys.exit``; and it listens at once, in the component's first step (no await before it).
+``service.run`` lets every component take that step before it opens the SMTP listeners, so the
+admin port queues connections before any SMTP client can be greeted: a health check
+(``/readyz``) or an orchestrator that saw the greeting is answered, not refused, once uvicorn
+serves the queued connection.
 """
 
 from __future__ import annotations
