@@ -23,7 +23,7 @@ from mxspool.admin import check_config
 from mxspool.admin.auth import load_tokens
 from mxspool.cli import cli
 from mxspool.config import load_config, split_host_port
-from tests.conftest import MXSPOOL, free_ports, wait_for_port
+from tests.conftest import MXSPOOL, free_ports, quiet_resolver, wait_for_port
 from tests.waiting import wait_until
 
 
@@ -128,8 +128,11 @@ def test_the_starter_runs_a_node(tmp_path: Path) -> None:
     )
     assert moved == 1
     text = text.replace('listen = "127.0.0.1:8025"', f'listen = "127.0.0.1:{admin_port}"')
+    # Background lookups go to the test's quiet DNS server, not the machine's resolver.
+    text = text.replace("[delivery]\n", f'[delivery]\nresolver = "{quiet_resolver()}"\n', 1)
     path.write_text(text)
     loaded = load_config(str(path))
+    assert loaded.delivery.resolver == quiet_resolver()
     hosts = [split_host_port(address)[0] for address in loaded.smtp.listen]
     hosts.append(split_host_port(loaded.admin.listen)[0])
     assert all(ipaddress.ip_address(host).is_loopback for host in hosts), hosts  # binds loopback
