@@ -105,6 +105,9 @@ class RunResult:
     """CPU seconds of serve itself while smtp-source ran (the burst), per message."""
     cpu_loop_burst: float | None = None
     """CPU seconds of serve's event loop thread during the burst, per message."""
+    cpu_workers_burst: float | None = None
+    """CPU seconds of the authentication workers during the burst, per message (0 when every
+    check waited for the burst to end)."""
 
     @property
     def loop_busy(self) -> float | None:
@@ -245,7 +248,7 @@ def run_mxspool(case: Case, run: int, store_url: str | None, system: str = "mxsp
             message_file=_message_file(case),
         )
         cpu_burst = servercpu.snapshot(server.pid)
-        burst_serve, _burst_workers = servercpu.used(cpu_before, cpu_burst)
+        burst_serve, burst_workers = servercpu.used(cpu_before, cpu_burst)
         burst_loop = cpu_burst.loop - cpu_before.loop
         lag = None
         sqlite = server.store_url.removeprefix("sqlite:///")
@@ -258,6 +261,7 @@ def run_mxspool(case: Case, run: int, store_url: str | None, system: str = "mxsp
         rr.cpu_serve, rr.cpu_workers = serve_cpu / case.messages, workers_cpu / case.messages
         rr.cpu_serve_burst = burst_serve / case.messages
         rr.cpu_loop_burst = burst_loop / case.messages
+        rr.cpu_workers_burst = burst_workers / case.messages
         rr.verdict_lag = lag
         if lag is not None:
             rr.note = f"verdict lag {lag:.1f}s"
@@ -417,6 +421,8 @@ def report(results: list[CaseResult], systems: list[str], runs: int) -> str:
             busy = f"{median(busy_shares) or 0.0:.0f}%" if busy_shares else "-"
             row = [cr.case.label, system, f"{total:.2f}", f"{serve:.2f}", burst, loop, busy]
             row.append(f"{workers:.2f}")
+            in_burst = [r.cpu_workers_burst * 1000 for r in ok if r.cpu_workers_burst is not None]
+            row.append(f"{median(in_burst) or 0.0:.2f}" if in_burst else "-")
             cpu_rows.append([*row, lag, runs_text])
     if cpu_rows:
         cpu_headers = [
@@ -428,6 +434,7 @@ def report(results: list[CaseResult], systems: list[str], runs: int) -> str:
             "loop in burst",
             "loop busy",
             "workers",
+            "workers in burst",
             "verdict lag s",
             "runs (ms/msg)",
         ]
