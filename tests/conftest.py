@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from tests import loopback_guard
 from tests.waiting import wait_until
 
 if TYPE_CHECKING:
@@ -221,6 +222,19 @@ def _toml(config: dict[str, dict[str, Any]]) -> str:
         for key, value in values.items():
             lines.append(f"{key} = {json.dumps(value)}")
     return "\n".join(lines) + "\n"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    loopback_guard.install()  # a wildcard bind in the test process fails (tests/loopback_guard.py)
+
+
+@pytest.fixture(autouse=True)
+def _loopback_only() -> Iterator[None]:
+    """Fails the test that bound (or sent from) a wildcard address, even if it caught the
+    error: tests listen on loopback only."""
+    loopback_guard.take()
+    yield
+    loopback_guard.fail_if_refused()
 
 
 @pytest.fixture

@@ -53,7 +53,8 @@ class DnsServer:
         return self
 
     def stop(self) -> None:
-        self.server.stop()
+        self.server.stop()  # dnslib's stop shuts the loop down but keeps the socket open
+        self.server.server.server_close()
 
     def __enter__(self) -> DnsServer:
         return self.start()
