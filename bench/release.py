@@ -18,11 +18,12 @@ mxspool releases to ``busy_sink.py`` (a stdlib sink that answers ``451 4.7.500 S
 to SHARE of the MAIL, RCPT and DATA commands at random) and, alternately in the same run, to
 the same sink answering none busy; the table gives the median rate of each and the ratio
 busy / unthrottled, both until the last message is delivered and until 95% were (the sending
-rate: the last few percent are the tail of geometric retries, ``retry_schedule`` apart, which
-lasts about 4 s whatever N). The domain has ``--profile exchange-online``, no rate (unpaced), and
-``retry_schedule = ["1s"]`` in both, so a throttled recipient is retried a second later and
-the rate counts until every message is delivered. Each message goes to its own recipient
-(smtp-source ``-N``), as the profile's per-recipient hourly limit would hold one address back.
+rate: the last few percent are the messages busy several times in a row, whose retries come
+``exchange.busy_delay`` apart, a tail of about 2 s whatever N). The domain has ``--profile
+exchange-online``, no rate (unpaced), and ``retry_schedule = ["1s"]`` in both, so no busy
+retry waits longer than a second and the rate counts until every message is delivered. Each
+message goes to its own recipient (smtp-source ``-N``), as the profile's per-recipient hourly
+limit would hold one address back.
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ class Sink:
 
 SENDING_SHARE = 0.95
 """``--busy`` also reports the rate until this share was delivered: the rest is the tail of
-retries (a message busy on every try waits ``retry_schedule`` between them), which at 5,000
-messages is about half the run whatever the sending rate."""
+retries (a message busy on every try waits ``exchange.busy_delay`` between them), which at
+5,000 messages is about half the run whatever the sending rate."""
 
 
 def wait_until(check: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from mxspool.delivery import exchange
+from mxspool.delivery import exchange, outcomes
 from mxspool.store.sqlite import SqliteStore
 from tests.delivery.conftest import (
     DOMAIN,
@@ -52,6 +52,46 @@ async def test_rate_limits_sent_as_5xx_stay_pending(
     assert (await _row(store, f"pair@{DOMAIN}"))[0] == "pending"
     assert (await _row(store, f"gone@{DOMAIN}"))[0] == "parked"  # other 5xx still park
     assert (await _row(store, f"ok@{DOMAIN}"))[0] == "delivered"
+
+
+async def test_a_busy_recipient_comes_back_sooner_than_the_schedule(
+    store: SqliteStore, target: Target, engine: EngineFactory
+) -> None:
+    busy = "451 4.7.500 Server busy. Please try again later from [127.0.0.1]. (AS761)"
+    target.behaviour.rcpt_replies = {
+        f"busy@{DOMAIN}": busy,
+        f"temp@{DOMAIN}": "451 4.3.0 Temporary failure",  # not a busy reply: the schedule's
+    }
+    await add_domain(store, target.port, hold=False, profile=EXO)
+    await put_message(store, [f"busy@{DOMAIN}", f"temp@{DOMAIN}"])
+    engine(retry=(30.0,))
+    tries = target.recorder.rcpts
+
+    def at(address: str) -> list[float]:
+        return [when for when, rcpt, _ in tries if rcpt == address]
+
+    # Busy six times in a row: 0.25 s apart three times, then doubling, far inside 30 s.
+    await wait_for(lambda: len(at(f"busy@{DOMAIN}")) >= 6, within=15.0)
+    gaps = [b - a for a, b in itertools.pairwise(at(f"busy@{DOMAIN}")[:6])]
+    print(f"busy retried after {[round(g, 2) for g in gaps]} s")
+    for gap, step in zip(gaps, (0.25, 0.25, 0.25, 0.5, 1.0), strict=True):
+        assert step - 0.05 <= gap <= step + 1.0, gaps
+    # The control: the other temporary failure, tried with the first, waits its 30 s step.
+    assert len(at(f"temp@{DOMAIN}")) == 1, tries
+    state, reply, attempts = await _row(store, f"temp@{DOMAIN}")
+    assert (state, reply, attempts) == ("pending", "451 4.3.0 Temporary failure", 1)
+    # Once the target takes it, the busy recipient is delivered on its next try.
+    del target.behaviour.rcpt_replies[f"busy@{DOMAIN}"]
+    await wait_for(lambda: _delivered(store, f"busy@{DOMAIN}"), within=10.0)
+    assert exchange.busy_delay(_context(30.0), 40) == 30.0  # capped by the schedule's step
+
+
+def _context(step: float) -> outcomes.AttemptContext:
+    return outcomes.AttemptContext("", 0.0, 0.0, outcomes.RetryPolicy((step,), 3600.0))
+
+
+async def _delivered(store: SqliteStore, rcpt: str) -> bool:
+    return (await _row(store, rcpt))[0] == "delivered"
 
 
 async def _settled(store: SqliteStore) -> bool:

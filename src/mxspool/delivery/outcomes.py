@@ -45,9 +45,15 @@ def for_reply(recipient: ClaimedRecipient, reply: Reply, ctx: AttemptContext) ->
 
 
 def for_failure(
-    recipient: ClaimedRecipient, reason: str, ctx: AttemptContext, *, permanent: bool
+    recipient: ClaimedRecipient,
+    reason: str,
+    ctx: AttemptContext,
+    *,
+    permanent: bool,
+    delay: float | None = None,
 ) -> RecipientOutcome:
-    """The outcome of a failure: parked when permanent or expired, else deferred."""
+    """The outcome of a failure: parked when permanent or expired, else deferred, by
+    ``delay`` seconds when given, else by the policy's step for the recipient's attempts."""
     if permanent:
         return RecipientOutcome(recipient.id, RecipientState.PARKED, reason, ctx.destination)
     if ctx.now - ctx.age_start >= ctx.policy.max_age:
@@ -59,7 +65,8 @@ def for_failure(
         RecipientState.PENDING,
         reason,
         ctx.destination,
-        next_attempt_at=ctx.now + ctx.policy.delay(recipient.attempts),
+        next_attempt_at=ctx.now
+        + (ctx.policy.delay(recipient.attempts) if delay is None else delay),
     )
 
 
