@@ -15,6 +15,7 @@ from mxspool.envelope import Envelope, MailParams, Recipient
 from mxspool.intake import authcheck, authdns
 from mxspool.intake.auth import Authenticator
 from mxspool.intake.authcheck import organizational_domain
+from mxspool.store import queries
 from mxspool.store.base import ClientInfo, IncomingMessage, StoredMessage
 from mxspool.store.sqlite import SqliteStore
 from tests.delivery.dnsserver import DnsServer
@@ -232,6 +233,33 @@ async def test_too_many_in_flight_leaves_the_verdict_to_the_background_pass(
         assert await full.catch_up(time.time() + 1) == 1
         judged = await verdict_of(store, item.id)
         assert judged.tags == ("dkim=pass", "dmarc=pass")
+    finally:
+        full.close()
+        await full.drain()
+        await store.close()
+
+
+async def test_the_background_pass_reaches_back_past_a_long_burst(
+    tmp_path: Path, dns: DnsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A burst deferred more messages than the pass's window of recent messages holds: the
+    # oldest deferred one (first) fell out of it and was never judged.
+    monkeypatch.setattr(queries, "RECENT_SCAN", 4)
+    store = SqliteStore(f"sqlite:///{tmp_path / 'spool.db'}")
+    await store.open()
+    full = Authenticator(store, authserv_id="mx.test", resolver=dns.address, max_in_flight=0)
+    try:
+        items = [incoming(KEY.sign(message("a@signed.test"), "signed.test")) for _ in range(8)]
+        for item in items:
+            await store.accept_message(item)
+            full.submit(item, None)
+        assert full.deferred == 8
+        # The control: the window of the newest four alone misses the first four.
+        window = await store.without_authentication(time.time() + 1, 100)
+        assert window == [item.id for item in items[4:]]
+        assert await full.catch_up(time.time() + 1) == 8
+        for item in items:
+            assert (await verdict_of(store, item.id)).tags == ("dkim=pass", "dmarc=pass")
     finally:
         full.close()
         await full.drain()

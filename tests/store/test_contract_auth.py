@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from mxspool.store import queries
 from mxspool.store.base import NotFound, Store
 from tests.store.test_contract import put, read_all
 
@@ -55,3 +56,21 @@ async def test_messages_without_a_verdict_are_found(store: Store) -> None:
     assert await store.without_authentication(time.time() - 30, 10) == [old]
     assert await store.without_authentication(time.time() + 1, 10) == [old, new]
     assert await store.without_authentication(time.time() + 1, 1) == [old]
+
+
+async def test_since_looks_back_past_the_recent_window(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(queries, "RECENT_SCAN", 3)
+    left = await put(store, ["a@relay.test"])  # the intake left it to the background pass
+    newer = [await put(store, ["a@relay.test"]) for _ in range(4)]
+    for queue_id in newer[:3]:
+        await store.set_authentication(queue_id, VALUE, ("dkim=none",))
+    # The control: out of the newest three, so the window alone no longer finds it.
+    assert await store.without_authentication(time.time() + 1, 10) == [newer[3]]
+    # Back to ``since``: found again, oldest first, as are the newer ones still unjudged.
+    assert await store.without_authentication(time.time() + 1, 10, left) == [left, newer[3]]
+    assert await store.without_authentication(time.time() + 1, 1, left) == [left]
+    # ``since`` newer than the window's start, or gone: the window as before.
+    assert await store.without_authentication(time.time() + 1, 10, newer[3]) == [newer[3]]
+    assert await store.without_authentication(time.time() + 1, 10, "NOSUCHID") == [newer[3]]

@@ -54,7 +54,9 @@ Where it runs, and what it costs the intake:
   then verdicts wait, and mail for a relaying domain leaves ``timeout`` (plus a second) after
   its arrival without one (``delivery.authgate`` logs each; the ARC seal says
   so; its verdict is stored when it comes). Held mail is unaffected.
-  It looks at the newest ``queries.RECENT_SCAN`` messages only, and leaves the last ``GRACE``
+  It looks at the newest ``queries.RECENT_SCAN`` messages, and back to the first message this
+  process left without a verdict when that is older (a burst that deferred more than that
+  window holds: before, the oldest of them were never judged), and leaves the last ``GRACE``
   seconds' arrivals to the node that took them (several nodes on one store: at worst a message
   is judged twice, to the same verdict).
 - Before release: delivery sends a relayed message once its verdict is stored, or
@@ -180,6 +182,10 @@ class Authenticator:
         self._deferred = asyncio.Event()
         self._last_deferred = 0.0
         """When the last message was left to the background pass (time.time())."""
+        self._first_left: str | None = None
+        """The first message left without a verdict (deferred, or its verdict's write failed)
+        since the background pass last found none: the pass looks back to it, however many
+        messages arrived since (``Store.without_authentication``'s ``since``)."""
         self._writes: set[asyncio.Future[None]] = set()
         self._batch: list[tuple[str, Verdict, float]] = []
         self._ready: list[tuple[_Work, authwork.Job | None]] = []
@@ -354,6 +360,8 @@ class Authenticator:
                 message_id,
             )
         self.deferred += 1
+        if self._first_left is None:
+            self._first_left = message_id
         metrics.auth_deferred()
         self._last_deferred = time.time()
         self._deferred.set()
@@ -507,6 +515,8 @@ class Authenticator:
                 )
         except StoreError as exc:
             # Not lost: the background pass judges them again.
+            if self._first_left is None:
+                self._first_left = rows[0][0]
             log.warning(
                 "could not store the authentication of %d messages (%s...): %s",
                 len(rows),
@@ -548,12 +558,15 @@ class Authenticator:
                 pass
             while True:
                 self._deferred.clear()
+                first_left = self._first_left
                 before = time.time() - GRACE
                 if await self._catch_up_logged(before):
                     continue
                 # Nothing left before ``before``; done once that covers the last deferral
                 # (a message deferred later is not in this pass's window yet: wait for it).
                 if before >= self._last_deferred and not self._deferred.is_set():
+                    if self._first_left == first_left:  # (else a write failed meanwhile)
+                        self._first_left = None
                     break
                 behind = self._last_deferred + GRACE - time.time()
                 await asyncio.sleep(min(max(behind, 0.05), GRACE))
@@ -581,7 +594,7 @@ class Authenticator:
             while self._in_flight > self._limit // 2:
                 await self._room.wait()
             limit = CATCH_UP_BATCH + len(self._pending)
-            ids = await self.store.without_authentication(before, limit)
+            ids = await self.store.without_authentication(before, limit, self._first_left)
             room = max(1, min(CATCH_UP_BATCH, self._limit - self._in_flight))
             fresh = [mid for mid in ids if mid not in self._pending][:room]
             if not fresh:

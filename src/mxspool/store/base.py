@@ -687,10 +687,14 @@ class Store(Protocol):
     async def unauthenticated(self, message_ids: Sequence[str]) -> set[str]:
         """Those of ``message_ids`` whose verdict is not stored (``auth_at`` is NULL)."""
 
-    async def without_authentication(self, received_before: float, limit: int) -> list[str]:
+    async def without_authentication(
+        self, received_before: float, limit: int, since: str | None = None
+    ) -> list[str]:
         """Ids of recent messages received before ``received_before`` with no verdict, oldest
-        first, at most ``limit``: among the newest ``queries.RECENT_SCAN`` messages only (after
-        a crash, what was committed but not yet judged), so the cost is bounded."""
+        first, at most ``limit``: among the newest ``queries.RECENT_SCAN`` messages (after a
+        crash, what was committed but not yet judged), so the cost is bounded, and among every
+        message from ``since`` on when it names one (what the intake left to the background
+        pass during a burst longer than that window)."""
 
     # -- delivery -----------------------------------------------------------------------
     async def claim_due(

@@ -431,12 +431,27 @@ class ReadSide:
         )
         return {row[0] for row in rows}
 
-    async def without_authentication(self, received_before: float, limit: int) -> list[str]:
-        # A range of the newest seqs (the primary key), not a scan of the whole table.
+    async def without_authentication(
+        self, received_before: float, limit: int, since: str | None = None
+    ) -> list[str]:
+        # A range of seqs (the primary key), not a scan of the whole table: the newest
+        # RECENT_SCAN, and back to ``since`` when that is older.
+        floor = None
+        if since is not None:
+            q = Params(self.dialect)
+            found = await self._one(
+                f"SELECT seq, (SELECT max(seq) FROM messages) FROM messages WHERE id = {q(since)}",
+                q.values,
+            )
+            if found is not None:
+                floor = min(int(found[0]) - 1, int(found[1]) - RECENT_SCAN)
         p = Params(self.dialect)
+        if floor is None:
+            lowest = f"(SELECT coalesce(max(seq), 0) FROM messages) - {p(RECENT_SCAN)}"
+        else:
+            lowest = p(floor)
         rows = await self._fetch(
-            "SELECT id FROM messages WHERE seq > "
-            f"(SELECT coalesce(max(seq), 0) FROM messages) - {p(RECENT_SCAN)} "
+            f"SELECT id FROM messages WHERE seq > {lowest} "
             f"AND auth_at IS NULL AND received_at < {p(received_before)} "
             f"ORDER BY seq LIMIT {p(limit)}",
             p.values,
