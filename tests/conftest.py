@@ -228,6 +228,15 @@ def pytest_configure(config: pytest.Config) -> None:
     loopback_guard.install()  # a wildcard bind in the test process fails (tests/loopback_guard.py)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """After the test's body, while its servers still run: none of them, in this process or
+    any it started, listens on a wildcard address (tests/loopback_guard.py)."""
+    result = yield
+    loopback_guard.fail_if_wildcard_sockets()
+    return result
+
+
 @pytest.fixture(autouse=True)
 def _loopback_only() -> Iterator[None]:
     """Fails the test that bound (or sent from) a wildcard address, even if it caught the

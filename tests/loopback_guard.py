@@ -8,10 +8,13 @@ raise ``WildcardBind`` instead of happening, so nothing ever listens beyond loop
 also recorded, and the autouse fixture in conftest fails the test that did it, even where the
 code under test catches the exception.
 
-Scope: the test process (the in-process servers: the DNS, HTTP and SMTP peers, the store and
-intake tests). ``mxspool serve`` subprocesses are given loopback addresses by their test's
-configuration (``tests.conftest.Spooler``). Installed once, at configure time; an audit hook
-cannot be removed, so it stays for the session.
+The hook sees the test process's own Python sockets (the in-process servers: the DNS, HTTP and
+SMTP peers, the store and intake tests). It is installed once, at configure time; an audit hook
+cannot be removed, so it stays for the session. What it cannot see, the processes a test starts
+(``mxspool serve`` on uvloop, whose binds are libuv's; haproxy, pebble, smtp-sink, Chromium)
+and any socket bound below Python, ``wildcard_sockets`` finds in the kernel's socket table: after
+each test's body, while its servers still run, conftest fails the test if this process or any
+process it started listens on (TCP), or is bound to (UDP), a wildcard address.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import sys
 import traceback
 from typing import Any
 
+import psutil
 import pytest
 
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})  # refused here
@@ -90,6 +94,46 @@ def take() -> list[str]:
     taken = VIOLATIONS[:]
     VIOLATIONS.clear()
     return taken
+
+
+def listening_sockets() -> list[tuple[str, int, str, str, int]]:
+    """(process name, pid, "tcp" or "udp", address, port) of every TCP socket listening and
+    every UDP socket bound, in this process and in every process it started."""
+    me = psutil.Process()
+    found = []
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            name, connections = proc.name(), proc.net_connections("inet")
+        except psutil.Error:  # gone meanwhile, or a zombie
+            continue
+        for conn in connections:
+            if not conn.laddr or not conn.laddr.port:
+                continue
+            if conn.type == socket.SOCK_STREAM and conn.status == psutil.CONN_LISTEN:
+                found.append((name, proc.pid, "tcp", conn.laddr.ip, conn.laddr.port))
+            elif conn.type == socket.SOCK_DGRAM:
+                found.append((name, proc.pid, "udp", conn.laddr.ip, conn.laddr.port))
+    return found
+
+
+def wildcard(sockets: list[tuple[str, int, str, str, int]]) -> list[str]:
+    """Those of ``sockets`` (``listening_sockets``) on a wildcard address, described."""
+    return [
+        f"{name} (pid {pid}) {kind} on {ip}:{port}"
+        for name, pid, kind, ip, port in sockets
+        if is_wildcard(ip)
+    ]
+
+
+def fail_if_wildcard_sockets() -> None:
+    """Fail the current test if this process or one it started is on a wildcard address."""
+    found = wildcard(listening_sockets())
+    if found:
+        pytest.fail(
+            "listening on a wildcard address (test servers listen on 127.0.0.1 or ::1 only): "
+            + "; ".join(found),
+            pytrace=False,
+        )
 
 
 def fail_if_refused() -> None:

@@ -1,9 +1,11 @@
-"""The test process cannot bind a wildcard address (tests/loopback_guard.py), and loopback is
-not affected."""
+"""The test process cannot bind a wildcard address, the sockets of the processes a test starts
+are seen (tests/loopback_guard.py), and loopback is not affected."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -60,3 +62,49 @@ def test_a_caught_refusal_still_fails_the_test() -> None:
     with pytest.raises(pytest.fail.Exception, match="refused a wildcard bind"):
         loopback_guard.fail_if_refused()
     loopback_guard.fail_if_refused()  # the control: taken, nothing is left to fail on
+
+
+LISTEN_ON_LOOPBACK = """
+import socket, sys
+tcp = socket.create_server(("127.0.0.1", 0))
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.bind(("127.0.0.1", 0))
+print(tcp.getsockname()[1], udp.getsockname()[1], flush=True)
+sys.stdin.read()
+"""
+
+
+def test_the_sockets_of_a_started_process_are_seen() -> None:
+    # A child process (no audit hook there) listening on loopback: the socket table shows its
+    # sockets, and none is a wildcard one.
+    child = subprocess.Popen(
+        [sys.executable, "-c", LISTEN_ON_LOOPBACK],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        tcp, udp = (int(port) for port in child.stdout.readline().split())
+        mine = [s for s in loopback_guard.listening_sockets() if s[1] == child.pid]
+        assert sorted(mine) == sorted(
+            [
+                (mine[0][0], child.pid, "tcp", "127.0.0.1", tcp),
+                (mine[0][0], child.pid, "udp", "127.0.0.1", udp),
+            ]
+        )
+        assert loopback_guard.wildcard(mine) == []
+    finally:
+        child.communicate("", timeout=10)
+    # What would be reported, without binding a wildcard address to show it.
+    sockets = [
+        ("haproxy", 7, "tcp", "0.0.0.0", 25),
+        ("pebble", 8, "tcp", "::", 14000),
+        ("python3", 9, "udp", "0.0.0.0", 5353),
+        ("python3", 9, "tcp", "::1", 2525),
+    ]
+    assert loopback_guard.wildcard(sockets) == [
+        "haproxy (pid 7) tcp on 0.0.0.0:25",
+        "pebble (pid 8) tcp on :::14000",
+        "python3 (pid 9) udp on 0.0.0.0:5353",
+    ]
