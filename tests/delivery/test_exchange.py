@@ -82,16 +82,12 @@ async def test_a_busy_recipient_comes_back_sooner_than_the_schedule(
     assert (state, reply, attempts) == ("pending", "451 4.3.0 Temporary failure", 1)
     # Once the target takes it, the busy recipient is delivered on its next try.
     del target.behaviour.rcpt_replies[f"busy@{DOMAIN}"]
-    await wait_for(lambda: _delivered(store, f"busy@{DOMAIN}"), within=10.0)
+    await wait_for(lambda: _state(store, f"busy@{DOMAIN}", "delivered", ""), within=10.0)
     assert exchange.busy_delay(_context(30.0), 40) == 30.0  # capped by the schedule's step
 
 
 def _context(step: float) -> outcomes.AttemptContext:
     return outcomes.AttemptContext("", 0.0, 0.0, outcomes.RetryPolicy((step,), 3600.0))
-
-
-async def _delivered(store: SqliteStore, rcpt: str) -> bool:
-    return (await _row(store, rcpt))[0] == "delivered"
 
 
 async def _settled(store: SqliteStore) -> bool:
