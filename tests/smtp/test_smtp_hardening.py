@@ -4,22 +4,40 @@ error limit (item 6): sans-IO probes, plus one end-to-end probe through `mxspool
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
+import logging
 import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from tests.conftest import Spooler
 from tests.smtp.smtp_driver import codes, config, run
 from tests.smtp_client import RawClient
+from tests.waiting import eventually
 
+from mxspool import metrics
+from mxspool.config import SmtpConfig
 from mxspool.delivery.bounce import build_dsn, read_original_headers
 from mxspool.envelope import MailParams, RcptParams
+from mxspool.intake.domains import DomainTable
+from mxspool.intake.listener import Intake
+from mxspool.intake.ptr import ReverseNames
 from mxspool.smtp import events as ev
 from mxspool.smtp import replies as R
 from mxspool.smtp.server import NEED_DATA, PAUSED, ServerConnection, State
-from mxspool.store.base import ClientInfo, RecipientRecord, RecipientState, StoredMessage
+from mxspool.store.base import (
+    ClientInfo,
+    Domain,
+    DomainMode,
+    RecipientRecord,
+    RecipientState,
+    Route,
+    StoredMessage,
+)
 from mxspool.store.sqlite import SqliteStore
 
 EHLO = b"EHLO client.example\r\n"
@@ -341,6 +359,160 @@ async def test_end_to_end_injection_refused_and_legal_envid_reaches_the_dsn(
         await store.close()
     assert b"\r\nOriginal-Envelope-Id: legal+id\r\n" in dsn
     assert b"\r\nOriginal-Recipient: rfc822; u@example.test\r\n" in dsn
+
+
+# -- an internal error while a connection is set up: 421 4.3.0, never a silent close ----------
+
+INTERNAL_ERROR = "4.3.0 mx.test.local Error: internal error, try again later"
+
+
+class Listening:
+    """The intake served in this process on a loopback port, over a real SQLite store."""
+
+    def __init__(self, intake: Intake, store: SqliteStore, server: asyncio.Server) -> None:
+        self.intake = intake
+        self.store = store
+        self.port: int = server.sockets[0].getsockname()[1]
+
+
+@pytest.fixture
+async def listening(tmp_path: Path) -> AsyncIterator[Listening]:
+    store = SqliteStore(f"sqlite:///{tmp_path / 'spool.db'}")
+    await store.open()
+    await store.add_domain(Domain("example.test", DomainMode.HOLD, (Route("127.0.0.1", 2526),)))
+    domains = DomainTable()
+    await domains.refresh(store)
+    intake = Intake(
+        SmtpConfig(hostname="mx.test.local", max_connections_per_ip=1),
+        store,
+        domains,
+        min_free_space=0,
+        spill_dir=str(tmp_path),
+        auth=None,
+        names=ReverseNames(),
+    )
+    server = await asyncio.get_running_loop().create_server(intake.protocol_factory, "127.0.0.1", 0)
+    try:
+        yield Listening(intake, store, server)
+    finally:
+        server.close()
+        intake.close_all()
+        await server.wait_closed()
+        await store.close()
+
+
+def _rejected(reason: str) -> float:
+    value = metrics.REGISTRY.get_sample_value("mxspool_smtp_rejected_total", {"reason": reason})
+    return value or 0.0
+
+
+def _refused(port: int) -> tuple[tuple[int, str], bool]:
+    """Connect: the first reply, and whether the server then closed the connection."""
+    client = RawClient(port)
+    try:
+        return client.reply(), client.closed_by_peer()
+    finally:
+        client.close()
+
+
+def _deliver(port: int, during: Any = None) -> str:
+    """A whole session, greeting to QUIT, that queues one message; its queue id.
+    ``during`` is called while the session is open."""
+    client = RawClient(port)
+    try:
+        assert client.reply()[0] == 220
+        if during is not None:
+            during()
+        assert client.command("EHLO probe.client")[0] == 250
+        assert client.command("MAIL FROM:<s@src.test>")[0] == 250
+        assert client.command("RCPT TO:<u@example.test>")[0] == 250
+        assert client.command("DATA")[0] == 354
+        client.send(b"Subject: after the fault\r\n\r\nbody\r\n.\r\n")
+        code, text = client.reply()
+        assert code == 250, text
+        assert client.command("QUIT")[0] == 221
+        return text.rsplit(" ", 1)[-1]
+    finally:
+        client.close()
+
+
+def _setup_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if r.name == "mxspool.intake.listener" and "internal error setting up" in r.getMessage()
+    ]
+
+
+async def test_a_session_that_cannot_be_built_answers_421_and_the_next_one_is_served(
+    listening: Listening, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    intake = listening.intake
+
+    def broken() -> Any:
+        raise RuntimeError("session_config is broken")
+
+    monkeypatch.setattr(intake, "session_config", broken)
+    before = _rejected("internal_error")
+    caplog.set_level(logging.ERROR, "mxspool.intake.listener")
+    reply, closed = await asyncio.to_thread(_refused, listening.port)
+    assert reply == (421, INTERNAL_ERROR)
+    assert closed  # end of stream right after the 421
+    assert _rejected("internal_error") == before + 1
+    [record] = _setup_errors(caplog)  # logged once, with the traceback and what to do
+    assert record.exc_info is not None and "session_config is broken" in str(record.exc_info[1])
+    assert "421 4.3.0" in record.getMessage() and "report" in record.getMessage()
+    assert intake.slots.open == 0 and not intake.connections  # no slot was ever held
+
+    monkeypatch.undo()  # positive control: the fault gone, the next client is served
+    queue_id = await asyncio.to_thread(_deliver, listening.port)
+    assert await listening.store.get_message(queue_id) is not None
+    assert _rejected("internal_error") == before + 1
+    assert len(_setup_errors(caplog)) == 1
+
+
+async def test_a_failure_after_the_slot_is_taken_answers_421_and_gives_the_slot_back(
+    listening: Listening, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    intake = listening.intake
+    names = intake.names
+    assert names is not None and intake.config.max_connections_per_ip == 1
+    held: list[tuple[int, dict[str, int], bool]] = []
+
+    def broken(address: str, listener: Any) -> None:
+        held.append((intake.slots.open, dict(intake.slots.per_key), bool(intake.connections)))
+        raise RuntimeError("reverse lookup is broken")
+
+    monkeypatch.setattr(names, "look_up", broken)
+    before = _rejected("internal_error")
+    caplog.set_level(logging.ERROR, "mxspool.intake.listener")
+    reply, closed = await asyncio.to_thread(_refused, listening.port)
+    assert reply == (421, INTERNAL_ERROR)
+    assert closed
+    assert held == [(1, {"127.0.0.1": 1}, True)]  # it failed while holding the slot
+    assert _rejected("internal_error") == before + 1
+    [record] = _setup_errors(caplog)
+    assert record.exc_info is not None and "reverse lookup is broken" in str(record.exc_info[1])
+    assert "127.0.0.1" in record.getMessage() and "421 4.3.0" in record.getMessage()
+
+    def given_back() -> bool:
+        return intake.slots.open == 0 and not intake.slots.per_key and not intake.connections
+
+    await eventually(given_back, what="the slot given back")
+
+    # Positive control, with max_connections_per_ip = 1: the next client is served, and while
+    # it is, exactly one slot is counted (a slot given back twice would show 0 here).
+    monkeypatch.undo()
+    during: list[tuple[int, dict[str, int]]] = []
+    queue_id = await asyncio.to_thread(
+        _deliver,
+        listening.port,
+        lambda: during.append((intake.slots.open, dict(intake.slots.per_key))),
+    )
+    assert during == [(1, {"127.0.0.1": 1})]
+    assert await listening.store.get_message(queue_id) is not None
+    await eventually(given_back, what="the second slot given back")
+    assert len(_setup_errors(caplog)) == 1
 
 
 # -- found by the fuzzer (test_smtp_stateful.py) --------------------------------------------

@@ -68,6 +68,16 @@ a bad or missing header closes the connection without a reply. A PROXY header fr
 address (or from the client behind the balancer) gets 421 4.7.0 and the connection is closed:
 the mail is retried, not lost, once the operator lists the balancer.
 
+Internal errors at setup. An exception of ours while a connection is being set up (building its
+session: ``Intake.protocol_factory``; or in ``connection_made`` once the slot is taken: the
+reverse-name lookup, the greeting) is not left to asyncio, which would log it and close the
+socket without a word. The client gets ``421 4.3.0 <hostname> Error: internal error, try again
+later`` (4.3.0, a mail system failure, RFC 3463), so the mail is retried, and the connection is
+closed as after any 421 (aborted if the reply is not taken within ``CLOSE_GRACE``); the error is
+logged once with its traceback and counted as ``internal_error``. A session that could not be
+built is replaced by ``_Refusal``, which says just that and holds no slot; a session whose
+``connection_made`` failed gives its slot back in ``connection_lost``, as on any close.
+
 DATA pieces stream into a ``BodyBuffer`` that spills to a temporary file past a threshold, so
 memory per connection stays small whatever the message size.
 """
@@ -112,6 +122,7 @@ from mxspool.smtp.replies import (
     STORAGE_ERROR,
     TOO_MANY_CONNECTIONS,
     Reply,
+    internal_error,
     queued,
 )
 from mxspool.smtp.server import NEED_DATA, PAUSED, ServerConfig, ServerConnection
@@ -184,8 +195,17 @@ class Intake:
             self._config_generation = table.generation
         return self.core_config
 
-    def protocol_factory(self) -> SmtpSession:
-        return SmtpSession(self)
+    def protocol_factory(self) -> asyncio.Protocol:
+        try:
+            return SmtpSession(self)
+        except Exception:
+            log.exception(
+                "internal error setting up a new SMTP session; the connection is refused with "
+                "421 4.3.0 and the sender will retry later. This is a bug in mxspool: please "
+                "report it with this traceback"
+            )
+            metrics.rejected("internal_error")
+            return _Refusal(internal_error(self.config.hostname).to_bytes())
 
     def set_ssl_context(self, context: ssl.SSLContext | None) -> None:
         """Serve ``context`` from the next STARTTLS on (a certificate reload): sessions already
@@ -241,7 +261,26 @@ class SmtpSession(asyncio.Protocol):
 
     # -- connection lifecycle -----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
+        writer = self.transport = cast(asyncio.Transport, transport)
+        try:
+            self._open(writer)
+        except Exception:
+            # A slot taken (``counted``) is given back by connection_lost, after the close.
+            log.exception(
+                "internal error setting up the SMTP session with %s; the connection is refused "
+                "with 421 4.3.0 and the sender will retry later. This is a bug in mxspool: "
+                "please report it with this traceback",
+                self.peer,
+            )
+            metrics.rejected("internal_error")
+            self.trail.end = "internal_error"
+            try:
+                writer.write(internal_error(self.intake.config.hostname).to_bytes())
+            finally:
+                self._close()
+
+    def _open(self, transport: asyncio.Transport) -> None:
+        """Take the connection's slot and greet (or, behind a balancer, await its header)."""
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if peer else "unknown"
         intake = self.intake
@@ -817,6 +856,28 @@ class SmtpSession(asyncio.Protocol):
         new_transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
         self.holds.discard(WRITE)
         self._release(HANDSHAKE)
+
+
+class _Refusal(asyncio.Protocol):
+    """A connection whose session could not be built (``Intake.protocol_factory``): the 421
+    made for it, then close; abort if the client has not taken it after CLOSE_GRACE. It holds
+    no connection slot."""
+
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+        self.abort_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        writer = cast(asyncio.Transport, transport)
+        writer.write(self.reply)
+        writer.close()
+        if writer.get_write_buffer_size():
+            self.abort_timer = asyncio.get_running_loop().call_later(CLOSE_GRACE, writer.abort)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.abort_timer is not None:
+            self.abort_timer.cancel()
+            self.abort_timer = None
 
 
 # TLS 1.2 ciphers: forward secret AEAD only (Mozilla's "intermediate" set less DHE, for which no

@@ -152,6 +152,12 @@ def too_many_errors(hostname: str) -> Reply:
     return Reply(421, "4.7.0", f"{hostname} Error: too many errors")
 
 
+def internal_error(hostname: str) -> Reply:
+    """Sent when a connection cannot be set up for a fault of ours (4.3.0: a mail system
+    failure, RFC 3463): the client closes and retries later."""
+    return Reply(421, "4.3.0", f"{hostname} Error: internal error, try again later")
+
+
 # -- replies named by the interface contract (exact texts) ----------------------------------
 RELAY_DENIED = Reply(550, "5.7.1", "Relaying denied")
 RECIPIENT_UNKNOWN = Reply(550, "5.1.1", "Recipient unknown")
