@@ -4,6 +4,8 @@ Authenticator (intake/auth.py) storing verdicts into a real SQLite store."""
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 
 from mxspool.body import BodyBuffer
 from mxspool.envelope import Envelope, MailParams, Recipient
+from mxspool.intake import auth as auth_module
 from mxspool.intake import authcheck, authdns
 from mxspool.intake.auth import Authenticator
 from mxspool.intake.authcheck import organizational_domain
@@ -291,3 +294,113 @@ async def test_recover_judges_what_a_crash_left_without_a_verdict(
     finally:
         auth.close()
         await store.close()
+
+
+def mark_of(store: SqliteStore, node: str) -> int | None:
+    """The node's mark (``Store.mark_unjudged``), read as another process would."""
+    with sqlite3.connect(f"file:{store.path}?mode=ro", uri=True) as conn:
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (f"unjudged:{node}",))
+        found = row.fetchone()
+    return None if found is None else int(found[0])
+
+
+def seq_of(store: SqliteStore, queue_id: str) -> int:
+    with sqlite3.connect(f"file:{store.path}?mode=ro", uri=True) as conn:
+        return int(conn.execute("SELECT seq FROM messages WHERE id = ?", (queue_id,)).fetchone()[0])
+
+
+async def test_recovery_reaches_back_to_the_node_mark_past_later_arrivals(
+    tmp_path: Path, dns: DnsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # mx1 started (noting its mark), committed three messages and died before judging them;
+    # then more messages than the window of recent ones arrived, all judged (on another node,
+    # or on mx1 after its restart). mx1's recovery still finds the three.
+    monkeypatch.setattr(queries, "RECENT_SCAN", 4)
+    store = SqliteStore(f"sqlite:///{tmp_path / 'spool.db'}")
+    await store.open()
+
+    def node(name: str) -> Authenticator:
+        return Authenticator(
+            store, authserv_id="mx.test", resolver=dns.address, timeout=1.0, node=name
+        )
+
+    first = node("mx1")
+    run = asyncio.create_task(first.run(time.time()))
+    try:
+        await eventually(lambda: mark_of(store, "mx1") is not None, what="mx1's mark")
+    finally:
+        run.cancel()
+        first.close()
+    orphans = [incoming(KEY.sign(message("a@signed.test"), "signed.test")) for _ in range(3)]
+    later = [incoming(message("a@signed.test")) for _ in range(6)]
+    for item in orphans + later:
+        await store.accept_message(item)
+    for item in later:
+        await store.set_authentication(item.id, "mx.test; dkim=none", ("dkim=none",))
+    # The control: a node without a mark looks at the newest four only, all judged.
+    other = node("mx2")
+    second = node("mx1")
+    try:
+        await other.recover(time.time())
+        assert other.recovered == 0
+        for item in orphans:
+            stored = await store.get_message(item.id)
+            assert stored is not None and stored.auth_at is None
+        await second.recover(time.time())
+        assert second.recovered == 3 and second.recovery_done
+        for item in orphans:
+            assert (await verdict_of(store, item.id)).tags == ("dkim=pass", "dmarc=pass")
+        # Nothing owed any more: the mark moved up to the newest four.
+        mark = mark_of(store, "mx1")
+        assert mark is not None and mark > seq_of(store, orphans[-1].id)
+    finally:
+        other.close()
+        second.close()
+        await second.drain()
+        await store.close()
+
+
+async def test_the_mark_stays_at_a_message_still_being_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A message whose check is slow (its DNS does not answer) while more than the window of
+    # recent messages arrives: the mark the background pass moves stays at it, so a crash
+    # now would not lose it; once its verdict is stored the mark moves past it.
+    monkeypatch.setattr(queries, "RECENT_SCAN", 4)
+    monkeypatch.setattr(auth_module, "SWEEP_INTERVAL", 0.2)
+    silent = SilentDns()
+    store = SqliteStore(f"sqlite:///{tmp_path / 'spool.db'}")
+    await store.open()
+    auth = Authenticator(
+        store, authserv_id="mx.test", resolver=silent.address, timeout=3.0, node="mx1"
+    )
+    run = asyncio.create_task(auth.run(time.time()))
+    try:
+        await eventually(lambda: auth.recovery_done, what="the start's recovery")
+        slow = incoming(KEY.sign(message("a@signed.test"), "signed.test"))
+        await store.accept_message(slow)
+        auth.submit(slow, None)
+        for _ in range(6):
+            item = incoming(message("a@signed.test"))
+            await store.accept_message(item)
+            await store.set_authentication(item.id, "mx.test; dkim=none", ("dkim=none",))
+        slow_seq = seq_of(store, slow.id)
+        # The control: the window of the newest four no longer holds it ...
+        assert await store.without_authentication(time.time() + 1, 10) == []
+        # ... the mark does, while its check runs (the pass moves the mark every 0.2 s).
+        await eventually(lambda: mark_of(store, "mx1") == slow_seq, what="the mark at it")
+        stored = await store.get_message(slow.id)
+        assert stored is not None and stored.auth_at is None
+        found = await store.without_authentication(time.time() + 1, 10, node="mx1")
+        assert found == [slow.id]
+        # Its DNS time is up: temperror stored, and the mark moves on past it.
+        assert (await verdict_of(store, slow.id)).tags == ("dkim=temperror", "dmarc=temperror")
+        await eventually(
+            lambda: (mark_of(store, "mx1") or 0) > slow_seq, what="the mark to move on"
+        )
+    finally:
+        run.cancel()
+        auth.close()
+        await auth.drain()
+        await store.close()
+        silent.close()

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 from mxspool import liveness, maillog, sdnotify
 from mxspool.config import Config, ConfigError, split_host_port
-from mxspool.intake.auth import Authenticator
+from mxspool.intake.auth import Authenticator, forget_owed
 from mxspool.intake.domains import DomainTable
 from mxspool.intake.listener import Intake
 from mxspool.intake.ptr import ReverseNames
@@ -147,6 +147,8 @@ async def run(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(intake.auth.pool.warm(), WORKER_START_WAIT)
             tasks.append(asyncio.create_task(intake.auth.run(time.time()), name="auth"))
+        else:
+            await forget_owed(store, config.smtp.hostname)
         tasks.append(asyncio.create_task(domains.follow(store), name="domains"))
         for work in tls.start(intake.set_ssl_context):
             tasks.append(asyncio.create_task(_guard(work)))

@@ -194,3 +194,33 @@ def test_silent_dns_delays_neither_the_250_nor_release_beyond_the_bound(
     delivered = wait_until(lambda: row(slow, slow_id)["delivered_at"], 10, "delivered_at")
     assert late["auth_at"] <= delivered
     assert target.recorder.received[1].data.endswith(data)
+
+
+def unjudged_mark(node: Spooler) -> int | None:
+    """The node's mark of the verdicts it may owe (``Store.mark_unjudged``), if any."""
+    with contextlib.closing(sqlite3.connect(f"file:{node.db}?mode=ro", uri=True)) as conn:
+        row = conn.execute(
+            "SELECT value FROM meta WHERE key = ?", ("unjudged:mx.test.local",)
+        ).fetchone()
+    return None if row is None else int(row[0])
+
+
+def test_a_node_forgets_its_mark_when_it_serves_with_authentication_off(
+    spooler_factory: Any, dns: DnsServer
+) -> None:
+    # With authentication on, serve notes at its start where the verdicts it may owe begin
+    # (a crash's recovery reaches back to it) ...
+    on = node_with(spooler_factory, dns.address)
+    on.start()
+    try:
+        wait_until(lambda: unjudged_mark(on) is not None, what="the mark noted at start")
+    finally:
+        on.stop()
+    # ... and on the same spool with it off forgets it before it greets anyone: mail accepted
+    # now is never judged later as if at its arrival, should authentication be turned on again.
+    off = Spooler(on.root, smtp={"authentication": False})
+    off.start()
+    try:
+        assert unjudged_mark(off) is None
+    finally:
+        off.stop()

@@ -74,3 +74,42 @@ async def test_since_looks_back_past_the_recent_window(
     # ``since`` newer than the window's start, or gone: the window as before.
     assert await store.without_authentication(time.time() + 1, 10, newer[3]) == [newer[3]]
     assert await store.without_authentication(time.time() + 1, 10, "NOSUCHID") == [newer[3]]
+
+
+async def test_a_node_mark_reaches_back_past_the_recent_window(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(queries, "RECENT_SCAN", 3)
+    now = time.time() + 1
+    owed = await put(store, ["a@relay.test"])  # mx1 noted it owes its verdict, then died
+    await store.mark_unjudged("mx1", [owed, "NOSUCHID"])
+    newer = [await put(store, ["a@relay.test"]) for _ in range(4)]
+    for queue_id in newer[:3]:
+        await store.set_authentication(queue_id, VALUE, ("dkim=none",))
+    # The control: the window of the newest three alone misses it, as does another node's view.
+    assert await store.without_authentication(now, 10) == [newer[3]]
+    assert await store.without_authentication(now, 10, node="mx2") == [newer[3]]
+    # From mx1's mark on: found again, oldest first; with ``since`` too, the older floor counts.
+    assert await store.without_authentication(now, 10, node="mx1") == [owed, newer[3]]
+    assert await store.without_authentication(now, 10, newer[3], "mx1") == [owed, newer[3]]
+    # Marking again at a newer message keeps the older mark ...
+    await store.mark_unjudged("mx1", [newer[3]])
+    assert await store.without_authentication(now, 10, node="mx1") == [owed, newer[3]]
+    # ... moving it does not: it now starts at newer[3].
+    await store.mark_unjudged("mx1", [newer[3]], move=True)
+    assert await store.without_authentication(now, 10, node="mx1") == [newer[3]]
+    # Moved back to an older message (the pass found one still owed): reached again.
+    await store.mark_unjudged("mx1", [newer[2], owed], move=True)
+    assert await store.without_authentication(now, 10, node="mx1") == [owed, newer[3]]
+    # Nothing owed: the first of the newest three (what is being committed is in there).
+    await store.mark_unjudged("mx1", [], move=True)
+    assert await store.without_authentication(now, 10, node="mx1") == [newer[3]]
+    await store.mark_unjudged("mx1", ["NOSUCHID"], move=True)  # gone: the same window
+    assert await store.without_authentication(now, 10, node="mx1") == [newer[3]]
+    # A node with no mark yet gets the window; forgetting a mark leaves the window.
+    await store.mark_unjudged("mx2")
+    await store.mark_unjudged("mx1", [owed], move=True)
+    await store.clear_unjudged("mx1")
+    await store.clear_unjudged("mx3")  # none: nothing to do
+    assert await store.without_authentication(now, 10, node="mx1") == [newer[3]]
+    assert await store.without_authentication(now, 10, node="mx2") == [newer[3]]

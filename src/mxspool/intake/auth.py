@@ -48,7 +48,14 @@ Where it runs, and what it costs the intake:
   ``SMALL_READ`` in one query), as soon as the
   checks in flight are down to half the limit; from the start, alongside the recovery's wait.
   The same pass runs every ``SWEEP_INTERVAL`` seconds (a verdict whose write failed) and,
-  once, ``timeout`` after start: what a crash or shutdown left without a verdict.
+  once, ``timeout`` after start: what a crash or shutdown left without a verdict. That one
+  reaches back to this node's mark in the store (``Store.mark_unjudged``, a ``meta`` row per
+  node): where the verdicts it may owe begin. It is set at start (an older one stays) and,
+  once that recovery is done, moved up to the oldest message still being checked or left to
+  the pass, at the end of each pass (at most ``SWEEP_INTERVAL`` apart): so a crash in the
+  middle of a long burst, or a restart while other nodes keep accepting, leaves nothing
+  unjudged however many messages arrived since. A node serving with authentication off
+  forgets its mark (``forget_owed``): mail it accepts then is never judged late.
 - Sustained overload trade-off: a message waits half of ``timeout`` at most for a pause in
   the arrivals; under SCHED_IDLE the workers may still get no CPU while the intake is saturated;
   then verdicts wait, and mail for a relaying domain leaves ``timeout`` (plus a second) after
@@ -72,6 +79,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import heapq
 import itertools
 import logging
 import os
@@ -86,6 +94,7 @@ from mxspool.intake.authcheck import DkimResult, DmarcResult, Verdict
 from mxspool.intake.authpool import WorkerFailed, WorkerPool
 from mxspool.intake.spf import SpfCheck, SpfChecker
 from mxspool.store.base import IncomingMessage, Store, StoredMessage, StoreError
+from mxspool.store.queries import UNJUDGED_PROBE
 from mxspool.store.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
@@ -156,8 +165,11 @@ class Authenticator:
         workers: int = 0,
         max_in_flight: int = MAX_IN_FLIGHT,
         nice: int = authwork.NICE,
+        node: str = "",
     ) -> None:
         self.store = store
+        self.node = node
+        """This node's name (``[smtp] hostname``): the key of its mark in the store."""
         self.authserv_id = authserv_id
         self.timeout = timeout
         self.max_in_flight = max_in_flight
@@ -197,6 +209,8 @@ class Authenticator:
         self._closed = False
         self.recovered = 0
         """Messages the last ``recover`` judged."""
+        self.recovery_done = False
+        """``recover`` has judged what the last run left: the mark may move on."""
         self.deferred = 0
         """Messages left to the background pass (too many in flight)."""
 
@@ -214,6 +228,7 @@ class Authenticator:
             timeout=smtp.authentication_timeout,
             workers=smtp.authentication_workers,
             max_in_flight=smtp.authentication_max_in_flight,
+            node=smtp.hostname,
         )
 
     # -- the listener's hooks -------------------------------------------------------------
@@ -540,8 +555,10 @@ class Authenticator:
 
     # -- the background pass ----------------------------------------------------------------
     async def run(self, started_at: float) -> None:
-        """serve's task: start the workers, ``recover`` (in its own task: it waits ``timeout``
-        first), and pick up deferred messages meanwhile and after."""
+        """serve's task: mark where this run's verdicts begin, start the workers, ``recover``
+        (in its own task: it waits ``timeout`` first), and pick up deferred messages meanwhile
+        and after."""
+        await self._mark(move=False)
         await self.pool.warm()
         recovery = asyncio.get_running_loop().create_task(self.recover(started_at))
         try:
@@ -567,16 +584,41 @@ class Authenticator:
                 if before >= self._last_deferred and not self._deferred.is_set():
                     if self._first_left == first_left:  # (else a write failed meanwhile)
                         self._first_left = None
+                    if self.recovery_done:
+                        await self._mark(move=True)
                     break
                 behind = self._last_deferred + GRACE - time.time()
                 await asyncio.sleep(min(max(behind, 0.05), GRACE))
 
     async def recover(self, started_at: float) -> None:
-        """Judge recent messages received before ``started_at`` without a verdict (a crash, a
-        shutdown). Waits ``timeout`` first, so verdicts other nodes have in progress land."""
+        """Judge the messages received before ``started_at`` without a verdict (a crash, a
+        shutdown): the recent ones, and back to this node's mark. Waits ``timeout`` first, so
+        verdicts other nodes have in progress land; then the mark may move on."""
         await asyncio.sleep(self.timeout)
-        self.recovered = await self._catch_up_logged(started_at)
+        try:
+            self.recovered = await self.catch_up(started_at, node=self.node)
+        except StoreError as exc:  # the mark stays: the next start tries again
+            log.warning("could not authenticate messages left without a verdict: %s", exc)
+            await self.drain()
+            return
         await self.drain()
+        self.recovery_done = True
+        await self._mark(move=True)
+
+    async def _mark(self, *, move: bool) -> None:
+        """Note in the store where the verdicts this node owes begin (``Store.mark_unjudged``),
+        so that ``recover`` after a crash reaches back to them however many messages arrived
+        since (on any node). At the start (``move`` false) an older mark stays; then, once
+        ``recover`` is done, the background pass moves it up to the oldest message still
+        being checked or left to it: every ``SWEEP_INTERVAL`` seconds at most, and once a
+        burst's backlog is judged."""
+        owed = heapq.nsmallest(UNJUDGED_PROBE, self._pending)
+        if self._first_left is not None:
+            owed.append(self._first_left)
+        try:
+            await self.store.mark_unjudged(self.node, owed, move=move)
+        except StoreError as exc:  # an older mark is only more work for the next start
+            log.warning("could not note which messages still await their verdict: %s", exc)
 
     async def _catch_up_logged(self, before: float) -> int:
         try:
@@ -585,16 +627,17 @@ class Authenticator:
             log.warning("could not authenticate messages left without a verdict: %s", exc)
             return 0
 
-    async def catch_up(self, before: float) -> int:
+    async def catch_up(self, before: float, node: str | None = None) -> int:
         """Check the messages received before ``before`` that have no verdict and are not being
-        checked here, oldest first, a batch at a time; how many. Raises StoreError."""
+        checked here, oldest first, a batch at a time (from ``node``'s mark on too, when
+        given); how many. Raises StoreError."""
         total = 0
         checks: list[asyncio.Future[None]] = []
         while not self._closed:
             while self._in_flight > self._limit // 2:
                 await self._room.wait()
             limit = CATCH_UP_BATCH + len(self._pending)
-            ids = await self.store.without_authentication(before, limit, self._first_left)
+            ids = await self.store.without_authentication(before, limit, self._first_left, node)
             room = max(1, min(CATCH_UP_BATCH, self._limit - self._in_flight))
             fresh = [mid for mid in ids if mid not in self._pending][:room]
             if not fresh:
@@ -684,6 +727,15 @@ class Authenticator:
         self.pool.close()
         self._threads.shutdown(wait=False, cancel_futures=True)
         self.spf.close()
+
+
+async def forget_owed(store: Store, node: str) -> None:
+    """serve with authentication off: nothing is owed any more (``Store.clear_unjudged``), so
+    turning it on again does not judge the mail accepted meanwhile as if at its arrival."""
+    try:
+        await store.clear_unjudged(node)
+    except StoreError as exc:
+        log.warning("could not clear this node's mark of messages awaiting a verdict: %s", exc)
 
 
 def _temperror(mail_from: str, reason: str) -> Verdict:

@@ -688,13 +688,30 @@ class Store(Protocol):
         """Those of ``message_ids`` whose verdict is not stored (``auth_at`` is NULL)."""
 
     async def without_authentication(
-        self, received_before: float, limit: int, since: str | None = None
+        self,
+        received_before: float,
+        limit: int,
+        since: str | None = None,
+        node: str | None = None,
     ) -> list[str]:
         """Ids of recent messages received before ``received_before`` with no verdict, oldest
         first, at most ``limit``: among the newest ``queries.RECENT_SCAN`` messages (after a
-        crash, what was committed but not yet judged), so the cost is bounded, and among every
+        crash, what was committed but not yet judged), so the cost is bounded; among every
         message from ``since`` on when it names one (what the intake left to the background
-        pass during a burst longer than that window)."""
+        pass during a burst longer than that window); and from ``node``'s mark on when it has
+        one (``mark_unjudged``: what that node may still have owed when it stopped)."""
+
+    async def mark_unjudged(
+        self, node: str, message_ids: Sequence[str] = (), *, move: bool = False
+    ) -> None:
+        """Durably note where the verdicts ``node`` may owe begin (``without_authentication``
+        reaches back to it after a crash): at the oldest of ``message_ids`` still stored (ids
+        sort by arrival; the oldest few are looked up), else at the first of the newest
+        ``queries.RECENT_SCAN`` messages. Without ``move`` an older mark is kept; with it the
+        mark moves on (the verdicts before it are stored)."""
+
+    async def clear_unjudged(self, node: str) -> None:
+        """Forget ``node``'s mark (it serves with authentication off: nothing is owed)."""
 
     # -- delivery -----------------------------------------------------------------------
     async def claim_due(

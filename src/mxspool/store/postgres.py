@@ -929,6 +929,18 @@ class PostgresStore(queries.ReadSide):
                 )
         return [mid for mid in items if mid not in found]
 
+    async def mark_unjudged(
+        self, node: str, message_ids: Sequence[str] = (), *, move: bool = False
+    ) -> None:
+        sql, params = queries.unjudged_sql(self.dialect, node, message_ids, move=move)
+        async with self._connection() as conn:
+            await conn.execute(sql, params)
+
+    async def clear_unjudged(self, node: str) -> None:
+        sql, params = queries.clear_unjudged_sql(self.dialect, node)
+        async with self._connection() as conn:
+            await conn.execute(sql, params)
+
     # -- delivery -----------------------------------------------------------------------
     async def due_domains(self, now: float) -> list[str]:
         # Per domain, three probes of one partial index each, stopping at the first row

@@ -55,6 +55,13 @@ REPORT_PAGE = 1000
 RECENT_SCAN = 10_000
 """``without_authentication`` looks at the newest this many messages (by arrival order)."""
 
+UNJUDGED_KEY = "unjudged:"
+"""Prefix of the meta row (``unjudged:<node>``, ``Store.mark_unjudged``) holding a seq: the
+node may owe verdicts for messages from there on, none before it."""
+
+UNJUDGED_PROBE = 16
+"""``mark_unjudged`` looks up this many of the oldest ids it is given (ids sort by arrival)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Dialect:
@@ -371,6 +378,42 @@ def taken(domain: str, other: str) -> str:
     )
 
 
+# -- the marks of owed verdicts (written by each backend's write path) -----------------------
+
+
+def unjudged_sql(
+    dialect: Dialect, node: str, message_ids: Sequence[str], *, move: bool
+) -> tuple[str, list[Any]]:
+    """The statement of ``mark_unjudged``. The mark is the lowest seq among the oldest
+    ``UNJUDGED_PROBE`` of ``message_ids`` still stored, else the first of the newest
+    ``RECENT_SCAN`` messages (whatever is being committed right now is among those); without
+    ``move`` an older mark is kept."""
+    p = Params(dialect)
+    key = p(UNJUDGED_KEY + node)
+    oldest = sorted(message_ids)[:UNJUDGED_PROBE]
+    found = ""  # placeholders in the order they appear: the ids before the window
+    if oldest:
+        found = f"(SELECT min(seq) FROM messages WHERE id {dialect.one_of(p, oldest)})"
+    recent = f"(SELECT coalesce(max(seq), 0) FROM messages) - {p(RECENT_SCAN - 1)}"
+    value = f"coalesce({found}, {recent})" if found else recent
+    update = (
+        "excluded.value"
+        if move
+        else "CASE WHEN excluded.value < meta.value THEN excluded.value ELSE meta.value END"
+    )
+    # WHERE true: SQLite would read ON CONFLICT as a join constraint of the SELECT otherwise.
+    sql = (
+        f"INSERT INTO meta (key, value) SELECT {key}, {value} WHERE true "
+        f"ON CONFLICT (key) DO UPDATE SET value = {update}"
+    )
+    return sql, p.values
+
+
+def clear_unjudged_sql(dialect: Dialect, node: str) -> tuple[str, list[Any]]:
+    p = Params(dialect)
+    return f"DELETE FROM meta WHERE key = {p(UNJUDGED_KEY + node)}", p.values
+
+
 class ReadSide:
     """The reading half of the Store protocol, for a backend that supplies ``_fetch``."""
 
@@ -432,11 +475,15 @@ class ReadSide:
         return {row[0] for row in rows}
 
     async def without_authentication(
-        self, received_before: float, limit: int, since: str | None = None
+        self,
+        received_before: float,
+        limit: int,
+        since: str | None = None,
+        node: str | None = None,
     ) -> list[str]:
         # A range of seqs (the primary key), not a scan of the whole table: the newest
-        # RECENT_SCAN, and back to ``since`` when that is older.
-        floor = None
+        # RECENT_SCAN, and back to ``since`` or to ``node``'s mark when older.
+        floors = []
         if since is not None:
             q = Params(self.dialect)
             found = await self._one(
@@ -444,7 +491,17 @@ class ReadSide:
                 q.values,
             )
             if found is not None:
-                floor = min(int(found[0]) - 1, int(found[1]) - RECENT_SCAN)
+                floors += [int(found[0]) - 1, int(found[1]) - RECENT_SCAN]
+        if node is not None:
+            q = Params(self.dialect)
+            mark = await self._one(
+                "SELECT m.value, (SELECT coalesce(max(seq), 0) FROM messages) FROM meta m "
+                f"WHERE m.key = {q(UNJUDGED_KEY + node)}",
+                q.values,
+            )
+            if mark is not None:
+                floors += [int(mark[0]) - 1, int(mark[1]) - RECENT_SCAN]
+        floor = min(floors) if floors else None
         p = Params(self.dialect)
         if floor is None:
             lowest = f"(SELECT coalesce(max(seq), 0) FROM messages) - {p(RECENT_SCAN)}"

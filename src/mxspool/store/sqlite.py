@@ -886,6 +886,16 @@ class SqliteStore(queries.ReadSide):
 
         return await self._write(work)
 
+    async def mark_unjudged(
+        self, node: str, message_ids: Sequence[str] = (), *, move: bool = False
+    ) -> None:
+        sql, params = queries.unjudged_sql(self.dialect, node, message_ids, move=move)
+        await self._write(lambda conn: conn.execute(sql, params))
+
+    async def clear_unjudged(self, node: str) -> None:
+        sql, params = queries.clear_unjudged_sql(self.dialect, node)
+        await self._write(lambda conn: conn.execute(sql, params))
+
     # -- delivery -----------------------------------------------------------------------
     async def due_domains(self, now: float) -> list[str]:
         # Per domain, index probes that stop at the first row found, so a held backlog or a
