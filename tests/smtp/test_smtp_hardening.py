@@ -531,3 +531,61 @@ def test_normalize_over_long_line_ends_at_a_bare_cr() -> None:
     assert codes(out) == [500, 250]
     _, out, _ = run([b"X" * 600 + b"\rNOOP\r\n"], bare_newlines="reject")
     assert codes(out) == [500]  # reject mode: one line through the LF, as before
+
+
+def _faulted(port: int, data_ends: bool) -> tuple[tuple[int, str], bool]:
+    """A session up to RCPT (or, with ``data_ends``, to the end of DATA): the reply there, and
+    whether the server then closed the connection."""
+    client = RawClient(port)
+    try:
+        assert client.reply()[0] == 220
+        assert client.command("EHLO probe.client")[0] == 250
+        assert client.command("MAIL FROM:<s@src.test>")[0] == 250
+        if not data_ends:
+            return client.command("RCPT TO:<u@example.test>"), client.closed_by_peer()
+        assert client.command("RCPT TO:<u@example.test>")[0] == 250
+        assert client.command("DATA")[0] == 354
+        client.send(b"Subject: committed\r\n\r\nbody\r\n.\r\n")
+        return client.reply(), client.closed_by_peer()
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("where", ["serving", "answering the commit"])
+async def test_a_fault_in_a_session_answers_421_and_the_next_one_is_served(
+    listening: Listening,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    where: str,
+) -> None:
+    # A defect of ours at RCPT (handling input) or after the durable commit (answering it):
+    # 421 4.3.0 and a close, not asyncio's silent close nor a session left waiting for its 250
+    # (and holding its slot) forever.
+    intake = listening.intake
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"{where} is broken")
+
+    target = "check_recipient" if where == "serving" else "queued"
+    monkeypatch.setattr(f"mxspool.intake.listener.{target}", broken)
+    before = _rejected("internal_error")
+    caplog.set_level(logging.ERROR, "mxspool.intake.listener")
+    reply, closed = await asyncio.to_thread(_faulted, listening.port, where != "serving")
+    assert reply == (421, INTERNAL_ERROR)
+    assert closed
+    assert _rejected("internal_error") == before + 1
+    [record] = [r for r in caplog.records if f"{where} is broken" in str(r.exc_info)]
+    assert "421 4.3.0" in record.getMessage() and "127.0.0.1" in record.getMessage()
+
+    def given_back() -> bool:
+        return intake.slots.open == 0 and not intake.connections
+
+    await eventually(given_back, what="the slot given back")
+    queued = await listening.store.list_queue()
+    # After the commit the message is stored (the sender retries: at worst it arrives twice).
+    assert len(queued) == (0 if where == "serving" else 1)
+
+    monkeypatch.undo()  # positive control: the next client is served
+    queue_id = await asyncio.to_thread(_deliver, listening.port)
+    assert await listening.store.get_message(queue_id) is not None
+    assert _rejected("internal_error") == before + 1

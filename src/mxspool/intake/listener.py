@@ -68,15 +68,16 @@ a bad or missing header closes the connection without a reply. A PROXY header fr
 address (or from the client behind the balancer) gets 421 4.7.0 and the connection is closed:
 the mail is retried, not lost, once the operator lists the balancer.
 
-Internal errors at setup. An exception of ours while a connection is being set up (building its
-session: ``Intake.protocol_factory``; or in ``connection_made`` once the slot is taken: the
-reverse-name lookup, the greeting) is not left to asyncio, which would log it and close the
-socket without a word. The client gets ``421 4.3.0 <hostname> Error: internal error, try again
-later`` (4.3.0, a mail system failure, RFC 3463), so the mail is retried, and the connection is
-closed as after any 421 (aborted if the reply is not taken within ``CLOSE_GRACE``); the error is
-logged once with its traceback and counted as ``internal_error``. A session that could not be
-built is replaced by ``_Refusal``, which says just that and holds no slot; a session whose
-``connection_made`` failed gives its slot back in ``connection_lost``, as on any close.
+Internal errors. An exception of ours in a session (building it: ``Intake.protocol_factory``;
+in ``connection_made`` once the slot is taken: the reverse-name lookup, the greeting; handling
+its input; answering its commit) is not left to asyncio, which would log it and close the socket
+without a word, nor to the commit callback, which would leave the session waiting for its 250
+forever. The client gets ``421 4.3.0 <hostname> Error: internal error, try again later`` (4.3.0,
+a mail system failure, RFC 3463), so the mail is retried (a message already committed may then
+arrive twice, never lost), and the connection is closed as after any 421 (aborted if the reply
+is not taken within ``CLOSE_GRACE``); the error is logged once with its traceback and counted as
+``internal_error``. A session that could not be built is replaced by ``_Refusal``, which says
+just that and holds no slot; any other gives its slot back in ``connection_lost``.
 
 DATA pieces stream into a ``BodyBuffer`` that spills to a temporary file past a threshold, so
 memory per connection stays small whatever the message size.
@@ -261,23 +262,32 @@ class SmtpSession(asyncio.Protocol):
 
     # -- connection lifecycle -----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        writer = self.transport = cast(asyncio.Transport, transport)
+        self.transport = cast(asyncio.Transport, transport)
         try:
-            self._open(writer)
+            self._open(self.transport)
         except Exception:
-            # A slot taken (``counted``) is given back by connection_lost, after the close.
-            log.exception(
-                "internal error setting up the SMTP session with %s; the connection is refused "
-                "with 421 4.3.0 and the sender will retry later. This is a bug in mxspool: "
-                "please report it with this traceback",
-                self.peer,
-            )
-            metrics.rejected("internal_error")
-            self.trail.end = "internal_error"
-            try:
-                writer.write(internal_error(self.intake.config.hostname).to_bytes())
-            finally:
-                self._close()
+            self._internal_error("setting up")
+
+    def _internal_error(self, doing: str) -> None:
+        """A defect of ours in this session (call it from the ``except`` block): 421 4.3.0 so
+        that the client retries, then close; logged once with the traceback. A slot taken
+        (``counted``) is given back by connection_lost, after the close."""
+        log.exception(
+            "internal error %s the SMTP session with %s; the connection is closed with "
+            "421 4.3.0 and the sender will retry later. This is a bug in mxspool: please "
+            "report it with this traceback",
+            doing,
+            self.peer,
+        )
+        metrics.rejected("internal_error")
+        self.trail.end = "internal_error"
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        try:
+            transport.write(internal_error(self.intake.config.hostname).to_bytes())
+        finally:
+            self._close()
 
     def _open(self, transport: asyncio.Transport) -> None:
         """Take the connection's slot and greet (or, behind a balancer, await its header)."""
@@ -527,6 +537,12 @@ class SmtpSession(asyncio.Protocol):
 
     # -- input --------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
+        try:
+            self._receive(data)
+        except Exception:
+            self._internal_error("serving")
+
+    def _receive(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
         if self.proxy_header is not None:
             self._read_proxy_header(data)
@@ -794,6 +810,16 @@ class SmtpSession(asyncio.Protocol):
             self.loop.call_soon(self._stored, message, started, exc)
 
     def _stored(
+        self, message: IncomingMessage, started: float, error: BaseException | None
+    ) -> None:
+        """The store's answer to ``submit_message``: 250 (or 451) and read again."""
+        try:
+            self._answer(message, started, error)
+        except Exception:  # else the session would wait for its commit forever
+            message.body.close()  # (handing it to the verdict is the answer's last step)
+            self._internal_error("answering the commit of a message in")
+
+    def _answer(
         self, message: IncomingMessage, started: float, error: BaseException | None
     ) -> None:
         auth = self.intake.auth if error is None else None
