@@ -595,13 +595,11 @@ class Authenticator:
         shutdown): the recent ones, and back to this node's mark. Waits ``timeout`` first, so
         verdicts other nodes have in progress land; then the mark may move on."""
         await asyncio.sleep(self.timeout)
-        try:
-            self.recovered = await self.catch_up(started_at, node=self.node)
-        except StoreError as exc:  # the mark stays: the next start tries again
-            log.warning("could not authenticate messages left without a verdict: %s", exc)
-            await self.drain()
-            return
+        recovered = await self._catch_up_logged(started_at, self.node)
         await self.drain()
+        if recovered is None:  # the mark stays: the next start tries again
+            return
+        self.recovered = recovered
         self.recovery_done = True
         await self._mark(move=True)
 
@@ -620,12 +618,13 @@ class Authenticator:
         except StoreError as exc:  # an older mark is only more work for the next start
             log.warning("could not note which messages still await their verdict: %s", exc)
 
-    async def _catch_up_logged(self, before: float) -> int:
+    async def _catch_up_logged(self, before: float, node: str | None = None) -> int | None:
+        """``catch_up``; None (logged) when the store failed."""
         try:
-            return await self.catch_up(before)
+            return await self.catch_up(before, node)
         except StoreError as exc:
             log.warning("could not authenticate messages left without a verdict: %s", exc)
-            return 0
+            return None
 
     async def catch_up(self, before: float, node: str | None = None) -> int:
         """Check the messages received before ``before`` that have no verdict and are not being
