@@ -9,9 +9,10 @@
 #   FUZZ_TARGETS="scan" fuzz/run.sh 600    one target only
 #
 # Needs clang with the sanitizer and libFuzzer runtimes (Debian: apt-get install clang
-# libclang-rt-14-dev), SQLite's header (libsqlite3-dev) and the project's venv (make test or
-# pip install -e '.[test]'). Exits non-zero on any crash, sanitizer report or mismatch; the
-# input that caused it is in fuzz/build/artifacts/<target>/ and replays with
+# libclang-rt-14-dev), SQLite's and OpenSSL's headers (libsqlite3-dev, libssl-dev) and the
+# project's venv (make test or pip install -e '.[test]'). Exits non-zero on any crash,
+# sanitizer report or mismatch; the input that caused it is in fuzz/build/artifacts/<target>/
+# and replays with
 #   fuzz/build/fuzz_<target> fuzz/build/artifacts/<target>/crash-...
 # The corpus grows in fuzz/build/corpus/<target>/ and is reused by later runs.
 set -euo pipefail
@@ -55,7 +56,7 @@ build_one() { # name, sources...
     done
     if [ "$newer" = 1 ] || [ ! -x "$out" ]; then
         echo "fuzz/run.sh: building $out"
-        "$CC" "${cflags[@]}" "$@" -o "$out" "${ldflags[@]}" -lsqlite3
+        "$CC" "${cflags[@]}" "$@" -o "$out" "${ldflags[@]}" -lsqlite3 -lcrypto
     fi
 }
 for target in $targets; do

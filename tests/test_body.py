@@ -7,8 +7,10 @@ import pytest
 from mxspool.body import BodyBuffer
 
 
-@pytest.mark.parametrize("threshold", [1 << 20, 100, 0])
+@pytest.mark.parametrize("threshold", [1 << 20, 165, 100, 0])
 def test_sha256_and_bytes_in_memory_or_spilled(threshold: int) -> None:
+    """In memory, spilled from the start, and (165) asked in memory, then spilled: the digest
+    is computed when asked, from the bytes so far, and follows later writes."""
     pieces = [b"Subject: x\r\n\r\n", b"a" * 150, b"", b"tail\r\n"]
     with BodyBuffer(threshold) as body:
         for piece in pieces[:2]:

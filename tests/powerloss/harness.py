@@ -366,6 +366,7 @@ def build_mutant_groupcommit(out_dir: Path) -> Path:
             str(store / "_groupcommit.c"),
             str(out_dir / "_coalesce.c"),
             "-lsqlite3",
+            "-lcrypto",
         ],
         check=True,
         capture_output=True,

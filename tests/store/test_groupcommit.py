@@ -9,6 +9,7 @@ commits what is queued.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import select
@@ -22,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from mxspool import body as body_module
 from mxspool.store import sqlite
 from mxspool.store.base import DomainChanges, DomainMode
 from tests.store.test_contract import add_domain, make_message
@@ -345,3 +347,63 @@ def test_coalesced_writes_read_back_exactly_while_the_thread_writes(tmp_path: Pa
         assert conn.execute("SELECT count(*) FROM t").fetchone() == (300,)
     finally:
         conn.close()
+
+
+@needs_thread
+def test_the_thread_computes_sha256_with_openssl(tmp_path: Path) -> None:
+    """mxspool_sha256 on the thread's connection: the hex SHA-256 of the bound bytes, binary
+    and empty ones too, NULL for NULL; the same as hashlib (the reference)."""
+    path = _database(tmp_path)
+    assert sqlite._groupcommit is not None
+    committer = sqlite._groupcommit.Committer(
+        str(path), SETUP, "INSERT INTO t (k, v, n, f) VALUES (?1, mxspool_sha256(?2), ?3, ?4)", 8
+    )
+    bodies: dict[str, bytes | None] = {
+        "binary": bytes(range(256)) * 64 + b"\x00tail",
+        "empty": b"",
+        "large": os.urandom(3 << 20),
+        "null": None,
+    }
+    for key, body in bodies.items():
+        committer.submit((key, body, 0, None), key)
+    assert sorted(_wait_collect(committer, len(bodies))) == [(key, None) for key in sorted(bodies)]
+    committer.close()
+    stored = {row[0]: row[1] for row in _rows(path)}
+    for key, body in bodies.items():
+        expected = None if body is None else hashlib.sha256(body).hexdigest()
+        assert stored[key] == expected, key
+
+
+@needs_thread
+async def test_the_event_loop_does_not_hash_what_the_thread_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A body in memory goes to the commit thread unhashed: with Python's SHA-256 out of the
+    body's reach the accept still stores the right digest. Control: the Python writer, which
+    does need it, fails the same accept."""
+
+    def no_hashing(*args: object) -> object:
+        raise AssertionError("the body was hashed in Python")
+
+    data = b"Subject: digest\r\n\r\n" + bytes(range(256)) * 40 + b"\r\n"
+    expected = hashlib.sha256(data).hexdigest()
+    for accelerated in (True, False):
+        monkeypatch.setattr(sqlite, "ACCELERATED", accelerated)
+        store = sqlite.SqliteStore(f"sqlite:///{tmp_path / f'spool-{accelerated}.db'}")
+        await store.open()
+        try:
+            await add_domain(store, "relay.test", DomainMode.HOLD)
+            message = make_message(["a@relay.test"], data)
+            with monkeypatch.context() as patched:
+                patched.setattr(body_module.hashlib, "sha256", no_hashing)
+                if accelerated:
+                    await store.accept_message(message)
+                else:
+                    with pytest.raises(AssertionError, match="hashed in Python"):
+                        await store.accept_message(message)
+                    continue
+            stored = await store.get_message(message.id)
+            assert stored is not None and stored.sha256 == expected
+            assert b"".join([piece async for piece in store.read_body(message.id)]) == data
+        finally:
+            await store.close()

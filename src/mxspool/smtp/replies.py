@@ -32,6 +32,7 @@ class Reply:
     enhanced: str | None
     text: str | tuple[str, ...]
     _wire: bytes = field(init=False, repr=False, compare=False, default=b"")
+    _line: str = field(init=False, repr=False, compare=False, default="")
 
     def __post_init__(self) -> None:
         # Reply text may come from configuration or policy code; a CR or LF in it would let that
@@ -105,8 +106,13 @@ class Reply:
         return "".join(out).encode("utf-8")
 
     def __str__(self) -> str:
-        # One line, so log lines and the ledger's CSV rows stay one line each.
-        return f"{self.code} {self.message}".rstrip()
+        # One line, so log lines and the ledger's CSV rows stay one line each. Kept, as the
+        # wire form is: the mail log writes the same few replies for every message.
+        line = self._line
+        if not line:
+            line = f"{self.code} {self.message}".rstrip()
+            object.__setattr__(self, "_line", line)
+        return line
 
 
 @functools.lru_cache(maxsize=256)

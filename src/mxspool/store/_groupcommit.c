@@ -20,11 +20,17 @@
  *
  * The thread's connection goes through a VFS that gathers SQLite's many small sequential
  * writes into few large ones (_coalesce.c); that is why it insists on synchronous=FULL.
+ *
+ * The connection also offers the SQL function mxspool_sha256(blob), the lowercase hex SHA-256
+ * of its argument (OpenSSL's EVP_Digest), so that the INSERT can store a body's digest without
+ * the event loop computing it: hashing 100 KiB takes ~60 us, 12% of the loop's time per message
+ * at that size, and here it runs on the other core, without the GIL.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <openssl/evp.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sqlite3.h>
@@ -112,6 +118,32 @@ close_db(Committer *self)
 
 /* Open the connection, run the setup SQL and prepare the INSERT. On failure, 'error' says why
  * and nothing stays open. */
+/* mxspool_sha256(X): the SHA-256 of blob (or text) X as 64 lowercase hex digits; NULL for NULL. */
+static void
+sha256_hex(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+    static const char digits[] = "0123456789abcdef";
+    unsigned char md[EVP_MAX_MD_SIZE];
+    char hex[2 * EVP_MAX_MD_SIZE];
+    unsigned int size = 0;
+    (void)argc;
+    if (sqlite3_value_type(argv[0]) == SQLITE_NULL) {
+        sqlite3_result_null(ctx);
+        return;
+    }
+    const void *data = sqlite3_value_blob(argv[0]);
+    int n = sqlite3_value_bytes(argv[0]);
+    if (!EVP_Digest(data != NULL ? data : "", (size_t)n, md, &size, EVP_sha256(), NULL)) {
+        sqlite3_result_error(ctx, "mxspool_sha256: OpenSSL could not compute the digest", -1);
+        return;
+    }
+    for (unsigned int i = 0; i < size; i++) {
+        hex[2 * i] = digits[md[i] >> 4];
+        hex[2 * i + 1] = digits[md[i] & 15];
+    }
+    sqlite3_result_text(ctx, hex, (int)(2 * size), SQLITE_TRANSIENT);
+}
+
 static int
 open_db(Committer *self, char *error)
 {
@@ -119,6 +151,11 @@ open_db(Committer *self, char *error)
     int rc = sqlite3_open_v2(self->path, &self->db, SQLITE_OPEN_READWRITE, COALESCING_VFS_NAME);
     if (rc == SQLITE_OK) {
         rc = sqlite3_exec(self->db, self->setup_sql, NULL, NULL, NULL);
+    }
+    if (rc == SQLITE_OK) {
+        rc = sqlite3_create_function_v2(self->db, "mxspool_sha256", 1,
+                                        SQLITE_UTF8 | SQLITE_DETERMINISTIC, NULL, sha256_hex,
+                                        NULL, NULL, NULL);
     }
     if (rc == SQLITE_OK) {
         /* The coalescing VFS relies on a sync before frames are published (see _coalesce.c). */

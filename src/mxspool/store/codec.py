@@ -35,17 +35,19 @@ MESSAGE_COLUMNS = (
 )
 
 
-def message_row(message: IncomingMessage) -> dict[str, Any]:
-    """The messages row of ``message``, by column, in MESSAGE_COLUMNS order."""
+def message_row(message: IncomingMessage, *, digest: bool = True) -> dict[str, Any]:
+    """The messages row of ``message``, by column, in MESSAGE_COLUMNS order; without
+    ``digest``, no "sha256" (the caller's SQL computes it from the body: the SQLite commit
+    thread, ``mxspool_sha256``)."""
     envelope = message.envelope
     client = message.client
-    return {
+    row = {
         "id": message.id,
         "received_at": message.received_at,
         "mail_from": envelope.mail_from,
         "mail_params": dump_mail_params(envelope.mail_params),
         "size": message.body.size,
-        "sha256": message.body.sha256,
+        "sha256": message.body.sha256 if digest else None,
         "message_id": message.message_id,
         "client_address": client.address,
         "client_name": client.hostname,
@@ -54,6 +56,9 @@ def message_row(message: IncomingMessage) -> dict[str, Any]:
         "tls_cipher": client.tls_cipher,
         "tags": dump_tags(message.tags),
     }
+    if not digest:
+        del row["sha256"]
+    return row
 
 
 def merge_tags(stored: str, new: Sequence[str]) -> str:

@@ -253,7 +253,7 @@ class SqliteStore(queries.ReadSide):
         if ACCELERATED:
             try:
                 self._committer = _groupcommit.Committer(
-                    str(self.path), ";".join(_WRITER_PRAGMAS), _ACCEPT_ONE, MAX_BATCH
+                    str(self.path), ";".join(_WRITER_PRAGMAS), _COMMIT_ONE, MAX_BATCH
                 )
             except OSError as exc:
                 raise StoreError(f"cannot open the SQLite store at {self.path}: {exc}") from exc
@@ -510,7 +510,7 @@ class SqliteStore(queries.ReadSide):
         if self._writer is None:
             raise StoreError("the store is not open")
         if self._committer is not None and not message.body.spilled:
-            self._committer.submit(_accept_row(message), on_done)
+            self._committer.submit(_commit_row(message), on_done)
             return
         loop = asyncio.get_running_loop()
         work = functools.partial(_insert_message, message=message)
@@ -1443,13 +1443,36 @@ def _settle(results: list[tuple[_Job, Any, BaseException | None]]) -> None:
 _ACCEPT_COLUMNS = (*codec.MESSAGE_COLUMNS, "data", "recipients")
 _ACCEPT_INSERT = f"INSERT INTO accept_rows ({', '.join(_ACCEPT_COLUMNS)}) VALUES "
 _ACCEPT_MARKS = "(" + ", ".join("?" * len(_ACCEPT_COLUMNS)) + ")"
-_ACCEPT_ONE = _ACCEPT_INSERT + _ACCEPT_MARKS
+_COMMIT_PARAMS = [column for column in _ACCEPT_COLUMNS if column != "sha256"]
+_COMMIT_ONE = (
+    _ACCEPT_INSERT
+    + "("
+    + ", ".join(
+        f"mxspool_sha256(?{_COMMIT_PARAMS.index('data') + 1})"
+        if column == "sha256"
+        else f"?{_COMMIT_PARAMS.index(column) + 1}"
+        for column in _ACCEPT_COLUMNS
+    )
+    + ")"
+)
+"""The commit thread's INSERT: as ``_ACCEPT_MARKS`` but the sha256 is computed from the body
+by the thread itself (``mxspool_sha256``, _groupcommit.c), not on the event loop; its values
+are ``_commit_row``'s."""
 
 
 def _accept_row(message: IncomingMessage) -> tuple[Any, ...]:
     """The accept_rows values of a message whose body is in memory (see 0005_accept_rows.sql)."""
     return (
         *codec.message_row(message).values(),
+        message.body.getvalue(),
+        json.dumps(codec.accept_recipients(message)),
+    )
+
+
+def _commit_row(message: IncomingMessage) -> tuple[Any, ...]:
+    """``_COMMIT_ONE``'s values: ``_accept_row`` without the sha256."""
+    return (
+        *codec.message_row(message, digest=False).values(),
         message.body.getvalue(),
         json.dumps(codec.accept_recipients(message)),
     )
