@@ -7,9 +7,10 @@ whole large message.
 The sha256 of a body in memory is computed when first asked for, once. The SQLite store's
 commit thread never asks: it computes the digest in C, without the GIL, on the other core
 (``mxspool_sha256`` in _groupcommit.c), which leaves the event loop ~60 us more per 100 KiB
-message (+13% accepted per second at that size). Every other store asks on its own writer's
-path, as before. (Hashing in the Python writer thread was measured slower than on the loop,
-15-20%: each hashlib call there releases and retakes the GIL on the commit's critical path.)
+message. Every other path asks on the event loop, as the loop hashed every piece before: the
+SQLite store's Python writer when the message is submitted, PostgreSQL when it builds its
+batch. (Hashing in the Python writer thread was measured slower than on the loop, 15-20%:
+each hashlib call there releases and retakes the GIL on the commit's critical path.)
 A spilled body is hashed on the way in, from the spill on, so that its digest never needs
 the file read back.
 """

@@ -512,6 +512,9 @@ class SqliteStore(queries.ReadSide):
         if self._committer is not None and not message.body.spilled:
             self._committer.submit(_commit_row(message), on_done)
             return
+        # The Python writer needs the digest: computed here, on the loop (mxspool.body), since in
+        # the writer thread every hashlib call would hand the GIL back and forth.
+        _ = message.body.sha256
         loop = asyncio.get_running_loop()
         work = functools.partial(_insert_message, message=message)
         self._jobs.put(_Job(work, Future(), message, on_done, loop))
