@@ -116,8 +116,6 @@ close_db(Committer *self)
     }
 }
 
-/* Open the connection, run the setup SQL and prepare the INSERT. On failure, 'error' says why
- * and nothing stays open. */
 /* mxspool_sha256(X): the SHA-256 of blob (or text) X as 64 lowercase hex digits; NULL for NULL. */
 static void
 sha256_hex(sqlite3_context *ctx, int argc, sqlite3_value **argv)
@@ -144,6 +142,8 @@ sha256_hex(sqlite3_context *ctx, int argc, sqlite3_value **argv)
     sqlite3_result_text(ctx, hex, (int)(2 * size), SQLITE_TRANSIENT);
 }
 
+/* Open the connection, run the setup SQL and prepare the INSERT. On failure, 'error' says why
+ * and nothing stays open. */
 static int
 open_db(Committer *self, char *error)
 {

@@ -37,11 +37,11 @@ MESSAGE_COLUMNS = (
 
 def message_row(message: IncomingMessage, *, digest: bool = True) -> dict[str, Any]:
     """The messages row of ``message``, by column, in MESSAGE_COLUMNS order; without
-    ``digest``, no "sha256" (the caller's SQL computes it from the body: the SQLite commit
-    thread, ``mxspool_sha256``)."""
+    ``digest``, its "sha256" is None (the caller's SQL computes it from the body: the SQLite
+    commit thread, ``mxspool_sha256``)."""
     envelope = message.envelope
     client = message.client
-    row = {
+    return {
         "id": message.id,
         "received_at": message.received_at,
         "mail_from": envelope.mail_from,
@@ -56,9 +56,6 @@ def message_row(message: IncomingMessage, *, digest: bool = True) -> dict[str, A
         "tls_cipher": client.tls_cipher,
         "tags": dump_tags(message.tags),
     }
-    if not digest:
-        del row["sha256"]
-    return row
 
 
 def merge_tags(stored: str, new: Sequence[str]) -> str:

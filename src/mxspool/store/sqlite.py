@@ -510,7 +510,7 @@ class SqliteStore(queries.ReadSide):
         if self._writer is None:
             raise StoreError("the store is not open")
         if self._committer is not None and not message.body.spilled:
-            self._committer.submit(_commit_row(message), on_done)
+            self._committer.submit(_accept_row(message, digest=False), on_done)
             return
         # The Python writer needs the digest: computed here, on the loop (mxspool.body), since in
         # the writer thread every hashlib call would hand the GIL back and forth.
@@ -1446,36 +1446,24 @@ def _settle(results: list[tuple[_Job, Any, BaseException | None]]) -> None:
 _ACCEPT_COLUMNS = (*codec.MESSAGE_COLUMNS, "data", "recipients")
 _ACCEPT_INSERT = f"INSERT INTO accept_rows ({', '.join(_ACCEPT_COLUMNS)}) VALUES "
 _ACCEPT_MARKS = "(" + ", ".join("?" * len(_ACCEPT_COLUMNS)) + ")"
-_COMMIT_PARAMS = [column for column in _ACCEPT_COLUMNS if column != "sha256"]
-_COMMIT_ONE = (
-    _ACCEPT_INSERT
-    + "("
+_COMMIT_ONE = _ACCEPT_INSERT + (
+    "("
     + ", ".join(
-        f"mxspool_sha256(?{_COMMIT_PARAMS.index('data') + 1})"
-        if column == "sha256"
-        else f"?{_COMMIT_PARAMS.index(column) + 1}"
-        for column in _ACCEPT_COLUMNS
+        f"mxspool_sha256(?{_ACCEPT_COLUMNS.index('data') + 1})" if column == "sha256" else f"?{n}"
+        for n, column in enumerate(_ACCEPT_COLUMNS, 1)
     )
     + ")"
 )
-"""The commit thread's INSERT: as ``_ACCEPT_MARKS`` but the sha256 is computed from the body
-by the thread itself (``mxspool_sha256``, _groupcommit.c), not on the event loop; its values
-are ``_commit_row``'s."""
+"""The commit thread's INSERT: as ``_ACCEPT_MARKS``, but the sha256 column is computed from the
+body by the thread itself (``mxspool_sha256``, _groupcommit.c), not on the event loop; the
+value bound in its place (None, ``_accept_row(..., digest=False)``) is not used."""
 
 
-def _accept_row(message: IncomingMessage) -> tuple[Any, ...]:
-    """The accept_rows values of a message whose body is in memory (see 0005_accept_rows.sql)."""
+def _accept_row(message: IncomingMessage, *, digest: bool = True) -> tuple[Any, ...]:
+    """The accept_rows values of a message whose body is in memory (see 0005_accept_rows.sql);
+    without ``digest``, None for its sha256 (``_COMMIT_ONE``)."""
     return (
-        *codec.message_row(message).values(),
-        message.body.getvalue(),
-        json.dumps(codec.accept_recipients(message)),
-    )
-
-
-def _commit_row(message: IncomingMessage) -> tuple[Any, ...]:
-    """``_COMMIT_ONE``'s values: ``_accept_row`` without the sha256."""
-    return (
-        *codec.message_row(message, digest=False).values(),
+        *codec.message_row(message, digest=digest).values(),
         message.body.getvalue(),
         json.dumps(codec.accept_recipients(message)),
     )
