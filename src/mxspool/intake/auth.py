@@ -188,6 +188,9 @@ class Authenticator:
         self._records: dict[str, tuple[float, list[bytes]]] = {}
         self._pending: set[str] = set()
         """Messages being checked or their verdict waiting to be written."""
+        self._reads: list[set[str]] = []
+        """For each store read of ``catch_up`` in progress, the ids whose verdict was written
+        meanwhile: the read may predate the write and still list them as unjudged."""
         self._in_flight = 0
         self._checks: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()
@@ -541,6 +544,8 @@ class Authenticator:
         finally:
             for message_id, _value, _tags in rows:
                 self._pending.discard(message_id)
+            for written in self._reads:
+                written.update(message_id for message_id, _value, _tags in rows)
 
     async def drain(self) -> None:
         """Write the verdicts computed so far and wait for them (shutdown, tests); after
@@ -636,9 +641,14 @@ class Authenticator:
             while self._in_flight > self._limit // 2:
                 await self._room.wait()
             limit = CATCH_UP_BATCH + len(self._pending)
-            ids = await self.store.without_authentication(before, limit, self._first_left, node)
+            written: set[str] = set()
+            self._reads.append(written)
+            try:
+                ids = await self.store.without_authentication(before, limit, self._first_left, node)
+            finally:
+                self._reads.remove(written)
             room = max(1, min(CATCH_UP_BATCH, self._limit - self._in_flight))
-            fresh = [mid for mid in ids if mid not in self._pending][:room]
+            fresh = [mid for mid in ids if mid not in self._pending and mid not in written][:room]
             if not fresh:
                 break
             if total == 0:
