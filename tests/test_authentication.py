@@ -275,6 +275,9 @@ async def test_a_verdict_written_while_the_pass_reads_is_not_judged_again(
     """The pass's read of unjudged messages may start before a verdict's write commits and
     return after it: the message is then neither unjudged nor being checked, and must not be
     checked a second time (a CI run counted 9 checks for 8 messages)."""
+    # The verdict's write waits for the test, not for the 10 ms timer (which could otherwise
+    # write it between two looks at the queue).
+    monkeypatch.setattr(auth_module, "WRITE_DELAY", 3600.0)
     store = SqliteStore(f"sqlite:///{tmp_path / 'spool.db'}")
     await store.open()
     auth = Authenticator(store, authserv_id="mx.test", resolver=dns.address)
@@ -283,6 +286,8 @@ async def test_a_verdict_written_while_the_pass_reads_is_not_judged_again(
         await store.accept_message(item)
         auth.submit(item, None)
         await eventually(lambda: bool(auth._batch), what="the verdict queued for its write")
+        unwritten = await store.get_message(item.id)
+        assert unwritten is not None and unwritten.auth_at is None  # not before the read below
         original = store.without_authentication
         listed: list[str] = []
 
