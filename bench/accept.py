@@ -300,7 +300,7 @@ def run_mxspool_pg2(case: Case, run: int, pg: PgSchemas) -> RunResult:
     except BenchError as exc:
         return RunResult(system, case.label, run, case.messages, 0.0, 0, None, str(exc))
     options = _auth_server_options()
-    nodes = [MxspoolServer(store_url=url, **options), MxspoolServer(store_url=url, **options)]
+    nodes = [MxspoolServer(store_url=url, hostname=f"bench{i}.local", **options) for i in (1, 2)]
     try:
         nodes[0].start()  # migrations + domain (held)
         nodes[1].start(setup_domain=False)  # shares the store and its domain

@@ -120,6 +120,7 @@ class MxspoolServer:
         extra_toml: str = "",
         workdir: Path | None = None,
         env: dict[str, str] | None = None,
+        hostname: str = "bench.local",
     ) -> None:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if workdir is None:
@@ -133,6 +134,7 @@ class MxspoolServer:
         self.port = port or free_port()
         self.admin_port = admin_port or free_port()
         self.smtp_options = smtp_options or {}
+        self.hostname = hostname  # nodes sharing a PostgreSQL spool need names of their own
         self.extra_toml = extra_toml
         self.env = env
         self.config = workdir / "mxspool.toml"
@@ -144,7 +146,7 @@ class MxspoolServer:
         self.config.write_text(
             "[smtp]\n"
             f'listen = ["{HOST}:{self.port}"]\n'
-            'hostname = "bench.local"\n'
+            f"hostname = {toml_value(self.hostname)}\n"
             + "".join(f"{k} = {toml_value(v)}\n" for k, v in self.smtp_options.items())
             + "\n[store]\n"
             f"url = {json.dumps(self.store_url)}\n"

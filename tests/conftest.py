@@ -114,10 +114,11 @@ class Spooler:
         preexec: Any = None,
         *,
         wait_admin: bool = True,
+        timeout: float = 15.0,
     ) -> None:
-        """Start serve and wait for its SMTP greeting; with ``wait_admin``, also for its admin
-        port (serve makes it listen before SMTP: tests/e2e/test_listener.py shows it without
-        this wait)."""
+        """Start serve and wait (up to ``timeout`` seconds) for its SMTP greeting; with
+        ``wait_admin``, also for its admin port (serve makes it listen before SMTP:
+        tests/e2e/test_listener.py shows it without this wait)."""
         env = {**os.environ, **(extra_env or {})}
         self.proc = subprocess.Popen(
             [MXSPOOL, "--config", str(self.config), "serve"],
@@ -126,7 +127,7 @@ class Spooler:
             env=env,
             preexec_fn=preexec,  # noqa: PLW1509 (the test process starts it before threads)
         )
-        wait_for_port(self.port, proc=self.proc)
+        wait_for_port(self.port, timeout, proc=self.proc)
         if wait_admin and f'"127.0.0.1:{self.admin_port}"' in self.config.read_text():
             wait_for_port(self.admin_port, proc=self.proc, greeting=False)
 

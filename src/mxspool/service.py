@@ -18,7 +18,8 @@ from mxspool.intake.auth import Authenticator, forget_owed
 from mxspool.intake.domains import DomainTable
 from mxspool.intake.listener import Intake
 from mxspool.intake.ptr import ReverseNames
-from mxspool.store import MissingDependency, Store, StoreError, create_store
+from mxspool.store import MissingDependency, Store, StoreError, create_store, is_postgres
+from mxspool.store.nodename import NodeName
 from mxspool.store.serverlock import SpoolLock
 from mxspool.store.sqlite import sqlite_path
 from mxspool.tls.certinfo import CertificateError
@@ -124,7 +125,12 @@ async def run(
     tasks: list[asyncio.Task[None]] = []
     servers: list[asyncio.Server] = []
     intake: Intake | None = None
+    name: NodeName | None = None
     try:
+        if is_postgres(config.store.url):  # one running node per name (store.nodename)
+            name = NodeName(config.store.url, config.smtp.hostname)
+            await name.claim()
+            tasks.append(asyncio.create_task(_guard(name.hold()), name="node name"))
         domains = DomainTable()
         await domains.refresh(store)
         tls = ServerTls(config)  # certificate reloads (files, SIGHUP) and ACME
@@ -187,6 +193,8 @@ async def run(
                 intake.auth.close()
                 await intake.auth.drain()
         await store.close()
+        if name is not None:
+            await name.close()
         liveness.NODE.listeners = None
         if lock is not None:
             lock.release()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import smtplib
+import socket
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -30,12 +32,50 @@ def target() -> Iterator[Target]:
 def _cluster(spooler_factory: Any, pg_url: str, **delivery: Any) -> tuple[Spooler, Spooler]:
     nodes: list[Spooler] = [
         spooler_factory(
+            smtp={"hostname": f"mx{i}.test.local"},  # a name of its own (docs/multi-node.md)
             store={"url": pg_url, "min_free_space": "0"},
             delivery={**DELIVERY, **delivery},
         )
-        for _ in range(2)
+        for i in (1, 2)
     ]
     return nodes[0], nodes[1]
+
+
+def test_a_node_does_not_serve_under_a_running_node_name(spooler_factory: Any, pg_url: str) -> None:
+    """A second node with a running node's [smtp] hostname waits for the name (store.nodename)
+    and opens no listener; it serves once the first is killed (kill -9 lets go at once)."""
+    store = {"url": pg_url, "min_free_space": "0"}
+    first = spooler_factory(smtp={"hostname": "mx1.test.local"}, store=store)
+    twin = spooler_factory(smtp={"hostname": "mx1.test.local"}, store=store)
+    other = spooler_factory(smtp={"hostname": "mx2.test.local"}, store=store)
+    first.start()
+    started: list[BaseException | None] = []
+
+    def start_twin() -> None:
+        try:
+            twin.start(timeout=120)  # it waits for the name meanwhile
+            started.append(None)
+        except BaseException as exc:  # reported by the assertion below
+            started.append(exc)
+
+    starter = threading.Thread(target=start_twin, daemon=True)
+    starter.start()
+    wait_until(
+        lambda: (
+            twin.log.exists() and "is held by a connection from 127.0.0.1" in twin.log.read_text()
+        ),
+        30,
+        "the twin waiting for its name",
+    )
+    other.start()  # the control: a node with a name of its own starts meanwhile
+    assert not started and twin.proc is not None and twin.proc.poll() is None
+    with pytest.raises(OSError):  # the twin listens on nothing yet
+        socket.create_connection(("127.0.0.1", twin.port), timeout=1).close()
+    first.kill()
+    starter.join(timeout=60)
+    assert started == [None], started
+    with smtplib.SMTP("127.0.0.1", twin.port, timeout=10) as client:
+        assert "mx1.test.local" in client.ehlo()[1].decode()
 
 
 def _message_id(data: bytes) -> str:
