@@ -376,15 +376,10 @@ async def test_recovery_reaches_back_to_the_node_mark_past_later_arrivals(
         await store.accept_message(item)
     for item in later:
         await store.set_authentication(item.id, "mx.test; dkim=none", ("dkim=none",))
-    # The control: a node without a mark looks at the newest four only, all judged.
-    other = node("mx2")
+    # The control: the window of the newest four alone, all judged, misses them.
+    assert await store.without_authentication(time.time() + 1, 10) == []
     second = node("mx1")
     try:
-        await other.recover(time.time())
-        assert other.recovered == 0
-        for item in orphans:
-            stored = await store.get_message(item.id)
-            assert stored is not None and stored.auth_at is None
         await second.recover(time.time())
         assert second.recovered == 3 and second.recovery_done
         for item in orphans:
@@ -393,9 +388,53 @@ async def test_recovery_reaches_back_to_the_node_mark_past_later_arrivals(
         mark = mark_of(store, "mx1")
         assert mark is not None and mark > seq_of(store, orphans[-1].id)
     finally:
-        other.close()
         second.close()
         await second.drain()
+        await store.close()
+
+
+async def test_a_node_takes_over_the_mark_of_a_node_that_is_gone(
+    tmp_path: Path, dns: DnsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # mx1 died owing three verdicts and never came back (or serves again under a new name);
+    # more messages than the window of recent ones arrived since. mx2's recovery takes mx1's
+    # mark over and judges the three; later, a mark found at the periodic look is judged too.
+    monkeypatch.setattr(queries, "RECENT_SCAN", 4)
+    monkeypatch.setattr(auth_module, "ADOPT_INTERVAL", 0.2)
+    store = SqliteStore(f"sqlite:///{tmp_path / 'spool.db'}")
+    await store.open()
+    orphans = [incoming(KEY.sign(message("a@signed.test"), "signed.test")) for _ in range(4)]
+    later = [incoming(message("a@signed.test")) for _ in range(6)]
+    for item in orphans[:3]:
+        await store.accept_message(item)
+    await store.mark_unjudged("mx1", [item.id for item in orphans[:3]])
+    for item in later:
+        await store.accept_message(item)
+        await store.set_authentication(item.id, "mx.test; dkim=none", ("dkim=none",))
+    assert await store.without_authentication(time.time() + 1, 10) == []  # the control
+    auth = Authenticator(
+        store, authserv_id="mx.test", resolver=dns.address, timeout=1.0, node="mx2"
+    )
+    run = asyncio.create_task(auth.run(time.time()))
+    try:
+        await eventually(lambda: auth.recovery_done, what="mx2's recovery")
+        assert auth.recovered == 3
+        for item in orphans[:3]:
+            assert (await verdict_of(store, item.id)).tags == ("dkim=pass", "dmarc=pass")
+        assert mark_of(store, "mx1") is None
+        # A mark that turns up later (a node gone since) is found at the next look.
+        await store.accept_message(orphans[3])
+        await store.mark_unjudged("mx3", [orphans[3].id])
+        for _ in range(6):  # past the window again
+            judged = incoming(message("a@signed.test"))
+            await store.accept_message(judged)
+            await store.set_authentication(judged.id, "mx.test; dkim=none", ("dkim=none",))
+        assert (await verdict_of(store, orphans[3].id)).tags == ("dkim=pass", "dmarc=pass")
+        await eventually(lambda: mark_of(store, "mx3") is None, what="mx3's mark taken over")
+    finally:
+        run.cancel()
+        auth.close()
+        await auth.drain()
         await store.close()
 
 

@@ -113,3 +113,32 @@ async def test_a_node_mark_reaches_back_past_the_recent_window(
     await store.clear_unjudged("mx3")  # none: nothing to do
     assert await store.without_authentication(now, 10, node="mx1") == [newer[3]]
     assert await store.without_authentication(now, 10, node="mx2") == [newer[3]]
+
+
+async def test_the_mark_of_a_node_that_is_gone_is_taken_over(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One store, so every other name is not running (SQLite: one server per spool); which
+    # PostgreSQL nodes run is tests/store/test_nodename.py's.
+    monkeypatch.setattr(queries, "RECENT_SCAN", 3)
+    now = time.time() + 1
+    owed = await put(store, ["a@relay.test"])  # mx1 noted it owes its verdict, then went away
+    await store.mark_unjudged("mx1", [owed])
+    newer = [await put(store, ["a@relay.test"]) for _ in range(4)]
+    for queue_id in newer[:3]:
+        await store.set_authentication(queue_id, VALUE, ("dkim=none",))
+    await store.mark_unjudged("mx2", [newer[3]])
+    # The control: mx2's own mark does not reach back to it.
+    assert await store.without_authentication(now, 10, node="mx2") == [newer[3]]
+    assert await store.adopt_unjudged("mx2") == ["mx1"]
+    assert await store.without_authentication(now, 10, node="mx2") == [owed, newer[3]]
+    assert await store.without_authentication(now, 10, node="mx1") == [newer[3]]  # mx1's: gone
+    assert await store.adopt_unjudged("mx2") == []  # nothing left to take over
+    # A newer mark taken over leaves the older one of its own as it was ...
+    await store.mark_unjudged("mx3", [newer[3]])
+    assert await store.adopt_unjudged("mx2") == ["mx3"]
+    assert await store.without_authentication(now, 10, node="mx2") == [owed, newer[3]]
+    # ... and a node without a mark of its own takes the other's as it is.
+    assert await store.adopt_unjudged("mx4") == ["mx2"]
+    assert await store.without_authentication(now, 10, node="mx4") == [owed, newer[3]]
+    assert await store.adopt_unjudged("mx4") == []

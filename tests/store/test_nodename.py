@@ -16,6 +16,7 @@ from mxspool.config import Config, SmtpConfig, StoreConfig
 from mxspool.store import nodename
 from mxspool.store.base import StoreError
 from mxspool.store.nodename import NodeName, NodeNameTaken
+from mxspool.store.postgres import PostgresStore
 from tests.conftest import free_port
 from tests.waiting import eventually
 
@@ -156,3 +157,21 @@ async def test_serve_stops_before_listening_under_a_running_node_name(
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_the_mark_of_a_running_node_stays_its_own(make: Make, pg_url: str) -> None:
+    """Only a name no running node holds is taken over (``Store.adopt_unjudged``)."""
+    store = PostgresStore(pg_url)
+    await store.open()
+    try:
+        await store.mark_unjudged("mx1.example.net")
+        await store.mark_unjudged("mx2.example.net")
+        running = make(pg_url, "mx1.example.net")
+        await running.claim()
+        assert await store.adopt_unjudged("mx2.example.net") == []
+        # The control: once mx1 is gone, its mark is taken over.
+        await running.close()
+        assert await store.adopt_unjudged("mx2.example.net") == ["mx1.example.net"]
+        assert await store.adopt_unjudged("mx2.example.net") == []
+    finally:
+        await store.close()

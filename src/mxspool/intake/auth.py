@@ -55,7 +55,11 @@ Where it runs, and what it costs the intake:
   the pass, at the end of each pass (at most ``SWEEP_INTERVAL`` apart): so a crash in the
   middle of a long burst, or a restart while other nodes keep accepting, leaves nothing
   unjudged however many messages arrived since. A node serving with authentication off
-  forgets its mark (``forget_owed``): mail it accepts then is never judged late.
+  forgets its mark (``forget_owed``): mail it accepts then is never judged late. A node that
+  is gone for good (no running node holds its name: ``store.nodename``) or was renamed leaves
+  a mark no one moves: each recovery, and a look every ``ADOPT_INTERVAL`` seconds, takes such
+  marks over (``Store.adopt_unjudged``: this node's mark moves down to theirs) and judges
+  what they owed.
 - Sustained overload trade-off: a message waits half of ``timeout`` at most for a pause in
   the arrivals; under SCHED_IDLE the workers may still get no CPU while the intake is saturated;
   then verdicts wait, and mail for a relaying domain leaves ``timeout`` (plus a second) after
@@ -116,6 +120,8 @@ CATCH_UP_BATCH = 200
 """Messages the background pass reads from the store and checks at a time."""
 SWEEP_INTERVAL = 30.0
 """Seconds between background passes when no message was left to them."""
+ADOPT_INTERVAL = 300.0
+"""Seconds between looks for the marks of nodes that are gone (``Store.adopt_unjudged``)."""
 GRACE = 1.0
 """The background pass leaves messages younger than this to the node that took them."""
 RECORD_TTL_MAX = 300.0
@@ -214,6 +220,9 @@ class Authenticator:
         """Messages the last ``recover`` judged."""
         self.recovery_done = False
         """``recover`` has judged what the last run left: the mark may move on."""
+        self._marking = asyncio.Lock()
+        """Held by each write of this node's mark: one that takes over another node's mark
+        (``_adopt``) is never undone by a move begun before it."""
         self.deferred = 0
         """Messages left to the background pass (too many in flight)."""
 
@@ -565,11 +574,22 @@ class Authenticator:
         and after."""
         await self._mark(move=False)
         await self.pool.warm()
-        recovery = asyncio.get_running_loop().create_task(self.recover(started_at))
+        recovery = asyncio.get_running_loop().create_task(self._recoveries(started_at))
         try:
             await self._pick_up_deferred()
         finally:
             recovery.cancel()
+
+    async def _recoveries(self, started_at: float) -> None:
+        """``recover`` at the start; then, every ``ADOPT_INTERVAL`` seconds, again when the
+        last one failed, or when another node's mark was taken over meanwhile (a node that
+        has gone since)."""
+        await self.recover(started_at)
+        while True:
+            await asyncio.sleep(ADOPT_INTERVAL)
+            if self.recovery_done and not await self._adopt():
+                continue
+            await self.recover(time.time())
 
     async def _pick_up_deferred(self) -> None:
         while True:
@@ -597,9 +617,11 @@ class Authenticator:
 
     async def recover(self, started_at: float) -> None:
         """Judge the messages received before ``started_at`` without a verdict (a crash, a
-        shutdown): the recent ones, and back to this node's mark. Waits ``timeout`` first, so
-        verdicts other nodes have in progress land; then the mark may move on."""
+        shutdown): the recent ones, and back to this node's mark, which first takes over the
+        marks of nodes that are gone (``_adopt``). Waits ``timeout`` first, so verdicts other
+        nodes have in progress land; then the mark may move on."""
         await asyncio.sleep(self.timeout)
+        await self._adopt()
         recovered = await self._catch_up_logged(started_at, self.node)
         await self.drain()
         if recovered is None:  # the mark stays: the next start tries again
@@ -615,13 +637,35 @@ class Authenticator:
         ``recover`` is done, the background pass moves it up to the oldest message still
         being checked or left to it: every ``SWEEP_INTERVAL`` seconds at most, and once a
         burst's backlog is judged."""
-        owed = heapq.nsmallest(UNJUDGED_PROBE, self._pending)
-        if self._first_left is not None:
-            owed.append(self._first_left)
-        try:
-            await self.store.mark_unjudged(self.node, owed, move=move)
-        except StoreError as exc:  # an older mark is only more work for the next start
-            log.warning("could not note which messages still await their verdict: %s", exc)
+        async with self._marking:
+            if move and not self.recovery_done:  # a mark was taken over meanwhile
+                return
+            owed = heapq.nsmallest(UNJUDGED_PROBE, self._pending)
+            if self._first_left is not None:
+                owed.append(self._first_left)
+            try:
+                await self.store.mark_unjudged(self.node, owed, move=move)
+            except StoreError as exc:  # an older mark is only more work for the next start
+                log.warning("could not note which messages still await their verdict: %s", exc)
+
+    async def _adopt(self) -> bool:
+        """Take over the marks of the nodes that are gone (``Store.adopt_unjudged``), so this
+        node's recovery judges what they owed; whether any was. Then this node's mark stays
+        put until its next ``recover`` is done."""
+        async with self._marking:
+            try:
+                adopted = await self.store.adopt_unjudged(self.node)
+            except StoreError as exc:  # they stay: the next look takes them over
+                log.warning("could not look for the marks of nodes that are gone: %s", exc)
+                return False
+            if adopted:
+                self.recovery_done = False
+                log.info(
+                    "judging what %s owed in arrival verdicts: not running (their marks are "
+                    "this node's now)",
+                    ", ".join(adopted),
+                )
+        return bool(adopted)
 
     async def _catch_up_logged(self, before: float, node: str | None = None) -> int | None:
         """``catch_up``; None (logged) when the store failed."""

@@ -713,6 +713,14 @@ class Store(Protocol):
     async def clear_unjudged(self, node: str) -> None:
         """Forget ``node``'s mark (it serves with authentication off: nothing is owed)."""
 
+    async def adopt_unjudged(self, node: str) -> list[str]:
+        """Take over the marks of the nodes that are not running, so ``node``'s recovery
+        reaches back to what they owed (a node that never comes back, or was renamed): for
+        each, in one transaction, ``node``'s mark moves down to its mark when that is older,
+        and its mark goes. The names taken over. Not running: with SQLite, every other name
+        (one server per spool file: ``store.serverlock``); with PostgreSQL, a name no
+        running node holds (``store.nodename``)."""
+
     # -- delivery -----------------------------------------------------------------------
     async def claim_due(
         self, owner: str, now: float, lease_seconds: float, limit: int, domain: str

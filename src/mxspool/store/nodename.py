@@ -21,6 +21,10 @@ apart), taken on a connection of its own that it keeps for its life. Nothing is 
   PostgreSQL answers; if another node holds it after ``CLAIM_WAIT``, ``hold`` raises
   NodeNameTaken and the node stops (``service._guard``).
 
+A name no running node holds is how the other nodes know a node is gone: they take over its
+mark (``Store.adopt_unjudged``, under the name's lock for that one transaction), so what a node
+that never comes back owed is judged all the same.
+
 SQLite spools need none of this: one server per spool file (``store.serverlock``).
 """
 
@@ -53,6 +57,9 @@ _KEY = (
     " || ':' || %s, 0)"
 )
 _LOCK_SQL = f"SELECT pg_try_advisory_lock({_KEY})"
+NAME_FREE_SQL = f"SELECT pg_try_advisory_xact_lock({_KEY})"
+"""True when no running node holds the name; the name is then the transaction's till it ends
+(``PostgresStore.adopt_unjudged``)."""
 # pg_locks shows a bigint advisory key as its high and low 32 bits (classid, objid).
 _HOLDER_SQL = (
     f"WITH k AS (SELECT {_KEY} AS key)"

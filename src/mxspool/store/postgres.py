@@ -86,6 +86,7 @@ from mxspool.store.base import (
     StoreError,
     submit_via_task,
 )
+from mxspool.store.nodename import NAME_FREE_SQL
 from mxspool.store.schema import migration_scripts
 
 log = logging.getLogger(__name__)
@@ -940,6 +941,21 @@ class PostgresStore(queries.ReadSide):
         sql, params = queries.clear_unjudged_sql(self.dialect, node)
         async with self._connection() as conn:
             await conn.execute(sql, params)
+
+    async def adopt_unjudged(self, node: str) -> list[str]:
+        sql, params = queries.other_marks_sql(self.dialect, node)
+        adopted = []
+        for (other,) in await self._fetchall(sql, params):
+            async with self._connection() as conn, conn.transaction():
+                # A running node holds its name (store.nodename); while this transaction
+                # holds it instead, that node cannot start (it waits for the name).
+                free = await (await conn.execute(NAME_FREE_SQL, (other,))).fetchone()
+                if free is None or not free[0]:
+                    continue
+                for statement, values in queries.adopt_mark_sql(self.dialect, node, other):
+                    await conn.execute(statement, values)
+            adopted.append(str(other))
+        return adopted
 
     # -- delivery -----------------------------------------------------------------------
     async def due_domains(self, now: float) -> list[str]:

@@ -396,11 +396,7 @@ def unjudged_sql(
         found = f"(SELECT min(seq) FROM messages WHERE id {dialect.one_of(p, oldest)})"
     recent = f"(SELECT coalesce(max(seq), 0) FROM messages) - {p(RECENT_SCAN - 1)}"
     value = f"coalesce({found}, {recent})" if found else recent
-    update = (
-        "excluded.value"
-        if move
-        else "CASE WHEN excluded.value < meta.value THEN excluded.value ELSE meta.value END"
-    )
+    update = "excluded.value" if move else _LOWER_MARK
     # WHERE true: SQLite would read ON CONFLICT as a join constraint of the SELECT otherwise.
     sql = (
         f"INSERT INTO meta (key, value) SELECT {key}, {value} WHERE true "
@@ -412,6 +408,33 @@ def unjudged_sql(
 def clear_unjudged_sql(dialect: Dialect, node: str) -> tuple[str, list[Any]]:
     p = Params(dialect)
     return f"DELETE FROM meta WHERE key = {p(UNJUDGED_KEY + node)}", p.values
+
+
+def other_marks_sql(dialect: Dialect, node: str) -> tuple[str, list[Any]]:
+    """The names of the nodes other than ``node`` with a mark (``Store.adopt_unjudged``)."""
+    p = Params(dialect)
+    sql = (
+        f"SELECT substr(key, {len(UNJUDGED_KEY) + 1}) FROM meta "
+        f"WHERE key LIKE {p(UNJUDGED_KEY + '%')} AND key <> {p(UNJUDGED_KEY + node)} ORDER BY key"
+    )
+    return sql, p.values
+
+
+def adopt_mark_sql(dialect: Dialect, node: str, other: str) -> list[tuple[str, list[Any]]]:
+    """The statements, for one transaction, that give ``node`` the mark of ``other``: its own
+    moves down to ``other``'s when that is older (or is ``other``'s when it has none), and
+    ``other``'s goes."""
+    p = Params(dialect)
+    merge = (
+        f"INSERT INTO meta (key, value) SELECT {p(UNJUDGED_KEY + node)}, value FROM meta "
+        f"WHERE key = {p(UNJUDGED_KEY + other)} ON CONFLICT (key) DO UPDATE SET value = "
+        + _LOWER_MARK
+    )
+    return [(merge, p.values), clear_unjudged_sql(dialect, other)]
+
+
+_LOWER_MARK = "CASE WHEN excluded.value < meta.value THEN excluded.value ELSE meta.value END"
+"""An upsert of a mark that keeps the older (lower) of the stored and the new one."""
 
 
 class ReadSide:

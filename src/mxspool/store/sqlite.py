@@ -949,6 +949,19 @@ class SqliteStore(queries.ReadSide):
         sql, params = queries.clear_unjudged_sql(self.dialect, node)
         await self._write(lambda conn: conn.execute(sql, params))
 
+    async def adopt_unjudged(self, node: str) -> list[str]:
+        # The serve lock makes this the spool's one server: every other name is not running.
+        sql, params = queries.other_marks_sql(self.dialect, node)
+
+        def work(conn: sqlite3.Connection) -> list[str]:
+            others = [str(row[0]) for row in conn.execute(sql, params)]
+            for other in others:
+                for statement, values in queries.adopt_mark_sql(self.dialect, node, other):
+                    conn.execute(statement, values)
+            return others
+
+        return await self._write(work)
+
     # -- delivery -----------------------------------------------------------------------
     async def due_domains(self, now: float) -> list[str]:
         # Per domain, index probes that stop at the first row found, so a held backlog or a
