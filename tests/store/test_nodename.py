@@ -50,6 +50,17 @@ def _terminate(server: str, pid: int) -> None:
         conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
 
+async def _claimed_then_cut(make: Make, pg_url: str, pg_server: str, name: str) -> NodeName:
+    """A claim whose connection PostgreSQL then ends (a restart, or the network dropped it)."""
+    claim = make(pg_url, name)
+    await claim.claim()
+    pid = _backend_of(pg_server, name)
+    assert pid is not None
+    _terminate(pg_server, pid)
+    await eventually(lambda: _backend_of(pg_server, name) is None, what="the claim cut")
+    return claim
+
+
 async def test_a_second_node_with_the_name_is_refused_and_says_who_has_it(
     make: Make, pg_url: str, pg_server: str
 ) -> None:
@@ -82,19 +93,14 @@ async def test_a_lost_claim_is_taken_again(
     make: Make, pg_url: str, pg_server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(nodename, "CLAIM_WAIT", 5.0)
-    claim = make(pg_url, "mx-lost.example.net")
-    await claim.claim()
+    claim = await _claimed_then_cut(make, pg_url, pg_server, "mx-lost.example.net")
     holding = asyncio.ensure_future(claim.hold(interval=0.1))
     try:
-        first = _backend_of(pg_server, "mx-lost.example.net")
-        assert first is not None
-        _terminate(pg_server, first)  # PostgreSQL restarted, or the network dropped it
-
-        def retaken() -> bool:
-            pid = _backend_of(pg_server, "mx-lost.example.net")
-            return pid is not None and pid != first
-
-        await eventually(retaken, within=10, what="the claim taken again")
+        await eventually(
+            lambda: _backend_of(pg_server, "mx-lost.example.net") is not None,
+            within=10,
+            what="the claim taken again",
+        )
         await asyncio.sleep(0.3)
         assert not holding.done()  # still holding, no error
         with pytest.raises(NodeNameTaken):  # and it is held again
@@ -108,13 +114,8 @@ async def test_a_claim_taken_by_another_node_while_lost_stops_this_one(
     make: Make, pg_url: str, pg_server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(nodename, "CLAIM_WAIT", 0.5)
-    claim = make(pg_url, "mx-twin.example.net")
-    await claim.claim()
-    pid = _backend_of(pg_server, "mx-twin.example.net")
-    assert pid is not None
-    _terminate(pg_server, pid)
+    claim = await _claimed_then_cut(make, pg_url, pg_server, "mx-twin.example.net")
     twin = make(pg_url, "mx-twin.example.net")
-    await eventually(lambda: _backend_of(pg_server, "mx-twin.example.net") is None)
     await twin.claim(wait=5)  # the twin started while the first node's claim was lost
     with pytest.raises(NodeNameTaken) as stopped:
         await asyncio.wait_for(claim.hold(interval=0.1), 10)
