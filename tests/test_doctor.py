@@ -154,6 +154,26 @@ def test_postgres_durability_and_autovacuum_are_judged(
         assert maintenance == asdict(finding)
 
 
+def test_a_node_name_a_running_node_has_fails(
+    spooler_factory: Any,
+    pg_url: str,  # noqa: F811
+) -> None:
+    # mx2 is being set up with mx1's configuration copied, name and all, while mx1 serves.
+    store = {"url": pg_url, "min_free_space": "0"}
+    running: Spooler = spooler_factory(smtp={"hostname": "mx1.test.local"}, store=store)
+    running.start()
+    copied: Spooler = spooler_factory(smtp={"hostname": "mx1.test.local"}, store=store)
+    code, checks = doctor(copied)
+    assert code == 1
+    finding = checks["node name"]
+    assert finding["status"] == "fail" and "127.0.0.1" in finding["detail"], finding
+    assert "own [smtp] hostname" in finding["fix"]
+    # The control: under a name of its own it passes.
+    renamed: Spooler = spooler_factory(smtp={"hostname": "mx2.test.local"}, store=store)
+    _, checks = doctor(renamed)
+    assert checks["node name"]["status"] == "ok", checks["node name"]
+
+
 def test_postgres_without_synchronous_commit_fails(
     spooler_factory: Any,
     pg_url: str,  # noqa: F811

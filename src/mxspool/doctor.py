@@ -303,7 +303,7 @@ def check_database(config: Config) -> Iterator[Finding]:
         yield _ok("database", f"SQLite store {sqlite_path(url)}: WAL, synchronous = FULL")
         return
     try:
-        health = postgres_health(url)
+        health = postgres_health(url, config.smtp.hostname)
     except StoreError as exc:
         yield Finding(
             "database",
@@ -335,6 +335,23 @@ def check_database(config: Config) -> Iterator[Finding]:
         version = settings.get("server_version", "(version unknown)")
         yield _ok("database", f"PostgreSQL {version}: synchronous_commit and fsync on")
     yield from judge_vacuum(health)
+    yield from judge_node_name(config.smtp.hostname, health)
+
+
+def judge_node_name(name: str, health: ServerHealth) -> Iterator[Finding]:
+    """Whether a running node of this spool already has this node's name (``store.nodename``:
+    serve would wait for it, then refuse to start)."""
+    if health.name_holder is None:
+        yield _ok("node name", f"{name}: no running node of this spool has it")
+        return
+    yield Finding(
+        "node name",
+        "fail",
+        f"a running node of this spool is named {name} (its connection from "
+        f"{health.name_holder}): serve would not start",
+        "give each node its own [smtp] hostname (docs/multi-node.md), or stop that node first "
+        "(on a node that is serving, this is its own name: run doctor before serve)",
+    )
 
 
 def judge_vacuum(health: ServerHealth) -> Iterator[Finding]:

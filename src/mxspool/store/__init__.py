@@ -51,11 +51,12 @@ def is_postgres(url: str) -> bool:
     return url.startswith(("postgresql://", "postgres://"))
 
 
-def postgres_health(url: str) -> ServerHealth:
-    """What ``mxspool doctor`` judges about the PostgreSQL server behind ``url`` (blocking)."""
+def postgres_health(url: str, node: str = "") -> ServerHealth:
+    """What ``mxspool doctor`` judges about the PostgreSQL server behind ``url``, and who holds
+    the node name ``node`` (blocking)."""
     with _postgres_extra():
         from mxspool.store.postgres import server_health
-    return server_health(url)
+    return server_health(url, node)
 
 
 @contextlib.contextmanager

@@ -61,7 +61,7 @@ NAME_FREE_SQL = f"SELECT pg_try_advisory_xact_lock({_KEY})"
 """True when no running node holds the name; the name is then the transaction's till it ends
 (``PostgresStore.adopt_unjudged``)."""
 # pg_locks shows a bigint advisory key as its high and low 32 bits (classid, objid).
-_HOLDER_SQL = (
+HOLDER_SQL = (
     f"WITH k AS (SELECT {_KEY} AS key)"
     " SELECT coalesce(host(a.client_addr), 'a local socket'), a.backend_start"
     " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid, k"
@@ -69,6 +69,11 @@ _HOLDER_SQL = (
     " AND l.classid::text::bigint = (k.key >> 32) & 4294967295"
     " AND l.objid::text::bigint = k.key & 4294967295"
 )
+
+
+def holder_text(row: tuple[Any, ...]) -> str:
+    """A row of ``HOLDER_SQL`` (the name's holder: its address and since when) for a message."""
+    return f"{row[0]}, since {row[1]:%Y-%m-%d %H:%M:%S %Z}"
 
 
 class NodeNameTaken(StoreError):
@@ -129,10 +134,10 @@ class NodeName:
         row = await (await self._conn.execute(_LOCK_SQL, (self.name,))).fetchone()
         if row is not None and row[0]:
             return None
-        found = await (await self._conn.execute(_HOLDER_SQL, (self.name,))).fetchone()
+        found = await (await self._conn.execute(HOLDER_SQL, (self.name,))).fetchone()
         if found is None:  # let go between the two statements: try again
             return "a connection that just closed"
-        return f"{found[0]}, since {found[1]:%Y-%m-%d %H:%M:%S %Z}"
+        return holder_text(found)
 
     async def _connect(self) -> Any:
         import psycopg

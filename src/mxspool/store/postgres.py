@@ -86,7 +86,7 @@ from mxspool.store.base import (
     StoreError,
     submit_via_task,
 )
-from mxspool.store.nodename import NAME_FREE_SQL
+from mxspool.store.nodename import HOLDER_SQL, NAME_FREE_SQL, holder_text
 from mxspool.store.schema import migration_scripts
 
 log = logging.getLogger(__name__)
@@ -1593,14 +1593,18 @@ class ServerHealth:
     """``HEALTH_SETTINGS`` by name, as ``pg_settings`` gives them (``on``/``off``, ...)."""
     no_autovacuum: list[str]
     """Tables of the store's schema with autovacuum turned off for them."""
+    name_holder: str | None = None
+    """Who holds the node name asked about (``store.nodename``), or None: its address."""
 
 
-def server_health(url: str) -> ServerHealth:
-    """Read what doctor judges about the server behind ``url``: blocking, read only."""
+def server_health(url: str, node: str = "") -> ServerHealth:
+    """Read what doctor judges about the server behind ``url``, and who holds the name
+    ``node`` when given: blocking, read only."""
     try:
         with psycopg.connect(url, **_connect_kwargs(url)) as conn:
             settings = dict(conn.execute(_HEALTH_SQL, (list(HEALTH_SETTINGS),)).fetchall())
             tables = [name for (name,) in conn.execute(_NO_AUTOVACUUM_SQL).fetchall()]
+            holder = conn.execute(HOLDER_SQL, (node,)).fetchone() if node else None
     except psycopg.Error as exc:
         raise StoreError(f"cannot connect to the PostgreSQL store: {exc}") from exc
-    return ServerHealth(settings, tables)
+    return ServerHealth(settings, tables, None if holder is None else holder_text(holder))
