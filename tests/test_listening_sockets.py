@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +17,7 @@ from mxspool.config import AdminConfig, Config, SmtpConfig
 from mxspool.service import _listening_sockets
 from mxspool.store import StoreError
 from mxspool.store.sqlite import SqliteStore
-from tests.conftest import free_ports
+from tests.conftest import MXSPOOL, Spooler, free_ports
 
 
 def _connects(family: socket.AddressFamily, host: str, port: int) -> bool:
@@ -71,3 +73,24 @@ async def test_the_admin_port_listens_after_the_components_first_step(tmp_path: 
             await component
         await store.close()
     assert not _connects(socket.AF_INET, "127.0.0.1", port)  # and the component closes it
+
+
+def test_a_component_that_fails_stops_serve_with_status_1(spooler_factory: Any) -> None:
+    """A component that fails stops the node with exit status 1, so systemd's
+    Restart=on-failure starts it again; one that fails at its first step (here the admin
+    plane, its port taken) stops it before SMTP opens."""
+    node: Spooler = spooler_factory()
+    with socket.create_server(("127.0.0.1", node.admin_port)):
+        proc = subprocess.run(
+            [MXSPOOL, "--config", str(node.config), "serve"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+    log = proc.stderr.decode()
+    assert proc.returncode == 1, log
+    assert "the node stopped because a component failed: cannot listen on" in log
+    assert "SMTP listening" not in log and "mxspool ready" not in log
+    # The control: with its admin port free the same node serves.
+    node.start()
+    assert _connects(socket.AF_INET, "127.0.0.1", node.port)

@@ -107,7 +107,8 @@ async def run(
     notifier: sdnotify.Notifier | None = None,
 ) -> None:
     """Run a node until cancelled or signalled; tells systemd (``notifier``) READY=1 once the
-    store is open and every SMTP listener accepts, STOPPING=1 when it starts shutting down."""
+    store is open and every SMTP listener accepts, STOPPING=1 when it starts shutting down.
+    A component that fails stops the node too: then ComponentFailed, once it has shut down."""
     notifier = notifier or sdnotify.Notifier(None)
     store = create_store(config.store.url)
     lock = _spool_lock(config)  # restore refuses while it is held
@@ -126,11 +127,12 @@ async def run(
     servers: list[asyncio.Server] = []
     intake: Intake | None = None
     name: NodeName | None = None
+    failed: list[str] = []
     try:
         if is_postgres(config.store.url):  # one running node per name (store.nodename)
             name = NodeName(config.store.url, config.smtp.hostname)
             await name.claim()
-            tasks.append(asyncio.create_task(_guard(name.hold()), name="node name"))
+            tasks.append(asyncio.create_task(_guard(name.hold(), stop, failed), name="node name"))
         domains = DomainTable()
         await domains.refresh(store)
         tls = ServerTls(config)  # certificate reloads (files, SIGHUP) and ACME
@@ -157,22 +159,25 @@ async def run(
             await forget_owed(store, config.smtp.hostname)
         tasks.append(asyncio.create_task(domains.follow(store), name="domains"))
         for work in tls.start(intake.set_ssl_context):
-            tasks.append(asyncio.create_task(_guard(work)))
+            tasks.append(asyncio.create_task(_guard(work, stop, failed)))
         for component in extra_components:
-            tasks.append(asyncio.create_task(_guard(component(config, store, domains))))
+            tasks.append(
+                asyncio.create_task(_guard(component(config, store, domains), stop, failed))
+            )
         # Every component takes its first step before SMTP opens: the admin plane's socket
         # listens from then on (admin.server), so whoever sees a greeting, or READY=1, can
         # reach /readyz.
         await asyncio.sleep(0)
-        servers = await start_listeners(config, intake)
-        liveness.NODE.listeners = lambda: bool(servers) and all(s.is_serving() for s in servers)
-        log.info("mxspool ready (store %s)", config.store.url)
-        notifier.ready(f"accepting mail on {', '.join(config.smtp.listen)}")
-        watchdog = sdnotify.start_watchdog(notifier)
-        if watchdog is not None:
-            tasks.append(watchdog)
-        if ready is not None:
-            ready.set()
+        if not stop.is_set():  # else a component failed at once: SMTP never opens
+            servers = await start_listeners(config, intake)
+            liveness.NODE.listeners = lambda: bool(servers) and all(s.is_serving() for s in servers)
+            log.info("mxspool ready (store %s)", config.store.url)
+            notifier.ready(f"accepting mail on {', '.join(config.smtp.listen)}")
+            watchdog = sdnotify.start_watchdog(notifier)
+            if watchdog is not None:
+                tasks.append(watchdog)
+            if ready is not None:
+                ready.set()
         await stop.wait()
         log.info("shutting down")
     finally:
@@ -198,6 +203,11 @@ async def run(
         liveness.NODE.listeners = None
         if lock is not None:
             lock.release()
+    if failed:
+        raise ComponentFailed(
+            f"the node stopped because a component failed: {failed[0]} (the log above has "
+            "the details)"
+        )
 
 
 def _spool_lock(config: Config) -> SpoolLock | None:
@@ -209,14 +219,21 @@ def _spool_lock(config: Config) -> SpoolLock | None:
     return lock
 
 
-async def _guard(work: Awaitable[None]) -> None:
+class ComponentFailed(Exception):
+    """A component of the node stopped with an error, so the node stopped: ``serve`` exits
+    with status 1 (a service manager's ``Restart=on-failure`` starts it again)."""
+
+
+async def _guard(work: Awaitable[None], stop: asyncio.Event, failed: list[str]) -> None:
+    """Run a component; if it fails, log it, note it in ``failed`` and stop the node."""
     try:
         await work
     except asyncio.CancelledError:
         raise
-    except Exception:
+    except Exception as exc:
         log.exception("a component stopped with an error; stopping the node")
-        os.kill(os.getpid(), signal.SIGTERM)
+        failed.append(str(exc) or type(exc).__name__)
+        stop.set()
 
 
 def _install_uvloop() -> str:
@@ -267,7 +284,7 @@ def serve(config: Config) -> int:
         log.error("STARTTLS cannot start: %s; fix [smtp] tls_cert / tls_key", exc)
         notifier.status(str(exc))
         return 2
-    except StoreError as exc:
+    except (StoreError, ComponentFailed) as exc:
         log.error("%s", exc)
         notifier.status(str(exc))
         return 1

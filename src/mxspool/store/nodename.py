@@ -19,7 +19,8 @@ apart), taken on a connection of its own that it keeps for its life. Nothing is 
 - ``hold`` looks at the connection every ``CHECK_INTERVAL`` seconds. When it is lost (a
   PostgreSQL restart, the network), the node takes its name again as at the start, once
   PostgreSQL answers; if another node holds it after ``CLAIM_WAIT``, ``hold`` raises
-  NodeNameTaken and the node stops (``service._guard``).
+  NodeNameTaken and the node stops with exit status 1 (``service._guard``), so its service
+  manager starts it again, to wait for its name as at any start.
 
 A name no running node holds is how the other nodes know a node is gone: they take over its
 mark (``Store.adopt_unjudged``, under the name's lock for that one transaction), so what a node
