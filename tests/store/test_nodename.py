@@ -5,6 +5,7 @@ claim was lost takes it back, or stops when another node took it meanwhile."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import AsyncIterator, Callable
 
@@ -76,12 +77,14 @@ async def test_a_second_node_with_the_name_is_refused_and_says_who_has_it(
     await make(pg_server, "mx1.example.net").claim(wait=0.5)
 
 
-async def test_the_name_is_free_once_its_holder_lets_go(make: Make, pg_url: str) -> None:
+async def test_the_name_is_free_once_its_holder_lets_go(
+    make: Make, pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     first = make(pg_url, "mx1.example.net")
     await first.claim()
     second = make(pg_url, "mx1.example.net")
     waiting = asyncio.ensure_future(second.claim(wait=20))
-    await asyncio.sleep(0.3)
+    await eventually(lambda: "is held by a connection from" in caplog.text, what="the wait")
     assert not waiting.done()  # held: it waits
     await first.close()
     await asyncio.wait_for(waiting, 10)  # taken within a try or two
@@ -90,8 +93,13 @@ async def test_the_name_is_free_once_its_holder_lets_go(make: Make, pg_url: str)
 
 
 async def test_a_lost_claim_is_taken_again(
-    make: Make, pg_url: str, pg_server: str, monkeypatch: pytest.MonkeyPatch
+    make: Make,
+    pg_url: str,
+    pg_server: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="mxspool.nodename")
     monkeypatch.setattr(nodename, "CLAIM_WAIT", 5.0)
     claim = await _claimed_then_cut(make, pg_url, pg_server, "mx-lost.example.net")
     holding = asyncio.ensure_future(claim.hold(interval=0.1))
@@ -101,7 +109,7 @@ async def test_a_lost_claim_is_taken_again(
             within=10,
             what="the claim taken again",
         )
-        await asyncio.sleep(0.3)
+        await eventually(lambda: "is this node's again" in caplog.text, what="hold going on")
         assert not holding.done()  # still holding, no error
         with pytest.raises(NodeNameTaken):  # and it is held again
             await make(pg_url, "mx-lost.example.net").claim(wait=0)

@@ -37,6 +37,7 @@ import time
 from typing import Any
 
 from mxspool.store.base import StoreError
+from mxspool.store.presence import close_quietly
 
 log = logging.getLogger("mxspool.nodename")
 
@@ -107,7 +108,6 @@ class NodeName:
                     raise StoreError(
                         f"cannot claim the node name {self.name!r} in PostgreSQL: {exc}"
                     ) from exc
-                holder = None
             else:
                 if holder is None:
                     return
@@ -188,9 +188,5 @@ class NodeName:
 
     async def close(self) -> None:
         """Let go of the name (closing the connection drops the lock)."""
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            try:
-                await conn.close()
-            except Exception:
-                log.debug("closing the node-name connection failed", exc_info=True)
+        conn, self._conn = self._conn, None
+        await close_quietly(conn, "node-name")

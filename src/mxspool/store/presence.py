@@ -96,9 +96,16 @@ class Presence:
 
     async def close(self) -> None:
         self.leader = False
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            try:
-                await conn.close()
-            except Exception:
-                log.debug("closing the presence connection failed", exc_info=True)
+        conn, self._conn = self._conn, None
+        await close_quietly(conn, "presence")
+
+
+async def close_quietly(conn: Any, what: str) -> None:
+    """Close a node's held connection (None: nothing to do); a failure is only logged, since
+    the connection is being given up anyway (and a lock it held goes with it)."""
+    if conn is None:
+        return
+    try:
+        await conn.close()
+    except Exception:
+        log.debug("closing the %s connection failed", what, exc_info=True)

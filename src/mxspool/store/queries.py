@@ -381,6 +381,10 @@ def taken(domain: str, other: str) -> str:
 # -- the marks of owed verdicts (written by each backend's write path) -----------------------
 
 
+_LOWER_MARK = "CASE WHEN excluded.value < meta.value THEN excluded.value ELSE meta.value END"
+"""An upsert of a mark that keeps the older (lower) of the stored and the new one."""
+
+
 def unjudged_sql(
     dialect: Dialect, node: str, message_ids: Sequence[str], *, move: bool
 ) -> tuple[str, list[Any]]:
@@ -431,10 +435,6 @@ def adopt_mark_sql(dialect: Dialect, node: str, other: str) -> list[tuple[str, l
         + _LOWER_MARK
     )
     return [(merge, p.values), clear_unjudged_sql(dialect, other)]
-
-
-_LOWER_MARK = "CASE WHEN excluded.value < meta.value THEN excluded.value ELSE meta.value END"
-"""An upsert of a mark that keeps the older (lower) of the stored and the new one."""
 
 
 class ReadSide:
