@@ -10,8 +10,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
+# The modules setup.py compiles with mypyc (pyproject.toml, [tool.mxspool] compiled): a change to
+# one rebuilds, since its compiled form shadows the .py.
+COMPILED := $(shell sed -n '/^compiled = \[/,/^\]/p' pyproject.toml | grep -o 'src/[^"]*')
+
 $(STAMP): pyproject.toml setup.py src/mxspool/smtp/_scan.c src/mxspool/store/_groupcommit.c \
-		src/mxspool/store/_coalesce.c src/mxspool/store/_coalesce.h | $(BIN)/python
+		src/mxspool/store/_coalesce.c src/mxspool/store/_coalesce.h $(COMPILED) | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test,fast,postgres]'
 	touch $(STAMP)
 

@@ -236,6 +236,7 @@ class Rootfs:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the build compiles the intake (mypyc): minutes on two cores
 def test_the_image_builds_and_serves(tmp_path: Path) -> None:
     base_images_or_skip()
     built = build()

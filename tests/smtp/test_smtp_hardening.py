@@ -436,6 +436,18 @@ def _deliver(port: int, during: Any = None) -> str:
         client.close()
 
 
+class _UnreadableTable(DomainTable):
+    """A domain table whose generation cannot be read: building a session fails."""
+
+    @property  # type: ignore[override]
+    def generation(self) -> int:
+        raise RuntimeError("session_config is broken")
+
+    @generation.setter
+    def generation(self, value: int) -> None:
+        pass
+
+
 def _setup_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [
         r
@@ -448,11 +460,10 @@ async def test_a_session_that_cannot_be_built_answers_421_and_the_next_one_is_se
     listening: Listening, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     intake = listening.intake
-
-    def broken() -> Any:
-        raise RuntimeError("session_config is broken")
-
-    monkeypatch.setattr(intake, "session_config", broken)
+    # The fault is planted in the domain table (interpreted), which every new session's
+    # configuration reads: the intake itself may be compiled (mypyc), and its methods cannot
+    # be replaced on a compiled object.
+    monkeypatch.setattr(intake, "domains", _UnreadableTable())
     before = _rejected("internal_error")
     caplog.set_level(logging.ERROR, "mxspool.intake.listener")
     reply, closed = await asyncio.to_thread(_refused, listening.port)
@@ -566,8 +577,12 @@ async def test_a_fault_in_a_session_answers_421_and_the_next_one_is_served(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError(f"{where} is broken")
 
-    target = "check_recipient" if where == "serving" else "queued"
-    monkeypatch.setattr(f"mxspool.intake.listener.{target}", broken)
+    # Planted in what the (possibly compiled) session calls through an interpreted object: the
+    # domain table at RCPT, the metrics module once the commit is durable.
+    if where == "serving":
+        monkeypatch.setattr(intake.domains, "find", broken)
+    else:
+        monkeypatch.setattr(metrics, "message_accepted", broken)
     before = _rejected("internal_error")
     caplog.set_level(logging.ERROR, "mxspool.intake.listener")
     reply, closed = await asyncio.to_thread(_faulted, listening.port, where != "serving")
