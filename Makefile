@@ -27,8 +27,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests bench setup.py
 	$(BIN)/mypy
 
+# Then the SMTP core's and listener's tests once more with the compiled modules imported from
+# their sources (tests/interpreted.py): the fallback of a build without a C compiler.
 test: lint
 	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	MXSPOOL_INTERPRETED=1 $(BIN)/pytest -q -p no:cacheprovider tests/smtp tests/test_compiled.py
 
 unit: $(STAMP)
 	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)

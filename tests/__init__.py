@@ -1,0 +1,4 @@
+from tests import interpreted
+
+if interpreted.ENABLED:
+    interpreted.install()

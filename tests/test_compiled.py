@@ -11,29 +11,30 @@ from __future__ import annotations
 
 import importlib
 import os
-import tomllib
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests import interpreted
 
-
-def _listed() -> list[str]:
-    with open(ROOT / "pyproject.toml", "rb") as f:
-        paths: list[str] = tomllib.load(f)["tool"]["mxspool"]["compiled"]
-    return paths
+LISTED = interpreted.listed()
 
 
 def test_the_list_names_modules_that_exist() -> None:
-    paths = _listed()
-    assert paths and all((ROOT / path).is_file() for path in paths)
-    assert "src/mxspool/intake/listener.py" in paths and "src/mxspool/smtp/server.py" in paths
+    assert LISTED and all(source.is_file() for source in LISTED.values())
+    assert {"mxspool.intake.listener", "mxspool.smtp.server"} <= set(LISTED)
 
 
-@pytest.mark.parametrize("path", _listed())
-def test_a_listed_module_is_compiled_from_its_current_source(path: str) -> None:
-    name = path.removeprefix("src/").removesuffix(".py").replace("/", ".")
+@pytest.mark.skipif(not interpreted.ENABLED, reason="MXSPOOL_INTERPRETED=1 only")
+@pytest.mark.parametrize("name", sorted(LISTED))
+def test_with_mxspool_interpreted_a_listed_module_runs_from_its_source(name: str) -> None:
+    module = importlib.import_module(name)
+    assert module.__file__ == str(LISTED[name])
+
+
+@pytest.mark.skipif(interpreted.ENABLED, reason="MXSPOOL_INTERPRETED=1 imports the sources")
+@pytest.mark.parametrize("name", sorted(LISTED))
+def test_a_listed_module_is_compiled_from_its_current_source(name: str) -> None:
     module = importlib.import_module(name)
     built = module.__file__ or ""
     if not built.endswith(".so"):
@@ -44,10 +45,10 @@ def test_a_listed_module_is_compiled_from_its_current_source(path: str) -> None:
                 "fix that and run make, or unset MXSPOOL_REQUIRE_SPEEDUPS"
             )
         pytest.skip(f"{name} runs interpreted (MXSPOOL_REQUIRE_SPEEDUPS=1 fails here)")
-    source = ROOT / path
+    source = LISTED[name]
     if Path(built).resolve().parent == source.resolve().parent:  # an editable install
         assert os.path.getmtime(built) >= os.path.getmtime(source), (
-            f"{built} is older than {path}: Python runs the old code; rebuild with make (or "
+            f"{built} is older than {source}: Python runs the old code; rebuild with make (or "
             "pip install -e .), or install with "
             "MXSPOOL_PURE_PYTHON=1 to run it interpreted"
         )
