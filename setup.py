@@ -1,6 +1,8 @@
-"""The compiled parts, all optional: where a C compiler (or SQLite's header, or mypy) is missing
-the build goes on without them and mxspool runs the same Python source interpreted (slower,
-otherwise identical).
+"""The compiled parts, all optional: where a C compiler (or SQLite's header) is missing the build
+goes on without them and mxspool runs the pure-Python equivalents or the same source
+interpreted (slower, otherwise identical). The mypyc modules are tried only where a compiler is
+found and mypyc accepts the source; a compiler that then fails on them fails the build, since a
+half-built set would not import.
 
 - ``mxspool.smtp._scan``: the DATA scanner's inner loops (src/mxspool/smtp/_scan.c);
 - ``mxspool.store._groupcommit``: the SQLite store's commit thread for accepted messages, which

@@ -49,6 +49,5 @@ def test_a_listed_module_is_compiled_from_its_current_source(name: str) -> None:
     if Path(built).resolve().parent == source.resolve().parent:  # an editable install
         assert os.path.getmtime(built) >= os.path.getmtime(source), (
             f"{built} is older than {source}: Python runs the old code; rebuild with make (or "
-            "pip install -e .), or install with "
-            "MXSPOOL_PURE_PYTHON=1 to run it interpreted"
+            "pip install -e .), or install with MXSPOOL_PURE_PYTHON=1 to run it interpreted"
         )
