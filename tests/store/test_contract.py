@@ -252,6 +252,24 @@ async def test_submit_message_calls_back_on_the_loop(store: Store) -> None:
     assert [r.address for r in stored.recipients] == ["a@relay.test", "b@relay.test"]
 
 
+async def test_deliver_ready_calls_back_only_finished_commits_once(store: Store) -> None:
+    """``deliver_ready`` (the intake calls it at every event) may call back finished commits
+    early, never one twice or one not yet submitted; the rest come through the loop."""
+    calls: list[tuple[str, BaseException | None]] = []
+    store.deliver_ready()  # nothing submitted: nothing to call
+    messages = [make_message([f"u{i}@relay.test"]) for i in range(30)]
+    for i, message in enumerate(messages):
+        store.submit_message(message, lambda error, m=message: calls.append((m.id, error)))
+        store.deliver_ready()
+        if i % 5 == 0:
+            await asyncio.sleep(0)
+    await eventually(lambda: len(calls) >= len(messages), 10, "every commit's callback")
+    for _ in range(3):
+        store.deliver_ready()
+        await asyncio.sleep(0.01)
+    assert sorted(calls) == sorted((m.id, None) for m in messages)
+
+
 # -- domains ---------------------------------------------------------------------------------
 async def test_domains_add_get_list_update_remove(store: Store) -> None:
     generation = await store.domains_generation()

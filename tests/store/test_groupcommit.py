@@ -27,7 +27,7 @@ from mxspool import body as body_module
 from mxspool.store import sqlite
 from mxspool.store.base import DomainChanges, DomainMode
 from tests.store.test_contract import add_domain, make_message
-from tests.waiting import stays
+from tests.waiting import eventually, stays
 
 needs_thread = pytest.mark.skipif(
     not sqlite.ACCELERATED, reason="mxspool.store._groupcommit is not built"
@@ -91,6 +91,36 @@ def test_rows_are_committed_exactly_and_reported_in_order(tmp_path: Path) -> Non
     assert _wait_collect(committer, 200) == [(i, None) for i in range(200)]
     committer.close()
     assert _rows(path) == values
+
+
+def _block_until_pending(committer: Any, timeout: float = 10.0) -> None:
+    """Wait for a finished job without yielding to any event loop."""
+    deadline = time.monotonic() + timeout
+    while not committer.pending():
+        assert time.monotonic() < deadline, "the commit thread did not finish the job"
+        time.sleep(0.001)
+
+
+@needs_thread
+def test_pending_says_when_collect_has_something(tmp_path: Path) -> None:
+    """pending() (no lock, no system call) turns true once a job is done, and false once it is
+    collected: what the event loop looks at on every event (SqliteStore.deliver_ready)."""
+    committer = _committer(_database(tmp_path))
+    try:
+        assert committer.pending() is False  # nothing submitted
+        committer.lock()  # hold the thread: the job is queued, not done
+        committer.submit(("a", b"1", 1, None), "first")
+        stays(lambda: not committer.pending(), 0.2, "nothing pending before the commit")
+        committer.unlock()
+        _block_until_pending(committer)
+        assert committer.pending() is True
+        assert committer.collect() == [("first", None)]
+        assert committer.pending() is False
+        # The pipe was drained with the jobs: no wake-up is left over for a collect of nothing.
+        assert select.select([committer.fileno()], [], [], 0)[0] == []
+    finally:
+        committer.close()
+    assert committer.pending() is False  # closed
 
 
 @needs_thread
@@ -203,6 +233,48 @@ async def test_accepts_and_python_writes_take_turns(tmp_path: Path) -> None:
         assert len(await store.list_queue(limit=1000)) == 300
         domain = await store.get_domain("relay.test")
         assert domain is not None and domain.mode is DomainMode.HOLD
+    finally:
+        await store.close()
+
+
+@needs_thread
+async def test_deliver_ready_answers_a_finished_commit_before_the_loop_turns(
+    tmp_path: Path,
+) -> None:
+    """SqliteStore.deliver_ready calls back the commits already done, there and then, without
+    the loop's wake-up from the pipe; each callback runs once whichever path sees it first."""
+    store = sqlite.SqliteStore(f"sqlite:///{tmp_path / 'spool.db'}")
+    await store.open()
+    try:
+        committer = store._committer
+        assert committer is not None
+        await add_domain(store, "relay.test", DomainMode.HOLD)
+        calls: list[tuple[str, BaseException | None]] = []
+        first = make_message(["a@relay.test"])
+        committer.lock()  # the thread cannot commit yet
+        store.submit_message(first, lambda error: calls.append((first.id, error)))
+        store.deliver_ready()
+        assert calls == []  # not done: nothing is called
+        committer.unlock()
+        _block_until_pending(committer)  # the loop does not turn: its pipe reader cannot run
+        assert calls == []  # the control: done, but not yet called back
+        store.deliver_ready()
+        assert calls == [(first.id, None)]
+        # The pipe's wake-up that follows finds nothing: no second call.
+        await asyncio.sleep(0.05)
+        assert calls == [(first.id, None)]
+        # Many at once, each delivered once, by whichever path comes first.
+        messages = [make_message([f"u{i}@relay.test"]) for i in range(200)]
+        for i, message in enumerate(messages):
+            store.submit_message(message, lambda error, m=message: calls.append((m.id, error)))
+            if i % 3 == 0:
+                store.deliver_ready()
+            if i % 7 == 0:
+                await asyncio.sleep(0)
+        await eventually(lambda: len(calls) >= 201, 10, "every callback")
+        assert sorted(calls, key=lambda c: c[0]) == sorted(
+            [(first.id, None)] + [(m.id, None) for m in messages], key=lambda c: c[0]
+        )
     finally:
         await store.close()
 

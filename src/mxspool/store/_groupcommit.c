@@ -331,7 +331,7 @@ commit_thread(void *arg)
         self->busy = 0;
         pthread_cond_broadcast(&self->db_free);
         if (self->done_head == NULL) {
-            self->done_head = batch;
+            __atomic_store_n(&self->done_head, batch, __ATOMIC_RELEASE);
             notify(self);
         }
         else {
@@ -537,7 +537,8 @@ Committer_collect(Committer *self, PyObject *Py_UNUSED(ignored))
     while (read(self->pipe_r, buf, sizeof buf) > 0) {
     }
     done = self->done_head;
-    self->done_head = self->done_tail = NULL;
+    __atomic_store_n(&self->done_head, NULL, __ATOMIC_RELAXED); /* pending() reads it unlocked */
+    self->done_tail = NULL;
     pthread_mutex_unlock(&self->mutex);
 
     PyObject *result = PyList_New(0);
@@ -560,6 +561,18 @@ Committer_collect(Committer *self, PyObject *Py_UNUSED(ignored))
         free_job(job);
     }
     return result;
+}
+
+/* Whether finished jobs wait for collect(): one load, no lock and no system call, so that the
+ * event loop can look at every event it handles (a stale answer only defers the jobs to the
+ * pipe's wake-up, which is always written). */
+static PyObject *
+Committer_pending(Committer *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->ready && __atomic_load_n(&self->done_head, __ATOMIC_ACQUIRE) != NULL) {
+        Py_RETURN_TRUE;
+    }
+    Py_RETURN_FALSE;
 }
 
 static PyObject *
@@ -653,6 +666,8 @@ static PyMethodDef Committer_methods[] = {
      "submit(values, token): queue one INSERT; its outcome comes back from collect()"},
     {"collect", (PyCFunction)Committer_collect, METH_NOARGS,
      "collect() -> [(token, error or None)] of committed (or failed) jobs, in order"},
+    {"pending", (PyCFunction)Committer_pending, METH_NOARGS,
+     "pending() -> whether collect() has something (no lock, no system call)"},
     {"fileno", (PyCFunction)Committer_fileno, METH_NOARGS,
      "fileno() -> a descriptor that becomes readable when collect() has something"},
     {"lock", (PyCFunction)Committer_lock, METH_NOARGS,

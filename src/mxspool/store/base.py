@@ -525,6 +525,15 @@ class Store(Protocol):
         that resuming a task costs, which matters when one loop serves many sessions.
         """
 
+    def deliver_ready(self) -> None:
+        """Call back now, on the loop, the ``submit_message`` commits already finished.
+
+        The intake calls it at each event it handles (a cheap look when there is nothing): a
+        busy loop otherwise learns of a finished commit only at its next turn, after the events
+        ahead of it (~0.4 ms on 2 cores with 10 sessions), and the client waits that long for
+        its 250. A store that calls back through the loop's own queue does nothing here.
+        """
+
     # -- domains ------------------------------------------------------------------------
     async def domains_generation(self) -> int:
         """A number that changes whenever any domain changes (cheap to poll)."""

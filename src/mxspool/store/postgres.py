@@ -401,6 +401,9 @@ class PostgresStore(queries.ReadSide):
         # The intake's hot path: straight onto the writer's queue, no task and no future.
         self._queue.put_nowait(_Accept(message, on_done))
 
+    def deliver_ready(self) -> None:
+        """Nothing: the writer task settles each accept through the loop's own queue."""
+
     async def accept_message(self, message: IncomingMessage) -> None:
         if self._writer is None:
             raise StoreError("the store is not open")

@@ -15,8 +15,10 @@ second, C thread when ``_groupcommit`` is built (see _groupcommit.c): same group
 savepoints, same synchronous=FULL, but without the GIL, whose hand-overs between the writer
 thread and the busy event loop were the commit's main cost. The two threads take turns on the
 database (``Committer.lock``), so there is still one writer at a time. Outcomes reach the loop
-through a pipe the loop watches. Its connection gathers SQLite's small sequential writes (two
-per WAL frame) into large ones through a VFS of its own (_coalesce.c).
+through a pipe the loop watches, or sooner: the intake asks at every event it handles
+(``deliver_ready``: one load in C, no lock and no system call, when there is nothing). Its
+connection gathers SQLite's small sequential writes (two per WAL frame) into large ones through
+a VFS of its own (_coalesce.c).
 
 Reads run in the default thread pool on per-thread read-only connections; WAL lets them
 proceed while the writer commits.
@@ -518,6 +520,11 @@ class SqliteStore(queries.ReadSide):
         loop = asyncio.get_running_loop()
         work = functools.partial(_insert_message, message=message)
         self._jobs.put(_Job(work, Future(), message, on_done, loop))
+
+    def deliver_ready(self) -> None:
+        committer = self._committer
+        if committer is not None and committer.pending():
+            self._deliver_commits()
 
     def _deliver_commits(self) -> None:
         """On the loop, when the commit thread has finished jobs: tell their submitters."""
