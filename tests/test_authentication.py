@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,6 +128,22 @@ def test_organizational_domain_from_the_packaged_public_suffix_list() -> None:
     assert organizational_domain("mail.example.test") == "example.test"  # unknown TLD
     assert organizational_domain("example.com") == "example.com"
     assert organizational_domain("com") == "com"
+
+
+def test_the_public_suffix_list_is_parsed_at_start_not_at_the_first_verdict() -> None:
+    """DMARC alignment runs on the event loop: the list's ~40 ms parse happens when the
+    Authenticator is made (before serve listens), in a fresh process, not at the first verdict."""
+    code = (
+        "from mxspool.intake import authcheck\n"
+        "from mxspool.intake.auth import Authenticator\n"
+        "before = authcheck._suffixes.cache_info().currsize\n"
+        "Authenticator(object(), authserv_id='mx.test')\n"
+        "print(before, authcheck._suffixes.cache_info().currsize)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.split() == ["0", "1"], out.stderr
 
 
 def test_a_dns_server_that_never_answers_gives_temperror_within_the_bound() -> None:

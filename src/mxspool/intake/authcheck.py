@@ -255,6 +255,12 @@ def _suffixes() -> PublicSuffixList:
         return PublicSuffixList(lines)
 
 
+def load_suffixes() -> None:
+    """Parse the public suffix list now (once per process) rather than at the first DMARC
+    alignment: the Authenticator calls it at start, before the listeners open."""
+    _suffixes()
+
+
 @functools.lru_cache(maxsize=4096)
 def organizational_domain(domain: str) -> str:
     """RFC 7489 3.2: the public suffix plus one label (an unknown TLD is its own suffix)."""
