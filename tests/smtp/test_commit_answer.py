@@ -15,14 +15,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from tests.smtp.listening import listening_intake
 from tests.smtp_client import RawClient
 from tests.waiting import eventually
 
 from mxspool.config import SmtpConfig
-from mxspool.intake.domains import DomainTable
-from mxspool.intake.listener import Intake
 from mxspool.store import sqlite
-from mxspool.store.base import Domain, DomainMode, Route
 from mxspool.store.sqlite import SqliteStore
 
 pytestmark = pytest.mark.skipif(
@@ -32,27 +30,8 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 async def served(tmp_path: Path) -> AsyncIterator[tuple[SqliteStore, int]]:
-    store = SqliteStore(f"sqlite:///{tmp_path / 'spool.db'}")
-    await store.open()
-    await store.add_domain(Domain("example.test", DomainMode.HOLD, (Route("127.0.0.1", 2526),)))
-    domains = DomainTable()
-    await domains.refresh(store)
-    intake = Intake(
-        SmtpConfig(hostname="mx.test.local"),
-        store,
-        domains,
-        min_free_space=0,
-        spill_dir=str(tmp_path),
-    )
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(intake.protocol_factory, "127.0.0.1", 0)
-    try:
-        yield store, server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-        intake.close_all()
-        await server.wait_closed()
-        await store.close()
+    async with listening_intake(tmp_path, SmtpConfig(hostname="mx.test.local")) as listening:
+        yield listening.store, listening.port
 
 
 def _until_end_of_data(port: int) -> RawClient:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from tests.conftest import Spooler
+from tests.smtp.listening import Listening, listening_intake
 from tests.smtp.smtp_driver import codes, config, run
 from tests.smtp_client import RawClient
 from tests.waiting import eventually
@@ -24,18 +25,13 @@ from mxspool.config import SmtpConfig
 from mxspool.delivery.bounce import build_dsn, read_original_headers
 from mxspool.envelope import MailParams, RcptParams
 from mxspool.intake.domains import DomainTable
-from mxspool.intake.listener import Intake
-from mxspool.intake.ptr import ReverseNames
 from mxspool.smtp import events as ev
 from mxspool.smtp import replies as R
 from mxspool.smtp.server import NEED_DATA, PAUSED, ServerConnection, State
 from mxspool.store.base import (
     ClientInfo,
-    Domain,
-    DomainMode,
     RecipientRecord,
     RecipientState,
-    Route,
     StoredMessage,
 )
 from mxspool.store.sqlite import SqliteStore
@@ -366,39 +362,11 @@ async def test_end_to_end_injection_refused_and_legal_envid_reaches_the_dsn(
 INTERNAL_ERROR = "4.3.0 mx.test.local Error: internal error, try again later"
 
 
-class Listening:
-    """The intake served in this process on a loopback port, over a real SQLite store."""
-
-    def __init__(self, intake: Intake, store: SqliteStore, server: asyncio.Server) -> None:
-        self.intake = intake
-        self.store = store
-        self.port: int = server.sockets[0].getsockname()[1]
-
-
 @pytest.fixture
 async def listening(tmp_path: Path) -> AsyncIterator[Listening]:
-    store = SqliteStore(f"sqlite:///{tmp_path / 'spool.db'}")
-    await store.open()
-    await store.add_domain(Domain("example.test", DomainMode.HOLD, (Route("127.0.0.1", 2526),)))
-    domains = DomainTable()
-    await domains.refresh(store)
-    intake = Intake(
-        SmtpConfig(hostname="mx.test.local", max_connections_per_ip=1),
-        store,
-        domains,
-        min_free_space=0,
-        spill_dir=str(tmp_path),
-        auth=None,
-        names=ReverseNames(),
-    )
-    server = await asyncio.get_running_loop().create_server(intake.protocol_factory, "127.0.0.1", 0)
-    try:
-        yield Listening(intake, store, server)
-    finally:
-        server.close()
-        intake.close_all()
-        await server.wait_closed()
-        await store.close()
+    config = SmtpConfig(hostname="mx.test.local", max_connections_per_ip=1)
+    async with listening_intake(tmp_path, config) as served:
+        yield served
 
 
 def _rejected(reason: str) -> float:
