@@ -94,11 +94,10 @@ def test_rows_are_committed_exactly_and_reported_in_order(tmp_path: Path) -> Non
 
 
 def _block_until_pending(committer: Any, timeout: float = 10.0) -> None:
-    """Wait for a finished job without yielding to any event loop."""
-    deadline = time.monotonic() + timeout
-    while not committer.pending():
-        assert time.monotonic() < deadline, "the commit thread did not finish the job"
-        time.sleep(0.001)
+    """Wait for a finished job without yielding to any event loop: on the thread's wake-up
+    pipe, which it writes once the job is listed as done."""
+    readable, _, _ = select.select([committer.fileno()], [], [], timeout)
+    assert readable, "the commit thread did not finish the job"
 
 
 @needs_thread
@@ -260,8 +259,8 @@ async def test_deliver_ready_answers_a_finished_commit_before_the_loop_turns(
         assert calls == []  # the control: done, but not yet called back
         store.deliver_ready()
         assert calls == [(first.id, None)]
-        # The pipe's wake-up that follows finds nothing: no second call.
-        await asyncio.sleep(0.05)
+        # deliver_ready drained the pipe with the job: no wake-up is left for a second call.
+        assert select.select([committer.fileno()], [], [], 0)[0] == []
         assert calls == [(first.id, None)]
         # Many at once, each delivered once, by whichever path comes first.
         messages = [make_message([f"u{i}@relay.test"]) for i in range(200)]
@@ -269,8 +268,8 @@ async def test_deliver_ready_answers_a_finished_commit_before_the_loop_turns(
             store.submit_message(message, lambda error, m=message: calls.append((m.id, error)))
             if i % 3 == 0:
                 store.deliver_ready()
-            if i % 7 == 0:
-                await asyncio.sleep(0)
+            if i == 99:  # the loop turns until the first half is in: the pipe's path calls too
+                await eventually(lambda: len(calls) >= 101, 10, "the first half's callbacks")
         await eventually(lambda: len(calls) >= 201, 10, "every callback")
         assert sorted(calls, key=lambda c: c[0]) == sorted(
             [(first.id, None)] + [(m.id, None) for m in messages], key=lambda c: c[0]

@@ -165,9 +165,6 @@ class Intake:
     ) -> None:
         self.config = config
         self.store = store
-        self.deliver_ready = store.deliver_ready
-        """Answers the commits already finished (``Store.deliver_ready``): called at each event,
-        so that a 250 does not wait for the loop's next turn."""
         self.domains = domains
         self.min_free_space = min_free_space
         self.spill_dir = spill_dir
@@ -298,7 +295,7 @@ class SmtpSession(asyncio.Protocol):
 
     def _open(self, transport: asyncio.Transport) -> None:
         """Take the connection's slot and greet (or, behind a balancer, await its header)."""
-        self.intake.deliver_ready()  # as in _receive
+        self.intake.store.deliver_ready()  # as in _receive
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if peer else "unknown"
         intake = self.intake
@@ -551,7 +548,7 @@ class SmtpSession(asyncio.Protocol):
             self._internal_error("serving")
 
     def _receive(self, data: bytes) -> None:
-        self.intake.deliver_ready()  # other sessions' 250s first: their clients wait on them
+        self.intake.store.deliver_ready()  # other sessions' 250s first: their clients wait on them
         self.last_activity = time.monotonic()
         if self.proxy_header is not None:
             self._read_proxy_header(data)
