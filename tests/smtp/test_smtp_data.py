@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import re
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from smtp_driver import codes, config, content, run, session
 
 from mxspool.smtp import events as ev
@@ -153,6 +157,52 @@ def test_no_header_section() -> None:
     scanner = HeaderScanner()
     scanner.feed(b"\r\nReceived: x\r\n")
     assert scanner.done and scanner.header == b"" and scanner.received_count == 0
+
+
+# The fields as the scanner must find them: a regex search of the whole header, ^ at the start
+# and after every LF, any ASCII case (the scanner finds the same with bytes.find).
+REFERENCE_RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
+REFERENCE_MESSAGE_ID = re.compile(
+    rb"^message-id[ \t]*:((?:[^\r\n]|\r\n[ \t])*)", re.IGNORECASE | re.MULTILINE
+)
+HEADER_PIECES = [
+    b"Received",
+    b"RECEIVED",
+    b"received",
+    b"ReCeIvEd",
+    b"Message-ID",
+    b"message-id",
+    b"MESSAGE-Id",
+    b"Message_ID",
+    b"X-Received",
+    b"\r\n",
+    b"\n",
+    b"\r",
+    b" ",
+    b"\t",
+    b":",
+    b"<a@b.example>",
+    b"x",
+    b"\xc3\xa9",
+    b"\x00",
+]
+
+
+@given(st.lists(st.sampled_from(HEADER_PIECES), max_size=40))
+def test_header_scanner_finds_fields_as_a_regex_search_would(pieces: list[bytes]) -> None:
+    header = b"".join(pieces)
+    scanner = HeaderScanner()
+    scanner._finish(header)
+    assert scanner.received_count == len(REFERENCE_RECEIVED.findall(header))
+    m = REFERENCE_MESSAGE_ID.search(header)
+    expected = m.group(1).replace(b"\r\n", b"").strip().decode("utf-8", "replace") if m else None
+    assert scanner.message_id == (expected or None)
+
+
+def test_header_scanner_second_message_id_line_after_a_non_matching_one() -> None:
+    scanner = HeaderScanner()
+    scanner.feed(b"Message-IDs: no\r\nmessage-id :<yes@x>\r\nMessage-ID: <later@x>\r\n\r\n")
+    assert scanner.message_id == "<yes@x>"
 
 
 # -- through the connection ----------------------------------------------------------------

@@ -77,9 +77,9 @@ class RecipientPath(Protocol):
     def address_literal(self) -> bool: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Accepted:
-    """A recipient the gate lets in."""
+    """A recipient the gate lets in (its own __init__: see mxspool.envelope)."""
 
     address: str
     """The envelope address to store: as written, except ``<Postmaster>`` (given its domain)."""
@@ -87,6 +87,11 @@ class Accepted:
     """The configured domain it is accepted under (routed and held like it)."""
     max_size: int
     """The largest message (bytes) this recipient takes."""
+
+    def __init__(self, address: str, domain: str, max_size: int) -> None:
+        object.__setattr__(self, "address", address)
+        object.__setattr__(self, "domain", domain)
+        object.__setattr__(self, "max_size", max_size)
 
 
 def sender_refusal(path: RecipientPath, config: SmtpConfig) -> Reply | None:

@@ -45,21 +45,42 @@ _IPV4 = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
 _GENERAL_LITERAL = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Path:
     """A parsed reverse-path or forward-path.
 
     ``address`` is the mailbox as written (``local@domain``; "" for the null path ``<>``), with
     any source route removed (RFC 5321 C: the route SHOULD be ignored) but recorded in ``route``.
+
+    Its own __init__: see mxspool.envelope (one is built per MAIL and RCPT on the event loop).
     """
 
     address: str
     local_part: str
     domain: str | None
-    source_route: bool = False
-    route: tuple[str, ...] = ()
-    quoted_local: bool = False
-    address_literal: bool = False
+    source_route: bool
+    route: tuple[str, ...]
+    quoted_local: bool
+    address_literal: bool
+
+    def __init__(
+        self,
+        address: str,
+        local_part: str,
+        domain: str | None,
+        *,
+        source_route: bool = False,
+        route: tuple[str, ...] = (),
+        quoted_local: bool = False,
+        address_literal: bool = False,
+    ) -> None:
+        object.__setattr__(self, "address", address)
+        object.__setattr__(self, "local_part", local_part)
+        object.__setattr__(self, "domain", domain)
+        object.__setattr__(self, "source_route", source_route)
+        object.__setattr__(self, "route", route)
+        object.__setattr__(self, "quoted_local", quoted_local)
+        object.__setattr__(self, "address_literal", address_literal)
 
     @property
     def null(self) -> bool:

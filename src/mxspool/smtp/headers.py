@@ -13,12 +13,27 @@ import re
 
 DEFAULT_LIMIT = 256 * 1024
 
-_RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
+# Each is matched only where a line starts with the field's name (``_lines_starting``).
+_RECEIVED = re.compile(rb"received[ \t]*:", re.IGNORECASE)
 # A field body continues over CRLF followed by WSP (RFC 5322 2.2.3 folding).
-_MESSAGE_ID = re.compile(
-    rb"^message-id[ \t]*:((?:[^\r\n]|\r\n[ \t])*)", re.IGNORECASE | re.MULTILINE
-)
+_MESSAGE_ID = re.compile(rb"message-id[ \t]*:((?:[^\r\n]|\r\n[ \t])*)", re.IGNORECASE)
 _END = b"\r\n\r\n"
+
+
+def _lines_starting(lowered: bytes, name: bytes) -> list[int]:
+    """Where the lines of ``lowered`` (the header, ASCII-lowercased) that begin with ``name``
+    begin: at 0 and after each LF, as ``^`` with re.MULTILINE.
+
+    Found with bytes.find, then matched there: a regex search for ``^name`` with IGNORECASE has
+    no literal to look for and tries every offset of the header, which for a DKIM-signed
+    message's ~2 KiB header was ~3% of the event loop's time per message."""
+    starts = [0] if lowered.startswith(name) else []
+    key = b"\n" + name
+    i = lowered.find(key)
+    while i >= 0:
+        starts.append(i + 1)
+        i = lowered.find(key, i + 1)
+    return starts
 
 
 class HeaderScanner:
@@ -70,8 +85,15 @@ class HeaderScanner:
         self.done = True
         self._buf = bytearray()
         self.header = header
-        self.received_count = len(_RECEIVED.findall(header))
-        m = _MESSAGE_ID.search(header)
-        if m is not None:
-            value = m.group(1).replace(b"\r\n", b"").strip()
-            self.message_id = value.decode("utf-8", "replace") or None
+        lowered = header.lower()  # ASCII only, as IGNORECASE on bytes
+        count = 0
+        for start in _lines_starting(lowered, b"received"):
+            if _RECEIVED.match(header, start) is not None:
+                count += 1
+        self.received_count = count
+        for start in _lines_starting(lowered, b"message-id"):
+            m = _MESSAGE_ID.match(header, start)
+            if m is not None:
+                value = m.group(1).replace(b"\r\n", b"").strip()
+                self.message_id = value.decode("utf-8", "replace") or None
+                break

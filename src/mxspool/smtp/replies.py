@@ -19,22 +19,29 @@ from dataclasses import dataclass, field
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Reply:
     """An SMTP reply; ``text`` is one line or a tuple of lines (a multi-line reply).
 
     ``enhanced`` is the RFC 3463 status code written at the start of every line ("5.1.1"), or
     None (no code, or, in a received reply, not the same code on every line: those lines are
     kept as received, with whatever code they carry).
+
+    Its own __init__ (see mxspool.envelope): one is built per accepted message ("queued as").
     """
 
     code: int
     enhanced: str | None
     text: str | tuple[str, ...]
-    _wire: bytes = field(init=False, repr=False, compare=False, default=b"")
-    _line: str = field(init=False, repr=False, compare=False, default="")
+    _wire: bytes = field(init=False, repr=False, compare=False)
+    _line: str = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
+    def __init__(self, code: int, enhanced: str | None, text: str | tuple[str, ...]) -> None:
+        object.__setattr__(self, "code", code)
+        object.__setattr__(self, "enhanced", enhanced)
+        object.__setattr__(self, "text", text)
+        object.__setattr__(self, "_wire", b"")
+        object.__setattr__(self, "_line", "")
         # Reply text may come from configuration or policy code; a CR or LF in it would let that
         # text inject extra reply lines, so it is refused at construction.
         lines = self.lines
