@@ -1,5 +1,10 @@
 """The test process cannot bind a wildcard address, the sockets of the processes a test starts
-are seen (tests/loopback_guard.py), and loopback is not affected."""
+are seen (tests/loopback_guard.py), and loopback is not affected.
+
+The refusals are shown without attempting a wildcard bind or an unbound send at all: each test
+raises the audit event that ``socket.bind`` and ``socket.sendto`` raise before they reach the
+kernel (``sys.audit``, as CPython does for them), with a real socket, so the installed hook sees
+exactly what the call would show it, and a guard that failed could still not bind anything."""
 
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from tests import loopback_guard
 def test_a_wildcard_bind_is_refused_before_it_happens(family: int, host: str) -> None:
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         with pytest.raises(loopback_guard.WildcardBind, match=r"127\.0\.0\.1"):
-            sock.bind((host, 0))
+            sys.audit("socket.bind", sock, (host, 0))  # what sock.bind((host, 0)) raises first
         assert sock.getsockname()[1] == 0  # nothing was bound
     refused = loopback_guard.take()  # taken here, so the autouse check passes this test
     assert len(refused) == 1 and "bind to" in refused[0]
@@ -33,7 +38,7 @@ def test_a_wildcard_bind_is_refused_before_it_happens(family: int, host: str) ->
 def test_a_datagram_from_an_unbound_socket_is_refused() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         with pytest.raises(loopback_guard.WildcardBind):
-            sock.sendto(b"x", ("127.0.0.1", 9))
+            sys.audit("socket.sendto", sock, ("127.0.0.1", 9))  # what sendto raises first
         assert sock.getsockname()[1] == 0  # the kernel did not bind it
         # The control: bound to loopback first, the same send goes out.
         sock.bind(("127.0.0.1", 0))
@@ -56,7 +61,7 @@ def test_a_caught_refusal_still_fails_the_test() -> None:
     """Code that swallows the error does not hide it: the check after each test fails it."""
     with socket.socket() as sock:
         try:
-            sock.bind(("", 0))
+            sys.audit("socket.bind", sock, ("", 0))  # as sock.bind(("", 0)) would
         except Exception:  # what careless code under test might do
             pass
     with pytest.raises(pytest.fail.Exception, match="refused a wildcard bind"):
